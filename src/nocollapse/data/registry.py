@@ -1,0 +1,267 @@
+"""Dataset registry: ``digits`` (offline default), torchvision datasets and ImageFolder trees.
+
+Every entry returns a :class:`DatasetSplits`: the images used for self-supervised training,
+the labelled train / test splits used for evaluation, class names and normalisation statistics.
+torchvision datasets never download unless ``data.download`` is true; a missing dataset fails
+with a message that says where it looked and how to get it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from .sources import ImageFiles, ImageSource, InMemoryImages, decode_files
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset that is not on disk, with a message saying where we looked and how to fix it."""
+
+
+@dataclass
+class DatasetSplits:
+    name: str
+    ssl_train: ImageSource      # images the self-supervised method trains on
+    train: ImageSource          # labelled training split (k-NN memory bank, linear probe)
+    test: ImageSource           # labelled test split
+    class_names: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_size(self) -> int | None:
+        size = getattr(self.ssl_train, "image_size", None)
+        return int(size) if size is not None else None
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.train.labels, minlength=self.num_classes).tolist()
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("NOCOLLAPSE_DATA", "data"))
+
+
+def _root(cfg: DataConfig) -> Path:
+    return Path(cfg.root) if cfg.root else default_root()
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.float().div_(255)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
+# --------------------------------------------------------------------------------------------
+# digits: scikit-learn's bundled 8x8 handwritten digits, the offline default
+# --------------------------------------------------------------------------------------------
+
+def _digits(cfg: DataConfig) -> DatasetSplits:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    size = cfg.image_size or 16
+    # 0..16 grey levels -> 0..255, upsampled (bilinear) to size x size, replicated to RGB.
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=cfg.digits_test_fraction, stratify=bunch.target,
+        random_state=0)
+    train = InMemoryImages(images[torch.from_numpy(train_idx)], labels[torch.from_numpy(train_idx)])
+    test = InMemoryImages(images[torch.from_numpy(test_idx)], labels[torch.from_numpy(test_idx)])
+    mean, std = _channel_stats(train.images)
+    return DatasetSplits("digits", train, train, test, [str(i) for i in range(10)], mean, std)
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision datasets (no download unless asked)
+# --------------------------------------------------------------------------------------------
+
+_TV_HINTS = {
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+    "stl10": "stl10_binary",
+    "svhn": "train_32x32.mat / test_32x32.mat",
+}
+
+
+def _torchvision(name: str, factory: Callable, cfg: DataConfig, split_kwargs: dict) -> object:
+    root = _root(cfg)
+    try:
+        return factory(root=str(root), download=cfg.download, **split_kwargs)
+    except RuntimeError as exc:
+        if "not found" not in str(exc).lower() and "corrupted" not in str(exc).lower():
+            raise
+        raise DatasetNotFoundError(
+            f"{name} was not found in {root.resolve()} (looked for {_TV_HINTS[name]}). "
+            f"Download it with --set data.download=true (needs internet), or point data.root at "
+            f"the folder that holds it (or set NOCOLLAPSE_DATA). A copy as class folders can be used "
+            f"with data.dataset=imagefolder data.root=<folder with train/ and test/>.") from None
+
+
+def _from_hwc(data: np.ndarray, labels) -> InMemoryImages:
+    images = torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).contiguous()
+    return InMemoryImages(images, torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+
+def _from_chw(data: np.ndarray, labels) -> InMemoryImages:
+    return InMemoryImages(torch.from_numpy(np.ascontiguousarray(data)),
+                          torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+
+def _resized(src: InMemoryImages, size: int | None) -> InMemoryImages:
+    if size is None or size == src.image_size:
+        return src
+    x = torch.nn.functional.interpolate(src.images.float(), size=(size, size), mode="bilinear",
+                                        antialias=True, align_corners=False)
+    return InMemoryImages(x.round().clamp(0, 255).to(torch.uint8), src.labels)
+
+
+def _cifar(cfg: DataConfig, hundred: bool) -> DatasetSplits:
+    from torchvision import datasets
+
+    name = "cifar100" if hundred else "cifar10"
+    factory = datasets.CIFAR100 if hundred else datasets.CIFAR10
+    tr = _torchvision(name, factory, cfg, {"train": True})
+    te = _torchvision(name, factory, cfg, {"train": False})
+    train = _resized(_from_hwc(tr.data, tr.targets), cfg.image_size)
+    test = _resized(_from_hwc(te.data, te.targets), cfg.image_size)
+    mean, std = (CIFAR100_MEAN, CIFAR100_STD) if hundred else (CIFAR10_MEAN, CIFAR10_STD)
+    return DatasetSplits(name, train, train, test, list(tr.classes), mean, std)
+
+
+def _svhn(cfg: DataConfig) -> DatasetSplits:
+    from torchvision import datasets
+
+    tr = _torchvision("svhn", datasets.SVHN, cfg, {"split": "train"})
+    te = _torchvision("svhn", datasets.SVHN, cfg, {"split": "test"})
+    train = _resized(_from_chw(tr.data, tr.labels), cfg.image_size)
+    test = _resized(_from_chw(te.data, te.labels), cfg.image_size)
+    return DatasetSplits("svhn", train, train, test, [str(i) for i in range(10)],
+                         (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
+
+
+def _stl10(cfg: DataConfig) -> DatasetSplits:
+    from torchvision import datasets
+
+    unl = _torchvision("stl10", datasets.STL10, cfg, {"split": "train+unlabeled"})
+    tr = _torchvision("stl10", datasets.STL10, cfg, {"split": "train"})
+    te = _torchvision("stl10", datasets.STL10, cfg, {"split": "test"})
+    ssl = _resized(_from_chw(unl.data, np.maximum(unl.labels, 0)), cfg.image_size)
+    train = _resized(_from_chw(tr.data, tr.labels), cfg.image_size)
+    test = _resized(_from_chw(te.data, te.labels), cfg.image_size)
+    return DatasetSplits("stl10", ssl, train, test, list(tr.classes), (0.4467, 0.4398, 0.4066),
+                         (0.2603, 0.2566, 0.2713))
+
+
+# --------------------------------------------------------------------------------------------
+# ImageFolder: root/train/<class>/*.jpg and root/test/<class>/*.jpg
+# --------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def scan_image_folder(split_dir: Path) -> tuple[list[str], list[str], list[int]]:
+    """Class names, file paths and labels of one split folder, with clear errors for a missing
+    split, a folder without class sub-folders and empty class folders."""
+    if not split_dir.is_dir():
+        raise DatasetNotFoundError(
+            f"split folder {split_dir} does not exist; an ImageFolder root must hold train/ and "
+            f"test/, each with one sub-folder per class")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetNotFoundError(f"{split_dir} holds no class sub-folders")
+    paths: list[str] = []
+    labels: list[int] = []
+    empty = []
+    for label, name in enumerate(classes):
+        files = sorted(str(p) for p in (split_dir / name).rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            empty.append(name)
+        paths.extend(files)
+        labels.extend([label] * len(files))
+    if empty:
+        raise ValueError(f"{split_dir}: class folder(s) without images: {', '.join(empty)} "
+                         f"(image extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    return classes, paths, labels
+
+
+def _in_memory(cfg: DataConfig, paths: list[str]) -> bool:
+    if cfg.in_memory != "auto":
+        return cfg.in_memory == "true"
+    from .sources import decode_image
+
+    side = cfg.image_size or max(decode_image(paths[0]).size)
+    return len(paths) * side * side * 3 <= 4 * 2**30
+
+
+def _imagefolder(cfg: DataConfig) -> DatasetSplits:
+    root = _root(cfg)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"ImageFolder root {root.resolve()} does not exist")
+    classes, train_paths, train_labels = scan_image_folder(root / "train")
+    test_classes, test_paths, test_labels = scan_image_folder(root / "test")
+    if test_classes != classes:
+        missing = sorted(set(classes) ^ set(test_classes))
+        raise ValueError(f"{root}: train/ and test/ have different class folders ({', '.join(missing)})")
+    if _in_memory(cfg, train_paths):
+        train = decode_files(train_paths, train_labels, cfg.image_size, cfg.bad_images)
+        test = decode_files(test_paths, test_labels, cfg.image_size, cfg.bad_images)
+        if test.image_size != train.image_size:
+            raise ValueError(f"train images are {train.image_size} px but test images are "
+                             f"{test.image_size} px; set data.image_size")
+        mean, std = _channel_stats(train.images[:: max(1, len(train) // 5000)])
+    else:
+        train = ImageFiles(train_paths, torch.tensor(train_labels, dtype=torch.long), cfg.image_size)
+        test = ImageFiles(test_paths, torch.tensor(test_labels, dtype=torch.long), cfg.image_size)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    return DatasetSplits("imagefolder", train, train, test, classes, mean, std)
+
+
+REGISTRY: dict[str, Callable[[DataConfig], DatasetSplits]] = {
+    "digits": _digits,
+    "cifar10": lambda cfg: _cifar(cfg, hundred=False),
+    "cifar100": lambda cfg: _cifar(cfg, hundred=True),
+    "svhn": _svhn,
+    "stl10": _stl10,
+    "imagefolder": _imagefolder,
+}
+
+
+def load_dataset(cfg: DataConfig) -> DatasetSplits:
+    """Build the splits named by ``cfg.dataset`` and apply the long-tail option."""
+    from .long_tail import long_tail_indices
+
+    if cfg.dataset not in REGISTRY:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; known: {', '.join(REGISTRY)}")
+    splits = REGISTRY[cfg.dataset](cfg)
+    if cfg.imbalance_ratio > 1.0:
+        idx = long_tail_indices(splits.train.labels, splits.num_classes, cfg.imbalance_ratio,
+                                cfg.long_tail_seed)
+        train = splits.train.subset(idx)
+        ssl = train if splits.ssl_train is splits.train else splits.ssl_train
+        splits = DatasetSplits(splits.name, ssl, train, splits.test, splits.class_names,
+                               splits.mean, splits.std)
+    return splits

@@ -1,0 +1,140 @@
+"""Image sources: where the pixels of one split come from.
+
+Two kinds, behind one small interface (``len``, ``labels``, ``load(i)``):
+
+* :class:`InMemoryImages` holds a whole split as one ``uint8`` tensor ``[N, 3, H, W]``. Small
+  datasets (digits, CIFAR, SVHN, an ImageFolder of small images) are decoded once into it, so an
+  epoch costs no decoding and a batch is one tensor index.
+* :class:`ImageFiles` keeps paths and decodes on demand (large ImageFolder datasets).
+
+Decoding goes through :func:`decode_image`, which turns a corrupt or truncated file into a
+:class:`BadImageError` naming the file, so the caller can skip it with a counted warning or fail.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+
+class BadImageError(RuntimeError):
+    """An image file that cannot be decoded."""
+
+
+def decode_image(path: str | Path, size: int | None = None) -> Image.Image:
+    """Decode ``path`` to RGB (resized so the shorter side is ``size`` and centre-cropped to a
+    square when ``size`` is given). Raises :class:`BadImageError` naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise BadImageError(f"cannot decode image {path}: {exc}") from exc
+    if size is not None and img.size != (size, size):
+        w, h = img.size
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+@dataclass
+class InMemoryImages:
+    """A split decoded into memory: ``images`` uint8 ``[N, 3, H, W]``, ``labels`` int64 ``[N]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    skipped: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 [N, 3, H, W], got {tuple(self.images.shape)} "
+                             f"{self.images.dtype}")
+        if len(self.images) != len(self.labels):
+            raise ValueError("images and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index].permute(1, 2, 0).numpy())
+
+    def subset(self, indices: torch.Tensor) -> "InMemoryImages":
+        return InMemoryImages(self.images[indices], self.labels[indices], list(self.skipped))
+
+
+@dataclass
+class ImageFiles:
+    """A split read from image files on demand."""
+
+    paths: list[str]
+    labels: torch.Tensor
+    image_size: int | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        return decode_image(self.paths[index], self.image_size)
+
+    def subset(self, indices: torch.Tensor) -> "ImageFiles":
+        idx = indices.tolist()
+        return ImageFiles([self.paths[i] for i in idx], self.labels[indices], self.image_size,
+                          list(self.skipped))
+
+
+ImageSource = InMemoryImages | ImageFiles
+
+
+def decode_files(paths: Sequence[str], labels: Sequence[int], size: int | None,
+                 bad_images: str = "skip", threads: int = 4) -> InMemoryImages:
+    """Decode image files once into an :class:`InMemoryImages`.
+
+    All images must end up the same size: pass ``size`` when the files differ. Unreadable files
+    are skipped (``bad_images="skip"``, each logged and counted in ``skipped``) or raise.
+    """
+    def work(path: str) -> np.ndarray | BadImageError:
+        try:
+            return np.asarray(decode_image(path, size))
+        except BadImageError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        decoded = list(pool.map(work, paths, chunksize=256))
+    arrays, kept_labels, skipped = [], [], []
+    shape = None
+    for path, label, item in zip(paths, labels, decoded):
+        if isinstance(item, BadImageError):
+            if bad_images == "fail":
+                raise item
+            log.warning("skipping unreadable image %s (%s)", path, item.__cause__)
+            skipped.append(path)
+            continue
+        if shape is None:
+            shape = item.shape
+        elif item.shape != shape:
+            raise ValueError(
+                f"images differ in size ({path} is {item.shape[1]}x{item.shape[0]}, the first was "
+                f"{shape[1]}x{shape[0]}); set data.image_size to decode them to one size")
+        arrays.append(item)
+        kept_labels.append(label)
+    if not arrays:
+        raise ValueError(f"no readable image among {len(paths)} files")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return InMemoryImages(images, torch.tensor(kept_labels, dtype=torch.long), skipped)

@@ -1,0 +1,74 @@
+"""Run logging: ``metrics.jsonl`` (one JSON object per record) and TensorBoard, rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+    return records
+
+
+class MetricsLogger:
+    """Appends records to ``metrics.jsonl`` and mirrors numeric values to TensorBoard."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.is_file():
+            # Drop what an interrupted run logged after the checkpoint we resume from.
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                self.writer = None
+
+    def log(self, record: dict[str, Any], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        clean = {k: _clean(v) for k, v in record.items()}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(clean) + "\n")
+        if self.writer is not None:
+            step = int(clean.get("step", 0))
+            for key, value in clean.items():
+                if key in ("step", "epoch") or isinstance(value, bool):
+                    continue
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None

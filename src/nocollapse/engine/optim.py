@@ -1,0 +1,81 @@
+"""Optimisers (AdamW, SGD, LARS) with parameter groups that exempt biases and norm layers from
+weight decay; learning rate and weight decay are set every step from the schedules."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..config import OptimConfig
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You et al. 2017).
+
+    For every parameter with more than one dimension (weights; biases and norm gains are exempt)
+    the update direction ``d = g + wd * w`` is rescaled by
+
+        r = eta * ||w|| / ||d||      (r = 1 when either norm is 0),
+
+    then ``v <- momentum * v + r * d`` and ``w <- w - lr * v``.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 0.0, eta: float = 0.02) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    if group["weight_decay"]:
+                        d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.norm(p), torch.norm(d)
+                    ratio = torch.where((w_norm > 0) & (d_norm > 0),
+                                        group["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    d = d.mul(ratio)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(d).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def parameter_groups(named_params: Iterable[tuple[str, nn.Parameter]]) -> list[dict]:
+    """Two groups: weights (decayed) and biases / norm parameters (never decayed)."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "apply_weight_decay": True}]
+    if no_decay:
+        groups.append({"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "lars":
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    eta=cfg.lars_eta)
+    raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("apply_weight_decay", True):
+            group["weight_decay"] = weight_decay

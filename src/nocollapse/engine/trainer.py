@@ -1,0 +1,440 @@
+"""The training loop, read top to bottom: set-up, optional resume, k-NN of the initial
+backbone, epochs of steps, checkpoints, final evaluation and ``summary.json``.
+
+One step::
+
+    crops = views(batch)                                  # on the device
+    lr, wd <- schedules[step]
+    with autocast: out = model(crops, step)               # method forward (DDP-wrapped)
+    out.loss.backward()                                    # (GradScaler with fp16)
+    method.on_after_backward(step)                         # e.g. frozen prototypes
+    clip gradients; optimizer.step()
+    method.on_after_optimizer_step(step)                   # e.g. EMA teacher
+
+Everything that determines the future of a run is in the checkpoint: model and mixture state,
+optimiser, grad scaler, step, position in the epoch, RNG states and the collapse monitor.
+Data order is a function of (seed, epoch), so a resumed run continues with the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..config import Config, to_dict, to_yaml
+from ..data import TrainBatches, build_view_spec, load_dataset
+from ..data.registry import DatasetSplits
+from ..evaluation.features import extract_features
+from ..evaluation.knn import knn_accuracy
+from ..methods import SSLMethod, build_method
+from ..models.backbones import build_backbone, count_parameters
+from . import distributed as dist_utils
+from .checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint, prune, rng_state, set_rng_state
+from .logging import MetricsLogger
+from .optim import build_optimizer, set_hyperparameters
+from .schedules import cosine_schedule
+
+log = logging.getLogger("nocollapse")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """The run was stopped (signal or ``train.stop_at_step``) after writing ``last.pt``."""
+
+
+@dataclass
+class Position:
+    epoch: int = 0          # epoch in progress
+    batch: int = 0          # next batch index within the epoch
+    step: int = 0           # optimisation steps done
+
+
+def _precision(cfg: Config, device: torch.device) -> torch.dtype | None:
+    p = cfg.train.precision
+    if p == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if p == "fp32":
+        return None
+    if p == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return torch.bfloat16 if p == "bf16" else torch.float16
+
+
+def image_size_of(cfg: Config, splits: DatasetSplits) -> int:
+    native = splits.image_size
+    size = cfg.views.global_size or native
+    if size is None:
+        raise ValueError("images are read from files without a fixed size: set views.global_size")
+    if native is not None and size > native:
+        raise ValueError(f"views.global_size ({size}) is larger than the images ({native} px); "
+                         f"crops cannot be larger than the image (set data.image_size to upsample)")
+    return size
+
+
+class Trainer:
+    """Trains ``cfg`` into ``run_dir``; ``resume`` continues from ``run_dir/checkpoints/last.pt``."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.dist, self.device = dist_utils.init_distributed(cfg.train.device)
+        self.main = self.dist.is_main
+        self._stop_requested: str | None = None
+
+    # ------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+        self.splits = load_dataset(cfg.data)
+        self.image_size = image_size_of(cfg, self.splits)
+        spec = build_view_spec(cfg.views, self.image_size, self.splits.mean, self.splits.std)
+        self.batches = TrainBatches(
+            self.splits.ssl_train, spec, cfg.train.batch_size, cfg.train.seed, self.device,
+            self.dist.rank, self.dist.world_size, cfg.views.backend, cfg.data.num_workers,
+            cfg.data.bad_images)
+        self.steps_per_epoch = len(self.batches)
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        if self.main:
+            counts = self.splits.class_counts()
+            (self.run_dir / "class_counts.json").write_text(json.dumps(
+                {"classes": self.splits.class_names, "train_counts": counts,
+                 "imbalance_ratio": cfg.data.imbalance_ratio}, indent=1))
+
+        backbone = build_backbone(cfg.model, self.image_size)
+        self.method: SSLMethod = build_method(cfg, backbone, self.steps_per_epoch).to(self.device)
+        if cfg.model.sync_batchnorm and self.dist.enabled:
+            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        self.model: nn.Module = self.method
+        if self.dist.enabled:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+
+        global_batch = cfg.train.batch_size * self.dist.world_size
+        lr = cfg.optim.lr * (global_batch / 256 if cfg.optim.scale_lr else 1.0)
+        self.lr_schedule = cosine_schedule(lr, cfg.optim.min_lr, self.total_steps,
+                                           int(round(cfg.optim.warmup_epochs * self.steps_per_epoch)))
+        self.wd_schedule = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end,
+                                           self.total_steps)
+        self.optimizer = build_optimizer(cfg.optim, self.method.parameter_groups())
+        self.amp_dtype = _precision(cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        self.position = Position()
+        self.skipped_steps = 0
+        self.state: dict[str, Any] = {}
+        if self.resume:
+            self._load_last()
+        else:
+            # Each rank draws different augmentations; rank 0 keeps the seed's stream.
+            torch.manual_seed(cfg.train.seed + 1000 * self.dist.rank)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.main,
+                                    resume_step=self.position.step if self.resume else None)
+
+    # ------------------------------------------------------------------------------------
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": VERSION, "nocollapse": __version__,
+            "config": to_dict(self.cfg),
+            "epoch": self.position.epoch, "batch": self.position.batch, "step": self.position.step,
+            "world_size": self.dist.world_size,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "skipped_steps": self.skipped_steps,
+            "state": self.state,
+        }
+
+    def save_checkpoint(self, epoch_file: bool = False) -> None:
+        # RNG streams differ per rank: each rank keeps its own; rank 0 writes the model.
+        rng_path = self.ckpt_dir / f"rng_rank{self.dist.rank}.pt"
+        if self.dist.enabled:
+            atomic_save({"format": FORMAT, "version": VERSION, "rng": rng_state()}, rng_path)
+        if self.main:
+            state = self._checkpoint_state()
+            atomic_save(state, self.ckpt_dir / "last.pt")
+            if epoch_file:
+                atomic_save(state, self.ckpt_dir / f"epoch_{self.position.epoch:04d}.pt")
+                prune(self.ckpt_dir, self.cfg.train.keep)
+        dist_utils.barrier()
+
+    def _load_last(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt.get("world_size", 1) != self.dist.world_size:
+            log.warning("resuming a %d-process run with %d processes: the data order changes",
+                        ckpt.get("world_size", 1), self.dist.world_size)
+        self.method.load_state_dict(ckpt["method"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.position = Position(ckpt["epoch"], ckpt["batch"], ckpt["step"])
+        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        self.state = dict(ckpt.get("state", {}))
+        rng = ckpt["rng"]
+        rank_file = self.ckpt_dir / f"rng_rank{self.dist.rank}.pt"
+        if self.dist.enabled and rank_file.is_file():
+            rng = load_checkpoint(rank_file)["rng"]
+        set_rng_state(rng)
+        if self.main:
+            log.info("resumed from %s at epoch %d, step %d", path, self.position.epoch, self.position.step)
+
+    # ------------------------------------------------------------------------------------
+    def knn(self) -> dict[str, float]:
+        """Weighted cosine k-NN (eval.knn_k, eval.knn_temperature) on backbone features."""
+        cfg = self.cfg
+        backbone = self.method.eval_backbone()
+        common = dict(size=self.image_size, mean=self.splits.mean, std=self.splits.std,
+                      batch_size=cfg.eval.batch_size, device=self.device, num_workers=cfg.data.num_workers)
+        train_f, train_y = extract_features(backbone, self.splits.train, max_samples=cfg.eval.max_train_samples,
+                                            **common)
+        test_f, test_y = extract_features(backbone, self.splits.test, **common)
+        return knn_accuracy(train_f, train_y, test_f, test_y, k=cfg.eval.knn_k,
+                            temperature=cfg.eval.knn_temperature, num_classes=self.splits.num_classes)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._stop_requested = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not in the main thread
+                pass
+
+    def _train_step(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, Any]:
+        set_hyperparameters(self.optimizer, float(self.lr_schedule[step]), float(self.wd_schedule[step]))
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.model(crops, step)
+        loss = out.loss
+        finite = torch.isfinite(loss.detach()).float()
+        dist_utils.all_reduce_sum(finite)  # every rank takes the same decision
+        if int(finite.item()) != self.dist.world_size:
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss.detach(), None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.method.on_after_backward(step)
+        if self.cfg.optim.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.on_after_optimizer_step(step)
+        return loss.detach(), out
+
+    def _nonfinite(self, step: int, loss: torch.Tensor) -> None:
+        if self.cfg.train.nonfinite == "skip":
+            self.skipped_steps += 1
+            log.warning("step %d: loss is %s; step skipped (%d so far)", step, float(loss), self.skipped_steps)
+            return
+        lr = float(self.lr_schedule[step])
+        raise NonFiniteLossError(
+            f"the loss became {float(loss)} at step {step} (epoch {self.position.epoch}, lr {lr:.3g}). "
+            f"Likely causes: a learning rate too high for this batch size, a teacher temperature "
+            f"too low, or fp16 overflow. The last good checkpoint is {self.ckpt_dir / 'last.pt'} "
+            f"(resume with --resume after changing the config, or set train.nonfinite=skip).")
+
+    # ------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self.setup()
+        cfg = self.cfg
+        if cfg.eval.knn_init and "knn_init" not in self.state:
+            self.state["knn_init"] = self.knn()
+        if self.main:
+            log.info("training %s on %s: %d steps/epoch x %d epochs, %s params, device %s, %d process(es)",
+                     cfg.method.name, cfg.data.dataset, self.steps_per_epoch, cfg.train.epochs,
+                     f"{count_parameters(self.method.student):,}", self.device, self.dist.world_size)
+        self._install_signal_handlers()
+        self.model.train()
+        global_batch = cfg.train.batch_size * self.dist.world_size
+        train_seconds = float(self.state.get("train_seconds", 0.0))
+        samples_seen = int(self.state.get("samples_seen", 0))
+        progress = None
+        try:
+            while self.position.epoch < cfg.train.epochs:
+                epoch = self.position.epoch
+                if self.main and cfg.train.progress:
+                    from tqdm import tqdm
+
+                    progress = tqdm(total=self.steps_per_epoch, initial=self.position.batch,
+                                    desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+                                    dynamic_ncols=True, file=sys.stderr)
+                t_window, n_window = time.perf_counter(), 0
+                t_epoch = time.perf_counter()
+                for crops, _labels in self.batches.epoch(epoch, self.position.batch):
+                    step = self.position.step
+                    loss, out = self._train_step(crops, step)
+                    if out is None:
+                        self._nonfinite(step, loss)
+                    self.position.step += 1
+                    self.position.batch += 1
+                    n_window += global_batch
+                    samples_seen += global_batch
+                    if progress is not None:
+                        progress.update(1)
+                    if self.position.step % cfg.train.log_every == 0 or self.position.batch == self.steps_per_epoch:
+                        now = time.perf_counter()
+                        rate = n_window / max(now - t_window, 1e-9)
+                        t_window, n_window = now, 0
+                        record = {"step": self.position.step,
+                                  "epoch": epoch + self.position.batch / self.steps_per_epoch,
+                                  "loss": float(loss), "lr": float(self.lr_schedule[step]),
+                                  "weight_decay": float(self.wd_schedule[step]),
+                                  "samples_per_second": rate}
+                        if out is not None:
+                            record.update(out.logs)
+                        self.logger.log(record)
+                        if progress is not None:
+                            progress.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate:.0f}")
+                    if self._should_interrupt():
+                        train_seconds += time.perf_counter() - t_epoch
+                        self.state.update(train_seconds=train_seconds, samples_seen=samples_seen)
+                        self.save_checkpoint()
+                        raise TrainingInterrupted(
+                            f"stopped at step {self.position.step} ({self._stop_requested}); "
+                            f"continue with: nocollapse train --out {self.run_dir} --resume")
+                    if (cfg.train.checkpoint_every_steps
+                            and self.position.step % cfg.train.checkpoint_every_steps == 0):
+                        self.state.update(train_seconds=train_seconds + time.perf_counter() - t_epoch,
+                                          samples_seen=samples_seen)
+                        self.save_checkpoint()
+                train_seconds += time.perf_counter() - t_epoch
+                if progress is not None:
+                    progress.close()
+                    progress = None
+                self.position.epoch += 1
+                self.position.batch = 0
+                self.state.update(train_seconds=train_seconds, samples_seen=samples_seen)
+                self._end_of_epoch()
+        finally:
+            if progress is not None:
+                progress.close()
+            self.logger.close()
+        summary = self._finish(train_seconds, samples_seen)
+        return summary
+
+    def _should_interrupt(self) -> bool:
+        stop_at = self.cfg.train.stop_at_step
+        if stop_at and self.position.step >= stop_at:
+            self._stop_requested = self._stop_requested or f"train.stop_at_step={stop_at}"
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        dist_utils.all_reduce_sum(flag)
+        if flag.item() > 0 and not self._stop_requested:
+            self._stop_requested = "another process was stopped"
+        return bool(flag.item() > 0)
+
+    def _end_of_epoch(self) -> None:
+        cfg = self.cfg
+        epoch = self.position.epoch
+        record: dict[str, Any] = {"step": self.position.step, "epoch": float(epoch)}
+        if cfg.eval.knn_every and epoch % cfg.eval.knn_every == 0 and epoch < cfg.train.epochs:
+            knn = self.knn()
+            record.update(knn_top1=knn["top1"], knn_top5=knn["top5"])
+            self.state.setdefault("knn_history", []).append({"epoch": epoch, **knn})
+        if len(record) > 2:
+            self.logger.log(record, prefix="epoch")
+        every = cfg.train.checkpoint_every
+        self.save_checkpoint(epoch_file=bool(every) and (epoch % every == 0 or epoch == cfg.train.epochs))
+
+    def _finish(self, train_seconds: float, samples_seen: int) -> dict[str, Any]:
+        cfg = self.cfg
+        knn = self.knn()
+        init = self.state.get("knn_init", {})
+        summary: dict[str, Any] = {
+            "method": cfg.method.name,
+            "prototypes": cfg.method.prototypes,
+            "num_prototypes": cfg.method.num_prototypes,
+            "dataset": cfg.data.dataset,
+            "backbone": cfg.model.backbone,
+            "epochs": cfg.train.epochs,
+            "steps": self.position.step,
+            "global_batch_size": cfg.train.batch_size * self.dist.world_size,
+            "processes": self.dist.world_size,
+            "device": str(self.device),
+            "train_seconds": round(train_seconds, 3),
+            "samples_per_second": round(samples_seen / train_seconds, 2) if train_seconds > 0 else None,
+            "knn_top1": knn["top1"],
+            "knn_top5": knn["top5"],
+            "knn_top1_init": init.get("top1"),
+            "knn_protocol": {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature,
+                             "features": "teacher backbone" if hasattr(self.method, "teacher") else "backbone",
+                             "split": "test"},
+            "skipped_steps": self.skipped_steps,
+            "train_images": len(self.splits.ssl_train),
+            "test_images": len(self.splits.test),
+            "nocollapse_version": __version__,
+            "torch_version": torch.__version__,
+        }
+        if self.main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The table ``nocollapse train`` prints at the end of a run."""
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 100 else f"{v:,.1f}"
+        return str(v)
+
+    knn = fmt(summary.get("knn_top1"))
+    init = summary.get("knn_top1_init")
+    if init is not None and summary.get("knn_top1") is not None:
+        knn += f"   (random init {init:.4f}, {summary['knn_top1'] - init:+.4f})"
+    rows = [
+        ("method", f"{summary['method']} ({summary.get('prototypes')} prototypes, "
+                   f"K={summary.get('num_prototypes')})"),
+        ("dataset", f"{summary['dataset']} ({summary.get('train_images')} train / "
+                    f"{summary.get('test_images')} test images)"),
+        ("backbone", summary.get("backbone")),
+        ("epochs / steps", f"{summary['epochs']} / {summary.get('steps')}"),
+        ("train time", f"{fmt(summary.get('train_seconds'))} s on {summary.get('device')} "
+                       f"x {summary.get('processes')}"),
+        ("throughput", f"{fmt(summary.get('samples_per_second'))} images/s"),
+        ("k-NN top-1", knn),
+        ("k-NN top-5", fmt(summary.get("knn_top5"))),
+    ]
+    for key, label in (("unique_prototypes", "unique prototypes"),
+                       ("prototype_utilization", "prototype utilisation"),
+                       ("effective_rank", "effective rank")):
+        if summary.get(key) is not None:
+            value = summary[key]
+            if isinstance(value, dict):
+                value = "  ".join(f"eps {k}: {v:.1%}" for k, v in value.items())
+            rows.append((label, fmt(value)))
+    if summary.get("alarms"):
+        rows.append(("alarms", ", ".join(a["name"] for a in summary["alarms"])))
+    width = max(len(r[0]) for r in rows)
+    lines = ["", "nocollapse train: summary", "-" * 60]
+    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+__all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted", "format_summary"]

@@ -1,0 +1,92 @@
+"""Projection heads and learned prototype layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.parametrizations import weight_norm
+
+from ..config import HeadConfig
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class ProjectionMLP(nn.Module):
+    """``layers`` linear layers ``in -> hidden -> ... -> out`` with GELU (and optional BatchNorm)
+    between them; the output is the bottleneck the prototypes live in."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 3,
+                 batchnorm: bool = False) -> None:
+        super().__init__()
+        if layers < 1:
+            raise ValueError("a projection MLP needs at least one layer")
+        blocks: list[nn.Module] = []
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
+        for i in range(layers):
+            blocks.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < layers - 1:
+                if batchnorm:
+                    blocks.append(nn.BatchNorm1d(dims[i + 1]))
+                blocks.append(nn.GELU())
+        self.mlp = nn.Sequential(*blocks)
+        self.apply(_init_linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+    @classmethod
+    def from_config(cls, in_dim: int, cfg: HeadConfig) -> "ProjectionMLP":
+        return cls(in_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.layers, cfg.batchnorm)
+
+
+class LearnedPrototypes(nn.Module):
+    """K trainable prototypes as a weight-normalised, bias-free linear layer.
+
+    ``logits = z @ W^T`` with ``W_k = g_k v_k / ||v_k||``. With ``norm_fixed`` the gains g are 1
+    and frozen, so every prototype is a unit vector and the logits of an L2-normalised ``z`` are
+    cosine similarities (DINO's ``norm_last_layer``).
+    """
+
+    def __init__(self, dim: int, num_prototypes: int, norm_fixed: bool = True) -> None:
+        super().__init__()
+        layer = nn.Linear(dim, num_prototypes, bias=False)
+        _init_linear(layer)
+        self.layer = weight_norm(layer)
+        gain = self.layer.parametrizations.weight.original0
+        with torch.no_grad():
+            gain.fill_(1.0)
+        if norm_fixed:
+            gain.requires_grad_(False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.layer(z)
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.layer.out_features
+
+    def vectors(self) -> torch.Tensor:
+        """The prototypes as rows ``[K, D]`` (the effective weight)."""
+        return self.layer.weight
+
+
+def koleo_loss(vectors: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo (Kozachenko-Leonenko) spreading regulariser on L2-normalised rows:
+
+        L = -1/K sum_i log( min_{j != i} ||u_i - u_j||_2 + eps ),   u_i = v_i / ||v_i||.
+
+    Minimising it pushes every prototype away from its nearest neighbour (the "DINO + KP"
+    baseline of Govindarajan et al.). Cost O(K^2 D).
+    """
+    u = F.normalize(vectors.float(), dim=1)
+    sim = u @ u.t()
+    sim.fill_diagonal_(-2.0)
+    nearest = sim.max(dim=1).values
+    dist = torch.sqrt(torch.clamp(2.0 - 2.0 * nearest, min=0.0) + eps)
+    return -torch.log(dist + eps).mean()

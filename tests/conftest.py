@@ -1,0 +1,25 @@
+"""Shared fixtures: a tiny, fast configuration for end-to-end runs on the digits dataset."""
+
+from __future__ import annotations
+
+import pytest
+
+# A run of a few seconds: 8 px digits, a ResNet-18 at 1/8 width, a small head and K = 32.
+TINY = [
+    "data.image_size=8",
+    "model.width_multiplier=0.125",
+    "method.num_prototypes=32",
+    "method.head.hidden_dim=64",
+    "method.head.bottleneck_dim=16",
+    "train.epochs=2",
+    "train.batch_size=64",
+    "train.log_every=2",
+    "train.progress=false",
+    "train.threads=1",
+    "eval.batch_size=256",
+]
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY)

@@ -1,0 +1,66 @@
+"""Config validation: unknown keys, wrong types and values, options of an inactive method."""
+
+from __future__ import annotations
+
+import pytest
+
+from nocollapse.config import Config, ConfigError, build_config, config_from_dict, to_dict
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg, explicit = build_config(overrides=["optim.lr=0.1", "views.global_scale=[0.3, 1.0]"])
+    assert cfg.optim.lr == 0.1 and cfg.views.global_scale == [0.3, 1.0]
+    assert explicit == {"optim.lr", "views.global_scale"}
+
+
+def test_unknown_key_names_the_key_and_the_closest_valid_ones():
+    with pytest.raises(ConfigError) as info:
+        build_config(overrides=["optim.lrr=0.1"])
+    assert "optim.lrr" in str(info.value) and "'optim.lr'" in str(info.value)
+    with pytest.raises(ConfigError, match="method.head.hidden_dim"):
+        build_config(overrides=["method.head.hidden=3"])
+
+
+def test_unknown_key_in_a_file_is_rejected(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        build_config(path)
+
+
+def test_wrong_type_names_the_key_and_what_is_allowed():
+    with pytest.raises(ConfigError, match=r"optim.lr: 'abc' is not valid; expected a number"):
+        build_config(overrides=["optim.lr=abc"])
+    with pytest.raises(ConfigError, match=r"train.epochs.*integer"):
+        build_config(overrides=["train.epochs=2.5"])
+
+
+def test_wrong_value_names_the_choices_or_the_range():
+    with pytest.raises(ConfigError, match="optim.name: 'adam' is not allowed; expected one of 'adamw', 'sgd', 'lars'"):
+        build_config(overrides=["optim.name=adam"])
+    with pytest.raises(ConfigError, match="train.batch_size.*>= 2"):
+        build_config(overrides=["train.batch_size=1"])
+    with pytest.raises(ConfigError, match="global_scale"):
+        build_config(overrides=["views.global_scale=[0.9, 0.2]"])
+
+
+def test_option_of_another_method_is_rejected_not_ignored():
+    with pytest.raises(ConfigError, match="carp.block_size only apply when method.name is 'carp'"):
+        build_config(overrides=["carp.block_size=64"])
+    with pytest.raises(ConfigError, match="gmm.eta only apply when method.prototypes is 'decoupled'"):
+        build_config(overrides=["gmm.eta=0.1"])
+    with pytest.raises(ConfigError, match="koleo"):
+        build_config(overrides=["method.prototypes=decoupled", "method.koleo_weight=0.1"])
+
+
+def test_section_and_malformed_overrides():
+    with pytest.raises(ConfigError, match="is a section"):
+        build_config(overrides=["optim=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        build_config(overrides=["optim.lr"])
+
+
+def test_resolved_config_round_trips():
+    cfg, _ = build_config(overrides=["method.name=carp", "carp.block_size=64", "method.num_prototypes=256"])
+    assert config_from_dict(to_dict(cfg)) == cfg
+    assert config_from_dict(to_dict(Config())) == Config()

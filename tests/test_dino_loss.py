@@ -1,0 +1,106 @@
+"""DINO loss, centering and schedules against values derived by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nocollapse.engine.schedules import cosine_schedule, warmup_constant_schedule
+from nocollapse.losses.dino import dino_loss, teacher_probabilities, updated_center
+
+
+def test_dino_loss_two_crops_by_hand():
+    # Student temperature 1. Crop 0 logits [0, 0] -> p = [1/2, 1/2]; crop 1 logits [ln 3, 0]
+    # -> p = [3/4, 1/4]. Teacher targets q0 = [1/2, 1/2], q1 = [1, 0].
+    # Pairs: (student 1, teacher 0): -(1/2 ln 3/4 + 1/2 ln 1/4) = 1/2 ln(16/3)
+    #        (student 0, teacher 1): -ln 1/2 = ln 2
+    student = [torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])]
+    teacher = [torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, 0.0]])]
+    expected = (0.5 * math.log(16 / 3) + math.log(2)) / 2
+    assert dino_loss(student, teacher, 1.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dino_loss_student_temperature_scales_logits():
+    # With temperature 0.5 the logits [ln 3 / 2, 0] become [ln 3, 0] again.
+    student = [torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0) / 2, 0.0]])]
+    teacher = [torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, 0.0]])]
+    expected = (0.5 * math.log(16 / 3) + math.log(2)) / 2
+    assert dino_loss(student, teacher, 0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dino_loss_uniform_equals_log_k():
+    k = 4096
+    student = [torch.zeros(3, k) for _ in range(4)]
+    teacher = [torch.full((3, k), 1.0 / k) for _ in range(2)]
+    assert dino_loss(student, teacher, 0.1).item() == pytest.approx(math.log(k), rel=1e-5)
+
+
+def _oracle(student, teacher, temp):
+    """Per-sample loops in numpy, written independently of the library."""
+    s = [x.double().numpy() / temp for x in student]
+    total, pairs = 0.0, 0
+    for j, q in enumerate(teacher):
+        q = q.double().numpy()
+        for i, logits in enumerate(s):
+            if i == j:
+                continue
+            per_sample = []
+            for b in range(logits.shape[0]):
+                z = logits[b] - logits[b].max()
+                log_p = z - np.log(np.exp(z).sum())
+                per_sample.append(-(q[b] * log_p).sum())
+            total += np.mean(per_sample)
+            pairs += 1
+    return total / pairs
+
+
+@pytest.mark.parametrize("n_local", [0, 3])
+def test_dino_loss_matches_loop_oracle_with_multicrop(n_local):
+    gen = torch.Generator().manual_seed(0)
+    batch, k = 5, 7
+    student = [torch.randn(batch, k, generator=gen) for _ in range(2 + n_local)]
+    teacher = [torch.softmax(torch.randn(batch, k, generator=gen) / 0.04, dim=1) for _ in range(2)]
+    assert dino_loss(student, teacher, 0.1).item() == pytest.approx(_oracle(student, teacher, 0.1), rel=1e-5)
+    # Pair count: 2 teacher views x (2 + n_local) crops minus the 2 same-view pairs.
+
+
+def test_dino_loss_single_crop_is_rejected():
+    with pytest.raises(ValueError, match="i != j"):
+        dino_loss([torch.zeros(1, 3)], [torch.ones(1, 3) / 3], 0.1)
+
+
+def test_teacher_probabilities_center_and_temperature_by_hand():
+    t = torch.tensor([[1.0, 0.0]])
+    c = torch.tensor([[0.5, 0.0]])
+    # (t - c) / 0.5 = [1, 0] -> softmax = [e / (e + 1), 1 / (e + 1)]
+    q = teacher_probabilities(t, 0.5, c)
+    e = math.e
+    assert q[0, 0].item() == pytest.approx(e / (e + 1), rel=1e-6)
+    assert q[0, 1].item() == pytest.approx(1 / (e + 1), rel=1e-6)
+    # Without centering: t / 0.5 = [2, 0]
+    q = teacher_probabilities(t, 0.5, None)
+    assert q[0, 0].item() == pytest.approx(math.exp(2) / (math.exp(2) + 1), rel=1e-6)
+
+
+def test_center_update_by_hand():
+    center = torch.tensor([[0.0, 1.0]])
+    new = updated_center(center, torch.tensor([[2.0, 4.0]]), 0.9)
+    assert torch.allclose(new, torch.tensor([[0.2, 0.9 + 0.4]]))
+
+
+def test_teacher_temperature_warmup_schedule():
+    sched = warmup_constant_schedule(0.04, 0.07, warmup_steps=3, total_steps=5)
+    assert np.allclose(sched, [0.04, 0.05, 0.06, 0.07, 0.07])
+
+
+def test_cosine_schedule_by_hand():
+    sched = cosine_schedule(1.0, 0.0, total_steps=4)
+    expected = [0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)]
+    assert np.allclose(sched, expected)
+    warm = cosine_schedule(1.0, 0.0, total_steps=6, warmup_steps=2, warmup_start=0.0)
+    assert np.allclose(warm[:2], [0.0, 0.5])
+    assert warm[2] == pytest.approx(1.0)
+    assert len(warm) == 6 and np.all(np.diff(warm[2:]) < 0)
