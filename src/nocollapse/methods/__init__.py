@@ -6,10 +6,12 @@ from torch import nn
 
 from ..config import Config
 from .base import SSLMethod, StepOutput
+from .carp import CARP
 from .dino import DINO
 
 METHODS: dict[str, type[SSLMethod]] = {
     "dino": DINO,
+    "carp": CARP,
 }
 
 

@@ -16,6 +16,7 @@ student/teacher = backbone -> projection MLP -> L2-normalised bottleneck -> prot
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -94,6 +95,10 @@ class PrototypeMethod(SSLMethod):
         perplexity = torch.exp(-(w * torch.log(w.clamp_min(1e-30))).sum())
         return {"gmm_weight_perplexity": float(perplexity), "gmm_reseeds": float(self.gmm.num_reseeds),
                 "gmm_mean_variance": float(self.gmm.variances.mean())}
+
+    def uniform_loss(self) -> float:
+        """The loss of a fully collapsed (uniform-assignment) model: log K."""
+        return math.log(self.cfg.method.num_prototypes)
 
     # ---- hooks ---------------------------------------------------------------------------
     def on_after_backward(self, step: int) -> None:

@@ -37,8 +37,8 @@ together) but its weight decays.
 
 **Initialisation.** ``init="random"``: random unit means. ``init="data"`` (default): components
 are seeded, in index order, with the first teacher embeddings seen (all processes' embeddings,
-gathered, so every rank seeds identically); until all K are seeded, the E-step only uses the
-seeded ones. Optional re-seeding of dead components (weight below ``dead_threshold / K``) onto
+gathered, so every rank seeds identically), chosen by greedy k-means++ when a batch holds more
+embeddings than components remain; until all K are seeded, the E-step only uses the seeded ones. Optional re-seeding of dead components (weight below ``dead_threshold / K``) onto
 current embeddings is off by default; every re-seed is counted.
 
 Under ``torch.distributed`` only sums are exchanged (all-reduce), so every rank holds the
@@ -80,6 +80,7 @@ class OnlineGMM(nn.Module):
         self.var_floor, self.init_mode = var_floor, init
         self.reseed_dead, self.dead_threshold = reseed_dead, dead_threshold
         self.chunk_size = max(1, chunk_size)
+        self.seed = seed
 
         gen = torch.Generator().manual_seed(seed)
         means = F.normalize(torch.randn(num_components, dim, generator=gen), dim=1)
@@ -205,9 +206,7 @@ class OnlineGMM(nn.Module):
     def _seed_from(self, h_all: torch.Tensor) -> None:
         start = int(self.num_seeded)
         n = min(self.num_components - start, h_all.shape[0])
-        # Evenly spaced rows of the (gathered, identically ordered) batch: deterministic and the
-        # same on every rank.
-        rows = torch.linspace(0, h_all.shape[0] - 1, n, device=h_all.device).round().long()
+        rows = self._kmeanspp_rows(h_all, n, self.means[:start])
         x = h_all[rows]
         var = h_all.var(dim=0, unbiased=False).mean().clamp_min(self.var_floor)
         k = torch.arange(start, start + n, device=h_all.device)
@@ -215,6 +214,34 @@ class OnlineGMM(nn.Module):
         self.num_seeded += n
         if int(self.num_seeded) == self.num_components:
             self._m_step()
+
+    def _kmeanspp_rows(self, h: torch.Tensor, n: int, existing: torch.Tensor) -> torch.Tensor:
+        """Greedy k-means++ choice of ``n`` rows of ``h`` (Arthur & Vassilvitskii 2007, with the
+        greedy refinement scikit-learn uses): for each pick, ``2 + ln n`` candidates are drawn
+        with probability proportional to their squared distance to the nearest mean chosen so far
+        (the already seeded ``existing`` ones included), and the candidate that most lowers the
+        total squared distance is kept. All rows are taken when ``n`` equals their number. The
+        generator is seeded from the mixture's seed and progress, so every rank (holding the same
+        gathered ``h``) picks the same rows."""
+        if n >= h.shape[0]:
+            return torch.arange(h.shape[0], device=h.device)
+        gen = torch.Generator().manual_seed(self.seed * 7919 + int(self.num_seeded))
+        hc = h.cpu()
+        if existing.shape[0] > 0:
+            d2 = (2.0 - 2.0 * (hc @ existing.cpu().t()).max(dim=1).values).clamp_min(0.0)
+        else:
+            d2 = torch.ones(hc.shape[0])
+        trials = 2 + int(math.log(max(n, 1)))
+        picks = []
+        for _ in range(n):
+            weights = d2 if float(d2.sum()) > 0 else torch.ones_like(d2)
+            candidates = torch.multinomial(weights, trials, replacement=True, generator=gen)
+            cand_d2 = (2.0 - 2.0 * (hc[candidates] @ hc.t())).clamp_min(0.0)   # [trials, N]
+            new_d2 = torch.minimum(d2.unsqueeze(0), cand_d2)
+            best = int(new_d2.sum(1).argmin())
+            picks.append(int(candidates[best]))
+            d2 = new_d2[best]
+        return torch.tensor(picks, device=h.device)
 
     def _reseed(self, h_all: torch.Tensor) -> None:
         dead = torch.nonzero(self.weights < self.dead_threshold / self.num_components, as_tuple=True)[0]

@@ -1,0 +1,62 @@
+"""CARP's loss (Silva & Ramirez Rivera, NeurIPS 2023): consistency over random partitions of the
+prototypes plus a marginal-uniformity term, as pure functions.
+
+The K prototypes are split by a random permutation into K / N_B blocks of N_B. Within block b the
+scores of a sample become probabilities by a softmax over the block (no temperature):
+
+    p_b = softmax(logits[partition[b]])                                   (N_B entries)
+
+Consistency between student crop i and teacher view j (i != j), averaged over blocks, samples
+and pairs:
+
+    L_cons = mean_{(i,j), b, n} [ -log <p_b^(i)(n), q_b^(j)(n)> ]
+
+Uniformity of each block's marginal over the (gathered) batch of all student and teacher
+probabilities, averaged over blocks:
+
+    L_KL = mean_b KL( pbar_b || U(N_B) ) = mean_b [ log N_B + sum_k pbar_bk log pbar_bk ]
+
+A fully collapsed model (uniform probabilities everywhere) scores L_cons = log N_B, L_KL = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def block_probabilities(logits: torch.Tensor, partition: torch.Tensor) -> torch.Tensor:
+    """``logits [B, K]`` and ``partition [n_blocks, N_B]`` (prototype indices) ->
+    block-softmax probabilities ``[n_blocks, B, N_B]``."""
+    grouped = logits[:, partition.reshape(-1)].reshape(logits.shape[0], *partition.shape)
+    return torch.softmax(grouped.float(), dim=-1).permute(1, 0, 2)
+
+
+def _eps(t: torch.Tensor) -> float:
+    return torch.finfo(t.dtype).eps
+
+
+def carp_consistency(student_probs: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean ``-log <p, q>`` over student crop i / teacher view j pairs with i != j."""
+    total = student_probs[0].new_zeros(())
+    pairs = 0
+    for i, p in enumerate(student_probs):
+        for j, q in enumerate(teacher_probs):
+            if i == j:
+                continue
+            eps = _eps(p)
+            agreement = (p * q).sum(-1).clamp(eps, 1.0 - eps)
+            total = total - torch.log(agreement).mean()
+            pairs += 1
+    if pairs == 0:
+        raise ValueError("CARP needs at least one student crop / teacher view pair with i != j")
+    return total / pairs
+
+
+def marginal_kl_to_uniform(probs: torch.Tensor) -> torch.Tensor:
+    """``probs [M, n_blocks, N_B]`` (M samples) -> mean over blocks of KL(mean_M probs || uniform)."""
+    pbar = probs.mean(0)
+    eps = _eps(pbar)
+    return (math.log(pbar.shape[-1]) + (pbar * torch.log(pbar.clamp(eps, 1.0 - eps))).sum(-1)).mean()

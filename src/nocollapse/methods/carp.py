@@ -1,0 +1,87 @@
+"""CARP (Silva & Ramirez Rivera, NeurIPS 2023): consistent assignments over random partitions.
+
+student/teacher = backbone -> projection MLP -> 256-d bottleneck (not normalised) -> K prototype
+scores. Each step draws a random partition of the K prototypes into blocks of ``carp.block_size``
+(drawn on rank 0 from a generator seeded by (seed, step) and broadcast, so every process uses
+the same one and a resumed run draws the same ones); the loss is the block-wise consistency
+between student crops and teacher views plus the KL of the block marginals (gathered over all
+processes) to uniform (``losses/carp.py``).
+
+With ``method.prototypes=decoupled`` the prototypes are the means of an online-EM Gaussian
+mixture fitted on the L2-normalised teacher bottleneck ("CARP + Dec." of "Why Prototypes
+Collapse"); the scores are ``z @ mu^T`` with the unnormalised bottleneck ``z``, as CARP's
+weight-normalised layer computes them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..engine import distributed as dist_utils
+from ..losses.carp import block_probabilities, carp_consistency, marginal_kl_to_uniform
+from ..models.heads import koleo_loss
+from .base import StepOutput
+from .dino import PrototypeMethod
+
+
+class CARP(PrototypeMethod):
+    name = "carp"
+    normalize_embeddings = False
+
+    def __init__(self, cfg: Config, backbone: nn.Module, steps_per_epoch: int) -> None:
+        super().__init__(cfg, backbone, steps_per_epoch)
+        self.block_size = cfg.carp.block_size
+        self.num_blocks = cfg.method.num_prototypes // self.block_size
+        self.koleo_weight = cfg.method.koleo_weight
+
+    def partition(self, step: int, device: torch.device) -> torch.Tensor:
+        """The random partition of this step, ``[num_blocks, block_size]``, identical on all ranks."""
+        k = self.cfg.method.num_prototypes
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        perm = torch.randperm(k, generator=gen).to(device)
+        dist_utils.broadcast(perm, src=0)
+        return perm.view(self.num_blocks, self.block_size)
+
+    def forward(self, crops: Sequence[torch.Tensor], step: int) -> StepOutput:
+        c = self.cfg.carp
+        batch = crops[0].shape[0]
+        part = self.partition(step, crops[0].device)
+        with torch.no_grad():
+            _, t_emb = self.teacher(crops[:2])
+            t_emb = t_emb.float()
+            gamma = None
+            if self.decoupled:
+                gamma = self.update_mixture(nn.functional.normalize(t_emb, dim=-1), step)
+            if gamma is not None and self.cfg.gmm.targets == "posterior":
+                grouped = gamma[:, part.reshape(-1)].reshape(gamma.shape[0], *part.shape)
+                t_probs = (grouped / grouped.sum(-1, keepdim=True).clamp_min(1e-30)).permute(1, 0, 2)
+            else:
+                t_probs = block_probabilities(self.teacher_scores(t_emb), part)
+        _, s_emb = self.student(crops)
+        s_probs = block_probabilities(self.student_scores(s_emb), part)
+        student_views = list(s_probs.split(batch, dim=1))
+        teacher_views = list(t_probs.split(batch, dim=1))
+        consistency = carp_consistency(student_views, teacher_views)
+        everything = torch.cat([s_probs, t_probs], dim=1).transpose(0, 1)   # [M, blocks, N_B]
+        kl = marginal_kl_to_uniform(dist_utils.all_gather_cat(everything.contiguous()))
+        loss = c.consistency_weight * consistency + c.entropy_weight * kl
+        logs = {"loss_consistency": float(consistency.detach()), "loss_marginal_kl": float(kl.detach())}
+        if self.koleo_weight > 0:
+            kp = koleo_loss(self.student_prototypes.vectors())
+            loss = loss + self.koleo_weight * kp
+            logs["loss_koleo"] = float(kp.detach())
+        logs.update(self.mixture_logs())
+        with torch.no_grad():
+            teacher_full = torch.softmax(self.teacher_scores(t_emb[:batch]), dim=-1)
+            student_full = torch.softmax(self.student_scores(s_emb[batch:2 * batch].detach().float()), dim=-1)
+        return StepOutput(loss=loss, logs=logs, teacher_probs=teacher_full, student_probs=student_full,
+                          embeddings=t_emb[:batch].detach())
+
+    def uniform_loss(self) -> float:
+        """The loss of a fully collapsed (uniform) model: log N_B (the KL term is 0)."""
+        return math.log(self.block_size)

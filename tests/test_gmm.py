@@ -1,0 +1,184 @@
+"""Online-EM Gaussian mixture (decoupled prototypes): recovery, forgetting, annealing, state,
+gradient isolation and distributed parity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch.nn import functional as F
+
+from nocollapse.prototypes.gmm import OnlineGMM
+
+from distributed_helpers import run_distributed
+
+
+def _sphere_mixture(n, centers, spread, gen):
+    labels = torch.randint(0, len(centers), (n,), generator=gen)
+    x = centers[labels] + spread * torch.randn(n, centers.shape[1], generator=gen)
+    return F.normalize(x, dim=1), labels
+
+
+def _matched_cosines(estimated, true):
+    sim = (F.normalize(estimated, dim=1) @ F.normalize(true, dim=1).t()).numpy()
+    rows, cols = linear_sum_assignment(-sim)
+    return sim[rows, cols]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("covariance", ["diagonal", "isotropic"])
+def test_online_em_recovers_a_known_mixture_on_the_sphere(seed, covariance):
+    gen = torch.Generator().manual_seed(seed)
+    k, d = 6, 16
+    centers = F.normalize(torch.randn(k, d, generator=gen), dim=1)
+    gmm = OnlineGMM(k, d, covariance=covariance, eta=0.05, init="data", seed=seed)
+    for step in range(300):
+        x, _ = _sphere_mixture(256, centers, 0.08, gen)
+        beta = min(1.0, 0.1 + 0.9 * step / 100)
+        gmm.update(x, beta=beta)
+    cos = _matched_cosines(gmm.means, centers)
+    assert cos.min() > 0.99, cos
+    assert torch.allclose(gmm.weights, torch.full((k,), 1 / k), atol=0.06)
+    # the per-dimension variance of the clusters: spread^2 / (1 + spread^2 d) ~ 0.0053 here
+    assert 0.002 < gmm.variances.mean().item() < 0.01
+
+
+@pytest.mark.parametrize("forgetting", ["per_component", "global"])
+def test_forgetting_leaves_an_unused_component_in_place(forgetting):
+    gen = torch.Generator().manual_seed(0)
+    d = 8
+    gmm = OnlineGMM(2, d, eta=0.1, forgetting=forgetting, init="random")
+    far = F.normalize(torch.randn(d, generator=gen), dim=0)
+    target = F.normalize(-far + 0.3 * torch.randn(d, generator=gen), dim=0)
+    for k, mean in ((0, target), (1, far)):
+        gmm._set_component(torch.tensor([k]), mean[None], torch.full((1, d), 0.01), 0.5)
+    gmm._m_step()
+    before_mean, before_var = gmm.means[1].clone(), gmm.variances[1].clone()
+    for _ in range(100):
+        x = F.normalize(target + 0.05 * torch.randn(64, d, generator=gen), dim=1)
+        gamma = gmm.update(x)
+        assert gamma[:, 1].max() < 1e-6  # the far component receives nothing
+    assert torch.allclose(gmm.means[1], before_mean, atol=1e-5)
+    assert torch.allclose(gmm.variances[1], before_var, atol=1e-6)
+    if forgetting == "per_component":
+        # its statistics are untouched; its weight only shrinks relative to the used component,
+        # whose mass s0 converges to the full batch mass 1: pi_1 = 0.5 / (0.5 + 1)
+        assert gmm.s0[1].item() == pytest.approx(0.5, abs=1e-7)
+        assert gmm.weights[1].item() == pytest.approx(1 / 3, abs=1e-4)
+    else:
+        assert gmm.weights[1].item() < 1e-3                         # weight decayed away
+
+
+def test_annealing_at_small_beta_spreads_responsibility():
+    gen = torch.Generator().manual_seed(0)
+    k, d = 64, 32
+    gmm = OnlineGMM(k, d, init="random")
+    x = F.normalize(torch.randn(128, d, generator=gen), dim=1)
+
+    def mean_entropy(beta):
+        g = gmm.responsibilities(x, beta)
+        return -(g * torch.log(g.clamp_min(1e-30))).sum(1).mean().item()
+
+    hot, warm, cold = mean_entropy(1e-3), mean_entropy(0.1), mean_entropy(1.0)
+    assert cold < warm < hot
+    assert hot == pytest.approx(math.log(k), rel=0.01)
+    assert cold < 0.5 * math.log(k)
+
+
+def test_log_joint_matches_a_direct_gaussian_density():
+    gen = torch.Generator().manual_seed(0)
+    gmm = OnlineGMM(5, 3, init="random", chunk_size=2)
+    gmm.variances.copy_(torch.rand(5, 3, generator=gen) * 0.1 + 0.01)
+    gmm.log_weights.copy_(torch.log_softmax(torch.randn(5, generator=gen), 0))
+    x = torch.randn(4, 3, generator=gen)
+    expected = torch.stack([
+        torch.distributions.Normal(gmm.means[k], gmm.variances[k].sqrt()).log_prob(x).sum(1)
+        + gmm.log_weights[k] for k in range(5)], dim=1)
+    assert torch.allclose(gmm.log_joint(x), expected, atol=1e-4)
+
+
+def test_chunking_over_k_does_not_change_the_update():
+    gen = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(50, 8, generator=gen), dim=1)
+    a, b = OnlineGMM(40, 8, chunk_size=40, init="random"), OnlineGMM(40, 8, chunk_size=7, init="random")
+    for _ in range(3):
+        a.update(x, 0.5)
+        b.update(x, 0.5)
+    for name, buf in a.state_dict().items():
+        assert torch.allclose(buf.float(), b.state_dict()[name].float(), atol=1e-6), name
+
+
+def test_data_initialisation_seeds_components_in_order_from_embeddings():
+    gen = torch.Generator().manual_seed(0)
+    gmm = OnlineGMM(10, 4, init="data")
+    first = F.normalize(torch.randn(6, 4, generator=gen), dim=1)
+    gmm.update(first)
+    assert gmm.seeded == 6
+    second = F.normalize(torch.randn(6, 4, generator=gen), dim=1)
+    gmm.update(second)
+    assert gmm.seeded == 10
+
+
+def test_dead_component_reseeding_is_counted():
+    gen = torch.Generator().manual_seed(0)
+    gmm = OnlineGMM(4, 4, init="random", reseed_dead=True, dead_threshold=0.5, forgetting="global", eta=0.5)
+    x = F.normalize(torch.randn(1, 4, generator=gen), dim=1).repeat(32, 1)
+    for _ in range(5):
+        gmm.update(x)
+    assert int(gmm.num_reseeds) > 0
+
+
+def test_mixture_state_survives_a_checkpoint_round_trip(tmp_path):
+    from nocollapse.engine.checkpoint import atomic_save
+
+    gen = torch.Generator().manual_seed(0)
+    a = OnlineGMM(16, 8, init="data")
+    for _ in range(3):
+        a.update(F.normalize(torch.randn(8, 8, generator=gen), dim=1), 0.5)
+    atomic_save({"gmm": a.state_dict()}, tmp_path / "g.pt")
+    b = OnlineGMM(16, 8, init="data", seed=123)
+    b.load_state_dict(torch.load(tmp_path / "g.pt", weights_only=True)["gmm"])
+    x = F.normalize(torch.randn(8, 8, generator=gen), dim=1)
+    assert torch.equal(a.update(x, 0.7), b.update(x, 0.7))
+    for name, buf in a.state_dict().items():
+        assert torch.equal(buf, b.state_dict()[name]), name
+
+
+def test_invalid_settings_are_rejected():
+    with pytest.raises(ValueError, match="covariance"):
+        OnlineGMM(4, 4, covariance="full")
+    with pytest.raises(ValueError, match="eta"):
+        OnlineGMM(4, 4, eta=0.0)
+    with pytest.raises(ValueError, match=r"\[N, 4\]"):
+        OnlineGMM(4, 4).update(torch.randn(3, 5))
+
+
+# ---- distributed parity -------------------------------------------------------------------
+
+def _batches(seed, steps, n, d):
+    gen = torch.Generator().manual_seed(seed)
+    return [F.normalize(torch.randn(n, d, generator=gen), dim=1) for _ in range(steps)]
+
+
+def _gmm_ranked(rank, world_size, init):
+    gmm = OnlineGMM(24, 8, init=init, eta=0.2)
+    gammas = []
+    for x in _batches(0, 4, 20, 8):
+        part = x.chunk(world_size)[rank]
+        gammas.append(gmm.update(part, 0.5))
+    return {"state": gmm.state_dict(), "gammas": gammas}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("init", ["data", "random"])
+def test_two_processes_hold_the_mixture_of_one_process_on_the_joined_batch(init):
+    single = _gmm_ranked(0, 1, init)
+    ranks = run_distributed(_gmm_ranked, 2, args=(init,))
+    for r, result in enumerate(ranks):
+        for name, buf in single["state"].items():
+            assert torch.allclose(result["state"][name].float(), buf.float(), atol=1e-5), (r, name)
+    for step in range(4):
+        joined = torch.cat([ranks[0]["gammas"][step], ranks[1]["gammas"][step]])
+        assert torch.allclose(joined, single["gammas"][step], atol=1e-5)
