@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -243,20 +244,20 @@ def all_keys(obj: Any = None, prefix: str = "") -> list[str]:
     return keys
 
 
-def _field_info(dotted: str) -> tuple[dataclasses.Field, Any] | None:
-    cls: Any = Config
+def _field_info(dotted: str) -> tuple[dataclasses.Field, Any, Any] | None:
+    """(field, default value, annotated type) of a dotted key, or None if it does not exist."""
     obj: Any = Config()
     parts = dotted.split(".")
     for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in dataclasses.fields(obj)}
         if part not in fields:
             return None
         value = getattr(obj, part)
         if i == len(parts) - 1:
-            return fields[part], value
+            return fields[part], value, typing.get_type_hints(type(obj))[part]
         if not dataclasses.is_dataclass(value):
             return None
-        cls, obj = type(value), value
+        obj = value
     return None
 
 
@@ -272,23 +273,32 @@ def suggest_keys(key: str, n: int = 3) -> list[str]:
     return close[:n]
 
 
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
 def describe_key(key: str) -> str:
+    """What a key accepts, e.g. ``one of 'adamw', 'sgd'`` or ``an integer >= 1``."""
     info = _field_info(key)
     if info is None:
         return ""
-    f, default = info
-    parts = []
+    f, _, annotation = info
     if "choices" in f.metadata:
-        parts.append("one of " + ", ".join(repr(c) for c in f.metadata["choices"]))
-    else:
-        kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-                 list: "a list"}
-        parts.append(kinds.get(type(default), "a value or null") if default is not None else "a value or null")
-        if "min" in f.metadata:
-            parts.append(f">= {f.metadata['min']}")
-        if "max" in f.metadata:
-            parts.append(f"<= {f.metadata['max']}")
-    return " ".join(parts)
+        return "one of " + ", ".join(repr(c) for c in f.metadata["choices"])
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    base = typing.get_origin(base) or base
+    text = _KINDS.get(base, "a value")
+    if "min" in f.metadata:
+        text += f" >= {f.metadata['min']}"
+    if "max" in f.metadata:
+        text += f" <= {f.metadata['max']}"
+    return text + (" or null" if optional else "")
+
+
+def format_value(value: Any) -> str:
+    """A default as it is written in YAML (``null``, ``false``, ``[0.2, 1.0]``)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,6 +390,11 @@ def build_config(file: str | Path | None = None, overrides: Iterable[str] = (),
     flat: dict[str, Any] = _flatten(base) if base else {}
     flat.update(user)
     _check_known(flat)
+    for key, value in flat.items():
+        info = _field_info(key)
+        # YAML reads `true` as a boolean; tri-state switches (auto | true | false) take strings.
+        if isinstance(value, bool) and info and "true" in info[0].metadata.get("choices", ()):
+            flat[key] = str(value).lower()
     schema = OmegaConf.structured(Config)
     try:
         merged = OmegaConf.merge(schema, OmegaConf.create(_nest(flat)))
@@ -402,7 +417,7 @@ def validate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type: ig
     for key in all_keys():
         info = _field_info(key)
         assert info is not None
-        f, _ = info
+        f = info[0]
         value = get(cfg, key)
         if "choices" in f.metadata and value not in f.metadata["choices"]:
             raise ConfigError(f"{key}: {value!r} is not allowed; expected {describe_key(key)}")
@@ -467,8 +482,8 @@ def reference_table() -> str:
     for key in all_keys():
         info = _field_info(key)
         assert info is not None
-        f, default = info
-        rows.append(f"| `{key}` | `{default!r}` | {describe_key(key)} | {f.metadata.get('help', '')} |")
+        f, default, _ = info
+        rows.append(f"| `{key}` | `{format_value(default)}` | {describe_key(key)} | {f.metadata.get('help', '')} |")
     return "\n".join(rows)
 
 

@@ -1,0 +1,135 @@
+"""Methods: CARP loss by hand, decoupled prototypes isolated from gradients, learned-prototype
+freezing, KoLeo, backbones with multi-crop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nocollapse.config import build_config
+from nocollapse.engine.optim import build_optimizer
+from nocollapse.losses.carp import block_probabilities, carp_consistency, marginal_kl_to_uniform
+from nocollapse.methods import build_method
+from nocollapse.models.backbones import build_backbone
+from nocollapse.models.heads import koleo_loss
+
+
+def test_block_probabilities_by_hand():
+    logits = torch.tensor([[0.0, math.log(3.0), 0.0, 0.0]])
+    partition = torch.tensor([[1, 0], [2, 3]])
+    p = block_probabilities(logits, partition)
+    assert p.shape == (2, 1, 2)
+    assert torch.allclose(p[0, 0], torch.tensor([0.75, 0.25]))
+    assert torch.allclose(p[1, 0], torch.tensor([0.5, 0.5]))
+
+
+def test_carp_consistency_by_hand():
+    # one block of 2, batch 1: p0 = [3/4, 1/4], p1 = [1/2, 1/2]; q0 = [1, 0], q1 = [0, 1]
+    # pairs (i=0, j=1): -log 1/4 = log 4; (i=1, j=0): -log 1/2 = log 2 -> mean 1.5 log 2
+    p = [torch.tensor([[[0.75, 0.25]]]), torch.tensor([[[0.5, 0.5]]])]
+    q = [torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[0.0, 1.0]]])]
+    assert carp_consistency(p, q).item() == pytest.approx(1.5 * math.log(2), rel=1e-6)
+
+
+def test_carp_marginal_kl_by_hand():
+    probs = torch.tensor([[[1.0, 0.0]], [[0.5, 0.5]]])   # [M=2, blocks=1, N_B=2]
+    expected = math.log(2) + 0.75 * math.log(0.75) + 0.25 * math.log(0.25)
+    assert marginal_kl_to_uniform(probs).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_fully_collapsed_carp_scores_log_block_size():
+    nb = 16
+    uniform = [torch.full((3, 5, nb), 1 / nb) for _ in range(2)]
+    assert carp_consistency(uniform, uniform).item() == pytest.approx(math.log(nb), rel=1e-6)
+    assert marginal_kl_to_uniform(torch.cat(uniform, 1).transpose(0, 1)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_koleo_by_hand():
+    # two orthogonal unit prototypes: nearest-neighbour distance sqrt(2) -> -log sqrt(2)
+    v = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    assert koleo_loss(v).item() == pytest.approx(-math.log(math.sqrt(2)), rel=1e-5)
+
+
+TINY = ["data.image_size=8", "model.width_multiplier=0.125", "method.num_prototypes=32",
+        "method.head.hidden_dim=32", "method.head.bottleneck_dim=8", "train.epochs=2"]
+
+
+def _method(*overrides, image=8):
+    cfg, _ = build_config(overrides=[*TINY, *overrides])
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model, image)
+    return cfg, build_method(cfg, backbone, steps_per_epoch=4)
+
+
+def _crops(n=2, batch=6, size=8, local=0):
+    gen = torch.Generator().manual_seed(1)
+    crops = [torch.randn(batch, 3, size, size, generator=gen) for _ in range(n)]
+    return crops + [torch.randn(batch, 3, size // 2, size // 2, generator=gen) for _ in range(local)]
+
+
+@pytest.mark.parametrize("name", ["dino", "carp"])
+def test_decoupled_prototypes_get_no_gradient_and_are_not_optimised(name):
+    extra = ["carp.block_size=8"] if name == "carp" else []
+    cfg, method = _method(f"method.name={name}", "method.prototypes=decoupled", *extra)
+    assert not any("gmm" in n for n, _ in method.named_parameters())
+    optimizer = build_optimizer(cfg.optim, method.parameter_groups())
+    optimised = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert all(id(b) not in optimised for b in method.gmm.buffers())
+    before = method.gmm.means.clone()
+    out = method(_crops(), step=0)
+    out.loss.backward()
+    assert all(not b.requires_grad and b.grad is None for b in method.gmm.buffers())
+    assert method.student.backbone.conv1.weight.grad is not None       # the encoder does learn
+    # the mixture moved by EM (seeded from the teacher embeddings), not by the optimiser
+    assert not torch.equal(before, method.gmm.means)
+    after_em = method.gmm.means.clone()
+    optimizer.step()
+    method.on_after_optimizer_step(0)
+    assert torch.equal(after_em, method.gmm.means)
+
+
+def test_learned_prototypes_are_frozen_during_the_first_epoch():
+    cfg, method = _method("method.freeze_last_layer_epochs=1")
+    out = method(_crops(), step=3)      # steps_per_epoch = 4 -> frozen for steps 0..3
+    out.loss.backward()
+    method.on_after_backward(3)
+    assert all(p.grad is None for p in method.student_prototypes.parameters())
+    method.zero_grad()
+    out = method(_crops(), step=4)
+    out.loss.backward()
+    method.on_after_backward(4)
+    assert method.student_prototypes.layer.parametrizations.weight.original1.grad is not None
+
+
+def test_koleo_weight_adds_the_regulariser_to_the_loss():
+    _, plain = _method()
+    _, kp = _method("method.koleo_weight=0.5")
+    a, b = plain(_crops(), 0), kp(_crops(), 0)
+    assert b.logs["loss_koleo"] > 0
+    assert b.loss.item() == pytest.approx(a.loss.item() + 0.5 * b.logs["loss_koleo"], rel=1e-5)
+
+
+def test_dino_centering_is_off_by_default_with_decoupled_prototypes():
+    _, learned = _method()
+    _, decoupled = _method("method.prototypes=decoupled")
+    assert learned.centering and not decoupled.centering
+    _, forced = _method("method.prototypes=decoupled", "dino.centering=true")
+    assert forced.centering
+
+
+def test_carp_partition_is_a_seeded_permutation_per_step():
+    _, carp = _method("method.name=carp", "carp.block_size=8")
+    a, b, c = carp.partition(5, torch.device("cpu")), carp.partition(5, torch.device("cpu")), carp.partition(6, torch.device("cpu"))
+    assert a.shape == (4, 8) and torch.equal(a, b) and not torch.equal(a, c)
+    assert sorted(a.flatten().tolist()) == list(range(32))
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "vit_tiny"])
+def test_multicrop_forward_with_resnet_and_vit(backbone):
+    cfg, method = _method(f"model.backbone={backbone}", "model.patch_size=2", image=8)
+    out = method(_crops(local=3), step=0)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert out.teacher_probs.shape == (6, 32)
