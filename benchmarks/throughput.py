@@ -1,0 +1,109 @@
+"""Throughput of a DINO training step on CIFAR-10-sized input, against a bare backbone.
+
+Configuration (the issue's throughput setting): ResNet-18 at width 16 (multiplier 0.25, CIFAR
+stem), batch 256, two 32 px crops, K = 4096, head 2048-2048-256. Measures, in one process and
+interleaved so that machine noise hits both alike:
+
+* ``step``: the full training step as the engine runs it (batched augmentation of uint8 images,
+  teacher forward, student forward/backward, AdamW, EMA update);
+* ``step_no_aug``: the same without the augmentation;
+* ``backbone``: a bare backbone forward + backward on the same 2 x 256 crops.
+
+Prints one JSON object with images/s of each and the ratio step / backbone (goal: <= 1.25).
+
+    python benchmarks/throughput.py [--prototypes decoupled] [--repeats 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from common import time_call
+from nocollapse.config import build_config
+from nocollapse.data.views import BatchedViews, build_view_spec
+from nocollapse.engine.optim import build_optimizer, set_hyperparameters
+from nocollapse.methods import build_method
+from nocollapse.models.backbones import build_backbone
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def build(args, prototypes: str):
+    overrides = [
+        "model.width_multiplier=0.25", "model.stem=cifar", f"method.num_prototypes={args.k}",
+        f"method.prototypes={prototypes}", f"train.batch_size={args.batch}", "train.epochs=1",
+        "method.freeze_last_layer_epochs=0" if prototypes == "learned" else "train.seed=0",
+    ]
+    cfg, _ = build_config(overrides=overrides)
+    torch.manual_seed(0)
+    method = build_method(cfg, build_backbone(cfg.model, 32), steps_per_epoch=1000)
+    optimizer = build_optimizer(cfg.optim, method.parameter_groups())
+    views = BatchedViews(build_view_spec(cfg.views, 32, CIFAR_MEAN, CIFAR_STD))
+    return cfg, method, optimizer, views
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images = torch.randint(0, 256, (args.batch, 3, 32, 32), dtype=torch.uint8)
+    cfg, method, optimizer, views = build(args, args.prototypes)
+    crops = views(images)
+    state = {"step": 0}
+
+    def train_step(with_aug: bool) -> None:
+        c = views(images) if with_aug else crops
+        step = state["step"]
+        set_hyperparameters(optimizer, 1e-4, 0.04)
+        out = method(c, step)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        method.on_after_backward(step)
+        torch.nn.utils.clip_grad_norm_(method.parameters(), 3.0)
+        optimizer.step()
+        method.on_after_optimizer_step(step)
+        state["step"] += 1
+
+    backbone = build_backbone(cfg.model, 32)
+    joined = torch.cat(crops)
+
+    def backbone_step() -> None:
+        backbone.zero_grad(set_to_none=True)
+        backbone(joined).sum().backward()
+
+    results = {"step": [], "step_no_aug": [], "backbone": []}
+    for _ in range(args.rounds):
+        results["step"].append(time_call(lambda: train_step(True), args.repeats))
+        results["step_no_aug"].append(time_call(lambda: train_step(False), args.repeats))
+        results["backbone"].append(time_call(backbone_step, args.repeats))
+    med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
+    ratio = med["step"] / med["backbone"]
+    return {
+        "config": {"backbone": "resnet18", "width_multiplier": 0.25, "batch": args.batch, "crops": "2 x 32 px",
+                   "num_prototypes": args.k, "prototypes": args.prototypes, "threads": torch.get_num_threads()},
+        "seconds_per_step": round(med["step"], 4),
+        "images_per_second_step": round(args.batch / med["step"], 1),
+        "images_per_second_step_no_aug": round(args.batch / med["step_no_aug"], 1),
+        "images_per_second_backbone_fwd_bwd": round(args.batch / med["backbone"], 1),
+        "ratio_step_to_backbone": round(ratio, 3),
+        "ratio_step_no_aug_to_backbone": round(med["step_no_aug"] / med["backbone"], 3),
+        "goal_ratio": 1.25,
+        "goal_met": ratio <= 1.25,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prototypes", choices=["learned", "decoupled"], default="learned")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    print(json.dumps(run(parser.parse_args(argv)), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""Collapse alarms: watch logged metrics and say, once, when a run has collapsed.
+
+Feed :meth:`AlarmMonitor.update` the metrics dict of a training step (the keys
+produced by :func:`~nocollapse.diagnostics.assignments.assignment_stats`,
+:func:`~nocollapse.diagnostics.embeddings.embedding_std` and friends, plus ``loss``).
+Each alarm needs its condition to hold for ``patience`` consecutive updates after
+``warmup_steps`` (at initialisation the outputs of a DINO head are nearly uniform,
+so the loss starts at ln K). An alarm fires at most once per monitor; the state
+(fired alarms and running counters) is saved by :meth:`AlarmMonitor.state_dict`.
+A metric that is missing from an update skips that check and leaves its counter
+unchanged.
+
+Alarms and the metric keys they read:
+
+``uniform_collapse``
+    ``|loss - ln K| < uniform_rel_tol * ln K`` (``K`` from the constructor or the
+    ``num_prototypes`` key; override the reference with ``uniform_loss_reference``,
+    e.g. ``ln 512`` for CARP whose block softmax has 512 entries), or, without a loss,
+    ``mean_entropy >= (1 - uniform_rel_tol) ln K`` (every assignment is uniform).
+    For DINO the cross-entropy of a uniform teacher and a uniform student is exactly
+    ``ln K``.
+``one_hot_collapse``
+    ``max_prob > one_hot_threshold`` and, when ``effective_prototypes`` is reported,
+    fewer than ``max(2, one_hot_max_effective_fraction * K)`` effective prototypes
+    (sharp but diverse assignments are healthy).
+``representation_collapse``
+    ``embedding_std < representation_fraction / sqrt(D)``, ``D`` from the constructor
+    (``embedding_dim``) or the ``embedding_dim`` key. Healthy values are about ``1/sqrt(D)``.
+``unused_prototypes``
+    Fewer than ``unused_fraction`` of the prototypes are used. The fraction used is
+    ``argmax_used / min(K, N)`` (or ``prototype_utilization * K / min(K, N)``) when the
+    number of samples ``N`` (``num_samples``) is known, so a batch smaller than K is not
+    penalised; otherwise ``prototype_utilization`` as is (compute it over >= K samples).
+``prototype_collapse``
+    ``unique_0.025`` (fraction of unique prototypes at ε = 0.025, in [0, 1]) below
+    ``unique_fraction_threshold``: partial prototype collapse.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["Alarm", "AlarmMonitor", "ALARM_NAMES"]
+
+ALARM_NAMES: tuple[str, ...] = (
+    "uniform_collapse",
+    "one_hot_collapse",
+    "representation_collapse",
+    "unused_prototypes",
+    "prototype_collapse",
+)
+
+_CAUSES: dict[str, str] = {
+    "uniform_collapse": (
+        "every sample is assigned uniformly over the prototypes: the teacher temperature is "
+        "too high, centering dominates the teacher output, the prototypes themselves have "
+        "collapsed (all logits equal), or teacher and student are identical / not updated"
+    ),
+    "one_hot_collapse": (
+        "all samples go to the same prototype with probability ~1: sharpening without "
+        "enough centering, a teacher temperature that is too low, or a centre momentum "
+        "that is too slow"
+    ),
+    "representation_collapse": (
+        "all embeddings point in the same direction: no effective negative / uniformity "
+        "term, a missing stop-gradient or EMA teacher, or a learning rate that is too high"
+    ),
+    "unused_prototypes": (
+        "most prototypes are never the arg-max of any sample: partial prototype collapse "
+        "or prototypes that drifted away from the data (dead prototypes)"
+    ),
+    "prototype_collapse": (
+        "many prototypes converged to nearly the same direction (partial prototype "
+        "collapse), typical of prototypes learned jointly with the encoder"
+    ),
+}
+
+_REMEDIES: dict[str, str] = {
+    "uniform_collapse": (
+        "lower the teacher temperature (e.g. 0.04) or shorten its warm-up, check the centre "
+        "update, freeze the last layer for the first epoch, remove BatchNorm from the head, "
+        "check that the teacher is an EMA of the student, or use decoupled prototypes"
+    ),
+    "one_hot_collapse": (
+        "enable or strengthen centering (faster centre momentum), raise the teacher "
+        "temperature, add a KL-to-uniform / entropy term or Sinkhorn-Knopp balancing"
+    ),
+    "representation_collapse": (
+        "check the stop-gradient / EMA teacher, lower the learning rate, increase the "
+        "weight of the variance / uniformity / entropy term, use a larger batch"
+    ),
+    "unused_prototypes": (
+        "use fewer prototypes, balance assignments (Sinkhorn-Knopp, KL to uniform), add "
+        "KoLeo on prototypes, re-seed dead prototypes, or use decoupled prototypes"
+    ),
+    "prototype_collapse": (
+        "use decoupled (EM-updated) prototypes, a KoLeo-proto regulariser, or a fixed / "
+        "orthogonal prototype set"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """One fired alarm: what collapsed, when, how strongly, why and what to do."""
+
+    name: str
+    step: int
+    value: float
+    message: str
+    cause: str
+    remedy: str
+
+    def __str__(self) -> str:
+        return (
+            f"[nocollapse] ALARM {self.name} at step {self.step}: {self.message}\n"
+            f"  likely cause: {self.cause}\n"
+            f"  remedy: {self.remedy}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_HEALTHY: tuple[float, str] = (float("nan"), "")
+
+
+def _number(metrics: Mapping[str, Any], key: str) -> float | None:
+    """``metrics[key]`` as a finite float, or None when missing / not a finite number."""
+    value = metrics.get(key)
+    if value is None:
+        return None
+    try:
+        if hasattr(value, "item"):
+            value = value.item()
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+class AlarmMonitor:
+    """Raise each collapse alarm once when its condition persists (see module doc).
+
+    Args:
+        num_prototypes: K; if None, taken from the ``num_prototypes`` metric.
+        embedding_dim: D for the representation check; if None, from ``embedding_dim``.
+        warmup_steps: updates with ``step < warmup_steps`` are not checked.
+        patience: consecutive checked updates the condition must hold.
+        uniform_rel_tol: relative tolerance around ``ln K`` (default 0.5 %).
+        uniform_loss_reference: the loss of a uniform collapse if it is not ``ln K``.
+        one_hot_threshold: ``max_prob`` above which assignments count as one-hot.
+        one_hot_max_effective_fraction: see module doc.
+        representation_fraction: alarm when ``embedding_std < fraction / sqrt(D)``.
+        unused_fraction: alarm when the fraction of prototypes used is below this.
+        unique_fraction_threshold: alarm when ``unique_0.025`` is below this.
+        enabled: names of the alarms to check (default all of :data:`ALARM_NAMES`).
+    """
+
+    def __init__(
+        self,
+        num_prototypes: int | None = None,
+        embedding_dim: int | None = None,
+        *,
+        warmup_steps: int = 1000,
+        patience: int = 5,
+        uniform_rel_tol: float = 0.005,
+        uniform_loss_reference: float | None = None,
+        one_hot_threshold: float = 0.99,
+        one_hot_max_effective_fraction: float = 0.01,
+        representation_fraction: float = 0.1,
+        unused_fraction: float = 0.5,
+        unique_fraction_threshold: float = 0.5,
+        enabled: tuple[str, ...] | list[str] | None = None,
+    ) -> None:
+        if num_prototypes is not None and num_prototypes < 2:
+            raise ValueError(f"num_prototypes must be >= 2, got {num_prototypes}")
+        if embedding_dim is not None and embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        names = tuple(ALARM_NAMES if enabled is None else enabled)
+        unknown = sorted(set(names) - set(ALARM_NAMES))
+        if unknown:
+            raise ValueError(f"unknown alarm names {unknown}; known: {list(ALARM_NAMES)}")
+        self.num_prototypes = num_prototypes
+        self.embedding_dim = embedding_dim
+        self.warmup_steps = warmup_steps
+        self.patience = patience
+        self.uniform_rel_tol = uniform_rel_tol
+        self.uniform_loss_reference = uniform_loss_reference
+        self.one_hot_threshold = one_hot_threshold
+        self.one_hot_max_effective_fraction = one_hot_max_effective_fraction
+        self.representation_fraction = representation_fraction
+        self.unused_fraction = unused_fraction
+        self.unique_fraction_threshold = unique_fraction_threshold
+        self.enabled = names
+        self._counters: dict[str, int] = {name: 0 for name in ALARM_NAMES}
+        self._fired: dict[str, Alarm] = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def fired(self) -> dict[str, Alarm]:
+        """Alarms fired so far, by name."""
+        return dict(self._fired)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "counters": dict(self._counters),
+            "fired": {name: alarm.to_dict() for name, alarm in self._fired.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        counters = state.get("counters", {})
+        self._counters = {name: int(counters.get(name, 0)) for name in ALARM_NAMES}
+        self._fired = {name: Alarm(**data) for name, data in state.get("fired", {}).items()}
+
+    # ----------------------------------------------------------------- checks
+    def _k(self, metrics: Mapping[str, Any]) -> int | None:
+        if self.num_prototypes is not None:
+            return self.num_prototypes
+        k = _number(metrics, "num_prototypes")
+        return int(k) if k is not None and k >= 2 else None
+
+    def _check_uniform(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
+        k = self._k(m)
+        results: list[tuple[float, str]] = []
+        loss = _number(m, "loss")
+        ref: float | None = None
+        what = ""
+        if self.uniform_loss_reference is not None:
+            ref, what = float(self.uniform_loss_reference), "the uniform-collapse loss"
+        elif k is not None:
+            ref, what = math.log(k), f"ln K = ln {k}"
+        if loss is not None and ref is not None:
+            if abs(loss - ref) < self.uniform_rel_tol * abs(ref):
+                return loss, (
+                    f"loss {loss:.4f} sits at {what} = {ref:.4f}: the assignments are "
+                    "uniform over the prototypes"
+                )
+            results.append(_HEALTHY)
+        h = _number(m, "mean_entropy")
+        if h is not None and k is not None:
+            ln_k = math.log(k)
+            if h >= (1.0 - self.uniform_rel_tol) * ln_k:
+                return h, (
+                    f"mean assignment entropy {h:.4f} nats is at ln K = ln {k} = {ln_k:.4f}: "
+                    "every sample is assigned uniformly"
+                )
+            results.append(_HEALTHY)
+        return results[0] if results else None
+
+    def _check_one_hot(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
+        p = _number(m, "max_prob")
+        if p is None:
+            return None
+        if p <= self.one_hot_threshold:
+            return _HEALTHY
+        eff = _number(m, "effective_prototypes")
+        k = self._k(m)
+        if eff is not None:
+            limit = max(2.0, self.one_hot_max_effective_fraction * k) if k else 2.0
+            if eff >= limit:
+                return _HEALTHY
+            return p, (
+                f"mean max assignment probability {p:.4f} > {self.one_hot_threshold} and only "
+                f"{eff:.2f} effective prototypes: assignments are one-hot on one prototype"
+            )
+        return p, f"mean max assignment probability {p:.4f} > {self.one_hot_threshold}"
+
+    def _check_representation(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
+        std = _number(m, "embedding_std")
+        dim = self.embedding_dim
+        if dim is None:
+            d = _number(m, "embedding_dim")
+            dim = int(d) if d is not None and d >= 1 else None
+        if std is None or dim is None:
+            return None
+        healthy = 1.0 / math.sqrt(dim)
+        limit = self.representation_fraction * healthy
+        if std >= limit:
+            return _HEALTHY
+        extra = ""
+        mdn = _number(m, "mean_direction_norm")
+        if mdn is not None:
+            extra = f", mean direction norm {mdn:.3f}"
+        return std, (
+            f"embedding std {std:.2e} < {self.representation_fraction} x 1/sqrt(D) = "
+            f"{limit:.2e} (healthy ~ {healthy:.3f} for D = {dim}){extra}"
+        )
+
+    def _check_unused(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
+        k = self._k(m)
+        n = _number(m, "num_samples")
+        used = _number(m, "argmax_used")
+        util = _number(m, "prototype_utilization")
+        if k is not None and n is not None and n >= 1 and (used is not None or util is not None):
+            count = used if used is not None else util * k  # type: ignore[operator]
+            possible = min(k, int(n))
+            frac = count / possible
+            detail = f"{count:.0f} of the {possible} prototypes a batch of {int(n)} can use"
+        elif util is not None:
+            frac, detail = util, f"utilisation {util:.3f}"
+        elif used is not None and k is not None:
+            frac, detail = used / k, f"{used:.0f} of {k} prototypes"
+        else:
+            return None
+        if frac >= self.unused_fraction:
+            return _HEALTHY
+        return frac, (
+            f"only {frac:.1%} of the prototypes are used ({detail}); threshold "
+            f"{self.unused_fraction:.0%}"
+        )
+
+    def _check_prototype_collapse(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
+        u = _number(m, "unique_0.025")
+        if u is None:
+            return None
+        if u >= self.unique_fraction_threshold:
+            return _HEALTHY
+        return u, (
+            f"only {u:.1%} of the prototypes are unique at eps = 0.025 "
+            f"(threshold {self.unique_fraction_threshold:.0%})"
+        )
+
+    # ----------------------------------------------------------------- update
+    def update(self, step: int, metrics: Mapping[str, Any]) -> list[Alarm]:
+        """Check one step's metrics; return the alarms that fire now (each only once)."""
+        step = int(step)
+        if step < self.warmup_steps:
+            return []
+        checks = {
+            "uniform_collapse": self._check_uniform,
+            "one_hot_collapse": self._check_one_hot,
+            "representation_collapse": self._check_representation,
+            "unused_prototypes": self._check_unused,
+            "prototype_collapse": self._check_prototype_collapse,
+        }
+        new: list[Alarm] = []
+        for name in self.enabled:
+            if name in self._fired:
+                continue
+            result = checks[name](metrics)
+            if result is None:  # metric missing: skip, keep the counter
+                continue
+            value, message = result
+            if not message:  # healthy
+                self._counters[name] = 0
+                continue
+            self._counters[name] += 1
+            if self._counters[name] >= self.patience:
+                alarm = Alarm(
+                    name=name,
+                    step=step,
+                    value=float(value),
+                    message=f"{message} ({self._counters[name]} consecutive checks)",
+                    cause=_CAUSES[name],
+                    remedy=_REMEDIES[name],
+                )
+                self._fired[name] = alarm
+                new.append(alarm)
+        return new

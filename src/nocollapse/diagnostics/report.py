@@ -1,0 +1,204 @@
+"""One-call collapse report: numbers (JSON-serialisable dict), text table and plots."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from .assignments import assignment_stats, mixture_stats
+from .embeddings import (
+    effective_rank_from_singular_values,
+    embedding_std,
+    mean_direction_norm,
+    singular_values,
+)
+from .plots import plot_prototype_uniformity, plot_spectrum, plot_unique_vs_eps
+from .prototypes import (
+    STANDARD_EPS,
+    _check_matrix,
+    default_eps_grid,
+    pairwise_cosine_stats,
+    unique_prototypes,
+)
+
+__all__ = ["prototype_report", "format_report", "flat_metrics", "write_plots"]
+
+
+def _eps_key(eps: float) -> str:
+    return f"{eps:g}"
+
+
+def prototype_report(
+    prototypes: Tensor,
+    probs: Tensor | None = None,
+    embeddings: Tensor | None = None,
+    mixture_weights: Tensor | None = None,
+    *,
+    eps: Iterable[float] = STANDARD_EPS,
+    eps_grid: Iterable[float] | None = None,
+    block_size: int = 1024,
+    pairwise_sample: int | None = 4096,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every diagnostic that applies to the given tensors, as a JSON-serialisable dict.
+
+    Always (from ``prototypes [K, D]``): ``num_prototypes``, ``dim``,
+    ``unique_prototypes`` (``{"0.025": fraction, ...}``, string keys), ``unique_counts``
+    (same keys, counts), ``unique_curve`` (``{"eps": [...], "fraction": [...]}``) and
+    ``pairwise_cosine`` (:func:`pairwise_cosine_stats`). The standard ε and the curve's
+    grid are computed in one greedy-cover pass.
+
+    With ``probs [N, K]``: the keys of :func:`assignment_stats` (``mean_entropy``,
+    ``entropy_of_mean``, ``effective_prototypes``, ``argmax_used``, ``mass_used``,
+    ``max_prob``, ``prototype_utilization``, ``num_samples``).
+    With ``embeddings [N, D']``: ``effective_rank``, ``embedding_std``,
+    ``mean_direction_norm``, ``embedding_dim`` and ``spectrum`` (singular values, list).
+    With ``mixture_weights [K]``: ``mixture`` (:func:`mixture_stats`).
+    """
+    _check_matrix(prototypes)
+    k, d = int(prototypes.shape[0]), int(prototypes.shape[1])
+    eps_std = sorted({float(e) for e in eps})
+    grid = sorted({float(e) for e in (default_eps_grid() if eps_grid is None else eps_grid)})
+    counts = unique_prototypes(prototypes, sorted(set(eps_std) | set(grid)), block_size)
+    report: dict[str, Any] = {
+        "num_prototypes": k,
+        "dim": d,
+        "unique_prototypes": {_eps_key(e): counts[e] / k for e in eps_std},
+        "unique_counts": {_eps_key(e): counts[e] for e in eps_std},
+        "unique_curve": {"eps": grid, "fraction": [counts[e] / k for e in grid]},
+        "pairwise_cosine": pairwise_cosine_stats(prototypes, pairwise_sample, seed=seed),
+    }
+    if probs is not None:
+        if probs.ndim != 2 or probs.shape[1] != k:
+            raise ValueError(
+                f"probs must be [N, {k}] to match the prototypes, got {tuple(probs.shape)}"
+            )
+        report.update(assignment_stats(probs))
+    if embeddings is not None:
+        sigma = singular_values(embeddings)
+        report.update(
+            {
+                "effective_rank": effective_rank_from_singular_values(sigma),
+                "embedding_std": embedding_std(embeddings),
+                "mean_direction_norm": mean_direction_norm(embeddings),
+                "embedding_dim": int(embeddings.shape[1]),
+                "spectrum": [float(s) for s in sigma],
+            }
+        )
+    if mixture_weights is not None:
+        if mixture_weights.numel() != k:
+            raise ValueError(f"mixture_weights must have {k} entries, got {mixture_weights.numel()}")
+        report["mixture"] = mixture_stats(mixture_weights)
+    return report
+
+
+def flat_metrics(report: Mapping[str, Any]) -> dict[str, float | int]:
+    """Scalars of a report as one flat dict, ready for ``metrics.jsonl`` and
+    :class:`~nocollapse.diagnostics.alarms.AlarmMonitor` (``unique_<eps>`` fractions,
+    ``pairwise_cosine_<stat>``, ``mixture_<stat>`` and the scalar keys as they are)."""
+    out: dict[str, float | int] = {}
+    for key, value in report.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[key] = value
+    for eps, frac in report.get("unique_prototypes", {}).items():
+        out[f"unique_{eps}"] = frac
+    for name, value in report.get("pairwise_cosine", {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"pairwise_cosine_{name}"] = value
+    for name, value in report.get("mixture", {}).items():
+        out[f"mixture_{name}"] = value
+    return out
+
+
+def _row(label: str, value: str, note: str = "") -> str:
+    line = f"  {label:<30} {value:>18}"
+    return f"{line}   {note}" if note else line
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A readable, aligned plain-text table of a :func:`prototype_report`."""
+    k = int(report["num_prototypes"])
+    lines = [
+        "nocollapse diagnostics",
+        _row("prototypes", f"K = {k}, D = {report['dim']}"),
+        "",
+        "unique prototypes (greedy cover, cosine distance < eps)",
+    ]
+    for eps, frac in report.get("unique_prototypes", {}).items():
+        count = report.get("unique_counts", {}).get(eps)
+        value = f"{count} / {k}" if count is not None else ""
+        lines.append(_row(f"eps = {eps}", value, f"{100.0 * frac:6.2f} %"))
+    pc = report.get("pairwise_cosine")
+    if pc:
+        how = f"{pc['rows']} sampled rows" if pc.get("sampled") else "all pairs"
+        lines += ["", f"pairwise cosine between prototypes (i != j; max/p99 over {how})"]
+        lines.append(_row("max", f"{pc['max']:.4f}", "-> 1 when prototypes coincide"))
+        lines.append(_row("99th percentile", f"{pc['p99']:.4f}"))
+        lines.append(_row("mean", f"{pc['mean']:.4f}", "(exact, all pairs)"))
+    if "mean_entropy" in report:
+        ln_k = math.log(k)
+        n = report.get("num_samples")
+        lines += ["", f"assignments ({n} samples)" if n is not None else "assignments"]
+        lines.append(_row("mean entropy", f"{report['mean_entropy']:.4f} nats",
+                          f"uniform = ln K = {ln_k:.4f}"))
+        lines.append(_row("entropy of mean", f"{report['entropy_of_mean']:.4f} nats"))
+        lines.append(_row("effective prototypes", f"{report['effective_prototypes']:.1f}",
+                          f"exp(H(p_bar)), of {k}"))
+        lines.append(_row("arg-max prototypes used", f"{report['argmax_used']}",
+                          f"utilisation {100.0 * report['prototype_utilization']:.2f} %"))
+        lines.append(_row("prototypes with mass", f"{report['mass_used']}", "p_bar_k > 0.1/K"))
+        lines.append(_row("mean max probability", f"{report['max_prob']:.4f}", "-> 1 when one-hot"))
+    if "effective_rank" in report:
+        dim = report.get("embedding_dim")
+        lines += ["", "embeddings"]
+        cap = len(report.get("spectrum", [])) or dim
+        lines.append(_row("effective rank (RankMe)", f"{report['effective_rank']:.2f}",
+                          f"of at most min(N, D) = {cap}" if cap else ""))
+        healthy = f"healthy ~ 1/sqrt(D) = {1.0 / math.sqrt(dim):.4f}" if dim else ""
+        lines.append(_row("std of normalised embeddings", f"{report['embedding_std']:.4f}", healthy))
+        lines.append(_row("mean direction norm", f"{report['mean_direction_norm']:.4f}",
+                          "-> 1 when all point the same way"))
+    mix = report.get("mixture")
+    if mix:
+        lines += ["", "mixture weights"]
+        lines.append(_row("perplexity", f"{mix['perplexity']:.1f}", f"of {mix['num_components']}"))
+        lines.append(_row("dead components", f"{mix['dead']}", "pi_k < 0.1/K"))
+    return "\n".join(lines)
+
+
+def write_plots(
+    prototypes: Tensor,
+    out_dir: str | Path,
+    *,
+    embeddings: Tensor | None = None,
+    report: Mapping[str, Any] | None = None,
+    label: str = "model",
+    projection: str = "pca",
+) -> list[Path]:
+    """Write the standard figures for one model into ``out_dir`` and return their paths.
+
+    ``unique_vs_eps.png`` (from ``report["unique_curve"]`` when a report is given, else
+    computed), ``prototype_uniformity.png``, and ``spectrum.png`` when embeddings (or a
+    report with a spectrum) are given.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if report is None:
+        report = prototype_report(prototypes, embeddings=embeddings)
+    curve = report["unique_curve"]
+    paths = [
+        plot_unique_vs_eps({label: (curve["eps"], curve["fraction"])}, out / "unique_vs_eps.png"),
+        plot_prototype_uniformity({label: prototypes}, out / "prototype_uniformity.png",
+                                  projection=projection),
+    ]
+    if "spectrum" in report:
+        paths.append(plot_spectrum({label: list(report["spectrum"])}, out / "spectrum.png"))
+    elif embeddings is not None:
+        paths.append(plot_spectrum({label: singular_values(embeddings)}, out / "spectrum.png"))
+    return paths
