@@ -21,21 +21,14 @@ import platform
 import subprocess
 import sys
 
+from common import MIB, current_rss_bytes, peak_rss_bytes
+
 GOAL_SECONDS = 30.0
 GOAL_PEAK_MIB = 2048.0
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
 def run_case(case: str, num: int, dim: int, threads: int, screen: bool, curve: bool) -> dict:
     """Run one case in this process and return its measurements."""
-    import resource
     import time
 
     import torch
@@ -53,13 +46,13 @@ def run_case(case: str, num: int, dim: int, threads: int, screen: bool, curve: b
         protos = centers[labels] + 1e-3 / dim**0.5 * torch.randn(num, dim, generator=gen)
     else:
         raise ValueError(case)
-    baseline = _rss_mib()
+    baseline = current_rss_bytes() / MIB
     start = time.perf_counter()
     counts = unique_prototypes(protos, screen=screen)
     seconds = time.perf_counter() - start
     out = {
         "seconds": round(seconds, 3),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "peak_rss_mib": round(peak_rss_bytes() / MIB, 1),
         "rss_before_mib": round(baseline, 1),
         "counts": {f"{e:g}": c for e, c in counts.items()},
     }
@@ -68,7 +61,7 @@ def run_case(case: str, num: int, dim: int, threads: int, screen: bool, curve: b
         eps, frac = unique_curve(protos, screen=screen)
         out["curve_seconds"] = round(time.perf_counter() - start, 3)
         out["curve_points"] = len(eps)
-        out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+        out["peak_rss_mib"] = round(peak_rss_bytes() / MIB, 1)
     return out
 
 
