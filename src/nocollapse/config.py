@@ -99,6 +99,7 @@ class ModelConfig:
                         "auto (cifar below 96 px)")
     patch_size: int = _opt(4, "ViT patch size", 1)
     sync_batchnorm: bool = _opt(False, "convert BatchNorm to SyncBatchNorm in distributed runs")
+    channels_last: bool = _opt(True, "channels-last memory format for convolutional backbones (faster on CPU and GPU)")
 
 
 @dataclass
