@@ -102,6 +102,8 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        # Denormal floats (e.g. from very peaked softmaxes) slow CPU arithmetic several-fold.
+        torch.set_flush_denormal(True)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.main:

@@ -109,30 +109,35 @@ class OnlineGMM(nn.Module):
         return max(1, int(self.num_seeded))
 
     def log_joint(self, h: torch.Tensor) -> torch.Tensor:
-        """``log pi_k + log N(h_i; mu_k, diag sigma_k^2)`` for the seeded components, ``[N, K']``."""
+        """``log pi_k + log N(h_i; mu_k, diag sigma_k^2)`` for the seeded components, ``[N, K']``.
+
+        The quadratic form ``sum_d (h_d - mu_d)^2 / s_d`` expands into one matmul per chunk,
+        ``[h^2, h] @ [1/s, -2 mu/s]^T`` plus a per-component constant."""
         h = h.float()
-        h2 = h * h
         active = self._active()
-        out = h.new_empty(h.shape[0], active)
         const = 0.5 * self.dim * math.log(2 * math.pi)
+        if self.covariance == "isotropic":
+            inv = 1.0 / self.variances[:active, 0]
+            quad = ((h * h).sum(1, keepdim=True) - 2 * h @ self.means[:active].t() + (self.means[:active] ** 2).sum(1)) * inv
+            return self.log_weights[:active] - 0.5 * (quad + self.dim * torch.log(self.variances[:active, 0])) - const
+        hh = torch.cat([h * h, h], dim=1)                                   # [N, 2D]
+        out = h.new_empty(h.shape[0], active)
         for lo in range(0, active, self.chunk_size):
             hi = min(active, lo + self.chunk_size)
             mu, var = self.means[lo:hi], self.variances[lo:hi]
-            if self.covariance == "isotropic":
-                v = var[:, :1]  # [k, 1]; all columns hold the same value
-                quad = (h2.sum(1, keepdim=True) - 2 * h @ mu.t() + (mu * mu).sum(1)) / v.t()
-                logdet = self.dim * torch.log(v[:, 0])
-            else:
-                prec = 1.0 / var
-                quad = h2 @ prec.t() - 2 * h @ (mu * prec).t() + (mu * mu * prec).sum(1)
-                logdet = torch.log(var).sum(1)
-            out[:, lo:hi] = self.log_weights[lo:hi] - 0.5 * (quad + logdet) - const
+            prec = 1.0 / var
+            coef = torch.cat([prec, -2.0 * mu * prec], dim=1)              # [k, 2D]
+            offset = (mu * mu * prec).sum(1) + torch.log(var).sum(1)
+            out[:, lo:hi] = self.log_weights[lo:hi] - 0.5 * (hh @ coef.t() + offset) - const
         return out
 
     def responsibilities(self, h: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
         """Annealed posteriors ``softmax_k(beta * log p(h, k))``, ``[N, K]`` (zero for components
         not yet seeded)."""
         gamma = torch.softmax(beta * self.log_joint(h), dim=1)
+        # Responsibilities below 1e-20 are set to 0: negligible for the statistics, and they
+        # would otherwise underflow to denormal floats, which make CPU matmuls ~5x slower.
+        gamma = gamma.masked_fill_(gamma < 1e-20, 0.0)
         if gamma.shape[1] < self.num_components:
             gamma = F.pad(gamma, (0, self.num_components - gamma.shape[1]))
         return gamma
@@ -149,11 +154,8 @@ class OnlineGMM(nn.Module):
         if int(self.num_seeded) < self.num_components:
             self._seed_from(dist_utils.all_gather_cat(h))
         gamma = self.responsibilities(h, beta)
-        stats = torch.cat([
-            gamma.sum(0, keepdim=True).t(),              # [K, 1]
-            self._chunked_t_matmul(gamma, h),            # [K, D]
-            self._chunked_t_matmul(gamma, h * h),        # [K, D]
-        ], dim=1)
+        # [K, 1 + 2D]: sum_i gamma_ik, sum_i gamma_ik h_i, sum_i gamma_ik h_i^2 in one matmul per chunk
+        stats = self._chunked_t_matmul(gamma, torch.cat([torch.ones_like(h[:, :1]), h, h * h], dim=1))
         count = torch.tensor([float(h.shape[0])], device=h.device)
         dist_utils.all_reduce_sum(stats)
         dist_utils.all_reduce_sum(count)
