@@ -207,6 +207,16 @@ class EvalConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    enabled: bool = _opt(True, "collapse metrics during training (cheap ones every log step, geometry every epoch)")
+    alarms: bool = _opt(True, "raise collapse alarms (each once, with a likely cause and remedy)")
+    alarm_warmup_epochs: float = _opt(1.0, "no alarm before this many epochs", 0.0)
+    alarm_patience: int = _opt(5, "consecutive log steps a failure must persist before its alarm fires", 1)
+    queue_size: int = _opt(4096, "recent training features kept for the per-epoch effective rank", 16)
+    plots: bool = _opt(True, "write PNG plots to RUN_DIR/plots at the end of training")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
@@ -218,6 +228,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 # Sections that only apply under a condition on the rest of the config.
@@ -497,6 +508,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ViewsConfig", "ModelConfig", "HeadConfig", "MethodConfig",
     "DinoConfig", "CarpConfig", "GmmConfig", "OptimConfig", "TrainConfig", "EvalConfig",
+    "DiagnosticsConfig",
     "build_config", "config_from_dict", "parse_overrides", "suggest_keys", "to_dict", "to_yaml",
     "reference_table", "all_keys", "get", "DictConfig",
 ]

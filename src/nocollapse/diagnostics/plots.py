@@ -203,7 +203,7 @@ def plot_prototype_uniformity(
     for col in range(n):
         axes[1, col].set_ylim(0, max(1.15 * top_density, 2.0 * uniform))
     proj = "top-2 uncentred principal directions" if projection == "pca" else f"random projection (seed {seed})"
-    fig.suptitle(f"{title} — {proj}")
+    fig.suptitle(f"{title}\nprojected on the {proj}", fontsize=10 if n == 1 else 12)
     return _save(fig, path)
 
 

@@ -41,7 +41,9 @@ class MetricsLogger:
         self.writer = None
         if not enabled:
             return
-        if resume_step is not None and self.path.is_file():
+        if resume_step is None:
+            self.path.write_text("")  # a fresh run starts a fresh file
+        elif self.path.is_file():
             # Drop what an interrupted run logged after the checkpoint we resume from.
             kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))

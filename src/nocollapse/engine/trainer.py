@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -34,8 +35,8 @@ from .. import __version__
 from ..config import Config, to_dict, to_yaml
 from ..data import TrainBatches, build_view_spec, load_dataset
 from ..data.registry import DatasetSplits
-from ..evaluation.features import extract_features
 from ..evaluation.knn import knn_accuracy
+from ..diagnostics.monitor import TrainingMonitor
 from ..methods import SSLMethod, build_method
 from ..models.backbones import build_backbone, count_parameters
 from . import distributed as dist_utils
@@ -107,6 +108,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.main:
+            if not self.resume:
+                self._clear_previous_run()
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
@@ -153,8 +156,23 @@ class Trainer:
         else:
             # Each rank draws different augmentations; rank 0 keeps the seed's stream.
             torch.manual_seed(cfg.train.seed + 1000 * self.dist.rank)
+        self.monitor = TrainingMonitor(cfg, self.method, self.steps_per_epoch)
+        if "monitor" in self.state:
+            self.monitor.load_state_dict(self.state["monitor"])
         self.logger = MetricsLogger(self.run_dir, enabled=self.main,
                                     resume_step=self.position.step if self.resume else None)
+
+    RUN_ARTIFACTS = ("checkpoints", "tensorboard", "plots", "features", "metrics.jsonl", "summary.json",
+                     "diagnosis.json", "eval.json", "class_counts.json")
+
+    def _clear_previous_run(self) -> None:
+        """A fresh run in a directory that held one (``--force``) starts from a clean slate."""
+        for name in self.RUN_ARTIFACTS:
+            path = self.run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
     # ------------------------------------------------------------------------------------
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -168,7 +186,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "skipped_steps": self.skipped_steps,
-            "state": self.state,
+            "state": {**self.state, "monitor": self.monitor.state_dict()},
         }
 
     def save_checkpoint(self, epoch_file: bool = False) -> None:
@@ -205,16 +223,19 @@ class Trainer:
             log.info("resumed from %s at epoch %d, step %d", path, self.position.epoch, self.position.step)
 
     # ------------------------------------------------------------------------------------
-    def knn(self) -> dict[str, float]:
-        """Weighted cosine k-NN (eval.knn_k, eval.knn_temperature) on backbone features."""
+    def encode(self, source, with_head: bool = False, max_samples: int = 0):
+        from ..analysis import encode_split
+
+        return encode_split(self.method, source, self.image_size, self.splits, self.cfg.eval.batch_size,
+                            self.device, self.cfg.data.num_workers, max_samples, with_head)
+
+    def knn(self, test=None) -> dict[str, float]:
+        """Weighted cosine k-NN (eval.knn_k, eval.knn_temperature) on backbone features of the
+        test split, with the training split as memory bank."""
         cfg = self.cfg
-        backbone = self.method.eval_backbone()
-        common = dict(size=self.image_size, mean=self.splits.mean, std=self.splits.std,
-                      batch_size=cfg.eval.batch_size, device=self.device, num_workers=cfg.data.num_workers)
-        train_f, train_y = extract_features(backbone, self.splits.train, max_samples=cfg.eval.max_train_samples,
-                                            **common)
-        test_f, test_y = extract_features(backbone, self.splits.test, **common)
-        return knn_accuracy(train_f, train_y, test_f, test_y, k=cfg.eval.knn_k,
+        train = self.encode(self.splits.train, max_samples=cfg.eval.max_train_samples)
+        test = test or self.encode(self.splits.test)
+        return knn_accuracy(train.features, train.labels, test.features, test.labels, k=cfg.eval.knn_k,
                             temperature=cfg.eval.knn_temperature, num_classes=self.splits.num_classes)
 
     def _install_signal_handlers(self) -> None:
@@ -267,6 +288,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.eval.knn_init and "knn_init" not in self.state:
             self.state["knn_init"] = self.knn()
+            self.logger.log({"step": 0, "epoch": 0.0, "knn_top1": self.state["knn_init"]["top1"],
+                             "knn_top5": self.state["knn_init"]["top5"]}, prefix="epoch")
         if self.main:
             log.info("training %s on %s: %d steps/epoch x %d epochs, %s params, device %s, %d process(es)",
                      cfg.method.name, cfg.data.dataset, self.steps_per_epoch, cfg.train.epochs,
@@ -293,6 +316,8 @@ class Trainer:
                     loss, out = self._train_step(crops, step)
                     if out is None:
                         self._nonfinite(step, loss)
+                    else:
+                        self.monitor.observe(out)
                     self.position.step += 1
                     self.position.batch += 1
                     n_window += global_batch
@@ -310,6 +335,7 @@ class Trainer:
                                   "samples_per_second": rate}
                         if out is not None:
                             record.update(out.logs)
+                            record.update(self.monitor.step_metrics(self.position.step, float(loss), out))
                         self.logger.log(record)
                         if progress is not None:
                             progress.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate:.0f}")
@@ -333,12 +359,11 @@ class Trainer:
                 self.position.batch = 0
                 self.state.update(train_seconds=train_seconds, samples_seen=samples_seen)
                 self._end_of_epoch()
+            return self._finish(train_seconds, samples_seen)
         finally:
             if progress is not None:
                 progress.close()
             self.logger.close()
-        summary = self._finish(train_seconds, samples_seen)
-        return summary
 
     def _should_interrupt(self) -> bool:
         stop_at = self.cfg.train.stop_at_step
@@ -354,6 +379,7 @@ class Trainer:
         cfg = self.cfg
         epoch = self.position.epoch
         record: dict[str, Any] = {"step": self.position.step, "epoch": float(epoch)}
+        record.update(self.monitor.epoch_metrics(self.position.step, self.method))
         if cfg.eval.knn_every and epoch % cfg.eval.knn_every == 0 and epoch < cfg.train.epochs:
             knn = self.knn()
             record.update(knn_top1=knn["top1"], knn_top5=knn["top5"])
@@ -364,8 +390,15 @@ class Trainer:
         self.save_checkpoint(epoch_file=bool(every) and (epoch % every == 0 or epoch == cfg.train.epochs))
 
     def _finish(self, train_seconds: float, samples_seen: int) -> dict[str, Any]:
+        from ..analysis import SUMMARY_KEYS, method_report, write_run_plots
+        from .logging import read_jsonl
+
         cfg = self.cfg
-        knn = self.knn()
+        test = self.encode(self.splits.test, with_head=True)
+        knn = self.knn(test)
+        report = method_report(self.method, test)
+        self.logger.log({"step": self.position.step, "epoch": float(self.position.epoch),
+                         "knn_top1": knn["top1"], "knn_top5": knn["top5"]}, prefix="epoch")
         init = self.state.get("knn_init", {})
         summary: dict[str, Any] = {
             "method": cfg.method.name,
@@ -386,14 +419,22 @@ class Trainer:
             "knn_protocol": {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature,
                              "features": "teacher backbone" if hasattr(self.method, "teacher") else "backbone",
                              "split": "test"},
+        }
+        summary.update({k: report[k] for k in SUMMARY_KEYS if k in report})
+        summary["alarms"] = [a.to_dict() for a in self.monitor.alarms]
+        summary.update({
             "skipped_steps": self.skipped_steps,
             "train_images": len(self.splits.ssl_train),
             "test_images": len(self.splits.test),
             "nocollapse_version": __version__,
             "torch_version": torch.__version__,
-        }
+        })
         if self.main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            (self.run_dir / "diagnosis.json").write_text(json.dumps(report, indent=1))
+            if cfg.diagnostics.plots:
+                write_run_plots(self.run_dir, self.method, report, read_jsonl(self.run_dir / "metrics.jsonl"),
+                                label=f"{cfg.method.name} ({cfg.method.prototypes})")
         return summary
 
 

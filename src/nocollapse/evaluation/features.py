@@ -10,14 +10,14 @@ from ..data.sources import ImageSource
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, source: ImageSource, size: int, mean, std,
-                     batch_size: int = 512, device: torch.device | str = "cpu",
-                     num_workers: int = 0, max_samples: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features ``[N, F]`` (float32, on CPU) and labels ``[N]`` of a whole split.
+def extract_outputs(model: nn.Module, source: ImageSource, size: int, mean, std,
+                    batch_size: int = 512, device: torch.device | str = "cpu",
+                    num_workers: int = 0, max_samples: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """All outputs of ``model`` on a whole split: a list with one ``[N, *]`` float32 CPU tensor
+    per output (a model may return one tensor or a tuple) and the labels ``[N]``.
 
-    ``model`` maps normalised images to features (a backbone) or to a tuple whose first element
-    is the features. Norm layers run in eval mode (running statistics); the previous train/eval
-    mode is restored afterwards. ``max_samples > 0`` keeps an evenly spaced subset.
+    Norm layers run in eval mode (running statistics); the previous train/eval mode is restored
+    afterwards. ``max_samples > 0`` keeps an evenly spaced subset of the split.
     """
     device = torch.device(device)
     if max_samples and len(source) > max_samples:
@@ -25,14 +25,24 @@ def extract_features(model: nn.Module, source: ImageSource, size: int, mean, std
         source = source.subset(idx)
     was_training = model.training
     model.eval()
-    feats, labels = [], []
+    outputs: list[list[torch.Tensor]] = []
+    labels = []
     try:
         for images, y in eval_batches(source, size, mean, std, batch_size, device, num_workers):
             out = model(images)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            feats.append(out.float().cpu())
+            out = out if isinstance(out, (tuple, list)) else (out,)
+            if not outputs:
+                outputs = [[] for _ in out]
+            for store, tensor in zip(outputs, out):
+                store.append(tensor.float().cpu())
             labels.append(y.cpu())
     finally:
         model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return [torch.cat(parts) for parts in outputs], torch.cat(labels)
+
+
+def extract_features(model: nn.Module, source: ImageSource, size: int, mean, std,
+                     **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features ``[N, F]`` (the model's first output) and labels ``[N]`` of a whole split."""
+    outputs, labels = extract_outputs(model, source, size, mean, std, **kwargs)
+    return outputs[0], labels

@@ -39,6 +39,7 @@ class StepOutput:
     teacher_probs: torch.Tensor | None = None   # [B, K] targets of the first global view
     student_probs: torch.Tensor | None = None   # [B, K] predictions for the second global view
     embeddings: torch.Tensor | None = None      # [B, D] teacher bottleneck embeddings
+    features: torch.Tensor | None = None        # [B, F] teacher backbone features
 
 
 class Encoder(nn.Module):
@@ -130,6 +131,14 @@ class SSLMethod(nn.Module):
 
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor | None:
         """Prototype scores ``[N, K]`` of evaluation-time embeddings (None without prototypes)."""
+        return None
+
+    def assignment_probs(self, embeddings: torch.Tensor) -> torch.Tensor | None:
+        """The method's assignment distribution ``[N, K]`` of evaluation-time embeddings."""
+        return None
+
+    def uniform_loss(self) -> float | None:
+        """The loss value of a fully collapsed, uniform-assignment model (for the alarm)."""
         return None
 
     def eval_encoder(self) -> Encoder | None:

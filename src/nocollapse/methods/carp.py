@@ -52,7 +52,7 @@ class CARP(PrototypeMethod):
         batch = crops[0].shape[0]
         part = self.partition(step, crops[0].device)
         with torch.no_grad():
-            _, t_emb = self.teacher(crops[:2])
+            t_feat, t_emb = self.teacher(crops[:2])
             t_emb = t_emb.float()
             gamma = None
             if self.decoupled:
@@ -80,7 +80,7 @@ class CARP(PrototypeMethod):
             teacher_full = torch.softmax(self.teacher_scores(t_emb[:batch]), dim=-1)
             student_full = torch.softmax(self.student_scores(s_emb[batch:2 * batch].detach().float()), dim=-1)
         return StepOutput(loss=loss, logs=logs, teacher_probs=teacher_full, student_probs=student_full,
-                          embeddings=t_emb[:batch].detach())
+                          embeddings=t_emb[:batch].detach(), features=t_feat[:batch].detach().float())
 
     def uniform_loss(self) -> float:
         """The loss of a fully collapsed (uniform) model: log N_B (the KL term is 0)."""

@@ -83,6 +83,10 @@ class PrototypeMethod(SSLMethod):
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.teacher_scores(embeddings)
 
+    def assignment_probs(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Softmax over all K scores without temperature (CARP's assignment; DINO overrides)."""
+        return torch.softmax(self.scores(embeddings).float(), dim=-1)
+
     def update_mixture(self, teacher_embeddings: torch.Tensor, step: int) -> torch.Tensor:
         """(i) of the decoupled scheme: refit the mixture on the detached teacher embeddings."""
         beta = float(self.beta[min(step, len(self.beta) - 1)])
@@ -132,11 +136,16 @@ class DINO(PrototypeMethod):
             self.total_steps)
         self.koleo_weight = cfg.method.koleo_weight
 
+    def assignment_probs(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The teacher's targets: softmax((scores - centre) / final teacher temperature)."""
+        return teacher_probabilities(self.scores(embeddings).float(), float(self.teacher_temp[-1]),
+                                     self.center if self.centering else None)
+
     def forward(self, crops: Sequence[torch.Tensor], step: int) -> StepOutput:
         d = self.cfg.dino
         temp = float(self.teacher_temp[min(step, len(self.teacher_temp) - 1)])
         with torch.no_grad():
-            _, t_emb = self.teacher(crops[:2])
+            t_feat, t_emb = self.teacher(crops[:2])
             t_emb = t_emb.float()
             gamma = self.update_mixture(t_emb, step) if self.decoupled else None
             t_logits = self.teacher_scores(t_emb).float()
@@ -165,4 +174,5 @@ class DINO(PrototypeMethod):
         with torch.no_grad():
             student_probs = F.softmax(s_logits[batch:2 * batch] / d.student_temp, dim=-1)
         return StepOutput(loss=loss, logs=logs, teacher_probs=q[:batch].detach(),
-                          student_probs=student_probs, embeddings=t_emb[:batch].detach())
+                          student_probs=student_probs, embeddings=t_emb[:batch].detach(),
+                          features=t_feat[:batch].detach().float())

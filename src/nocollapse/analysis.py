@@ -1,0 +1,106 @@
+"""What a trained method looks like on held-out data: k-NN, prototype health, embeddings.
+
+Shared by the end of ``nocollapse train``, ``nocollapse diagnose`` and ``nocollapse eval``:
+
+* :func:`encode_split` runs the method's evaluation network (the teacher's backbone and, when the
+  method has one, its projection head) over a split and returns backbone features, bottleneck
+  embeddings and the method's prototype assignment probabilities;
+* :func:`method_report` turns the test split's outputs into the collapse report of
+  ``nocollapse.diagnostics`` (unique prototypes, utilisation, effective prototypes, effective
+  rank and spectrum of the backbone features, mixture weights);
+* :func:`write_run_plots` draws the standard figures into ``RUN_DIR/plots``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.registry import DatasetSplits
+from .data.sources import ImageSource
+from .evaluation.features import extract_outputs
+
+
+@dataclass
+class SplitOutputs:
+    features: torch.Tensor              # [N, F] backbone features
+    labels: torch.Tensor                # [N]
+    embeddings: torch.Tensor | None     # [N, D] bottleneck embeddings (methods with a head)
+    probs: torch.Tensor | None          # [N, K] prototype assignments (prototype methods)
+
+
+class _EvalNetwork(nn.Module):
+    """images -> (backbone features, bottleneck embeddings) of a method's evaluation network."""
+
+    def __init__(self, method) -> None:
+        super().__init__()
+        self.encoder = method.eval_encoder()
+        self.backbone = method.eval_backbone()
+
+    def forward(self, x: torch.Tensor):
+        if self.encoder is None:
+            return self.backbone(x)
+        features, embeddings = self.encoder([x])
+        return features, embeddings
+
+
+def encode_split(method, source: ImageSource, size: int, splits: DatasetSplits, batch_size: int,
+                 device: torch.device, num_workers: int = 0, max_samples: int = 0,
+                 with_head: bool = True) -> SplitOutputs:
+    network = _EvalNetwork(method) if with_head else method.eval_backbone()
+    outputs, labels = extract_outputs(network, source, size, splits.mean, splits.std, batch_size=batch_size,
+                                      device=device, num_workers=num_workers, max_samples=max_samples)
+    embeddings = outputs[1] if len(outputs) > 1 else None
+    probs = None
+    if embeddings is not None:
+        with torch.no_grad():
+            p = method.assignment_probs(embeddings.to(device))
+        probs = p.float().cpu() if p is not None else None
+    return SplitOutputs(outputs[0], labels, embeddings, probs)
+
+
+def method_report(method, test: SplitOutputs) -> dict[str, Any]:
+    """The collapse report of a method on a split's outputs (JSON-serialisable)."""
+    from .diagnostics.embeddings import effective_rank_from_singular_values, embedding_std, singular_values
+    from .diagnostics.report import prototype_report
+
+    prototypes = method.prototype_vectors()
+    gmm = getattr(method, "gmm", None)
+    if prototypes is not None:
+        report = prototype_report(prototypes.detach().float().cpu(), probs=test.probs,
+                                  embeddings=test.features,
+                                  mixture_weights=gmm.weights.cpu() if gmm is not None else None)
+    else:
+        sigma = singular_values(test.features)
+        report = {"effective_rank": effective_rank_from_singular_values(sigma),
+                  "embedding_std": embedding_std(test.features), "spectrum": [float(s) for s in sigma]}
+    if test.embeddings is not None:
+        report["bottleneck_embedding_std"] = embedding_std(test.embeddings)
+    return report
+
+
+SUMMARY_KEYS = ("unique_prototypes", "prototype_utilization", "effective_prototypes", "effective_rank",
+                "embedding_std")
+
+
+def write_run_plots(run_dir: Path, method, report: dict[str, Any], records: list[dict] | None = None,
+                    label: str = "model") -> list[Path]:
+    """The standard figures of a run into ``run_dir/plots``."""
+    from .diagnostics.plots import plot_spectrum, plot_training_curves
+    from .diagnostics.report import write_plots
+
+    out = Path(run_dir) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    prototypes = method.prototype_vectors()
+    if prototypes is not None:
+        paths += write_plots(prototypes.detach().float().cpu(), out, report=report, label=label)
+    elif "spectrum" in report:
+        paths.append(plot_spectrum({label: report["spectrum"]}, out / "spectrum.png"))
+    if records:
+        paths.append(plot_training_curves(records, out / "training_curves.png"))
+    return paths
