@@ -83,6 +83,28 @@ def method_report(method, test: SplitOutputs) -> dict[str, Any]:
     return report
 
 
+def cached_outputs(run, device: torch.device, use_cache: bool = True) -> tuple[SplitOutputs, SplitOutputs]:
+    """Train and test outputs of a loaded run (see :mod:`nocollapse.runs`), cached per checkpoint
+    in ``RUN_DIR/features/<checkpoint>-step<N>.pt``. The cache is keyed by the checkpoint file's
+    size and modification time, so an overwritten ``last.pt`` is re-encoded."""
+    from .engine.checkpoint import atomic_save
+
+    stat = run.checkpoint.stat()
+    fingerprint = f"{stat.st_size}-{stat.st_mtime_ns}"
+    path = run.run_dir / "features" / f"{run.checkpoint.stem}-step{run.step}.pt"
+    if use_cache and path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("fingerprint") == fingerprint:
+            return SplitOutputs(**cached["train"]), SplitOutputs(**cached["test"])
+    cfg = run.cfg
+    common = dict(size=run.image_size, splits=run.splits, batch_size=cfg.eval.batch_size, device=device,
+                  num_workers=cfg.data.num_workers)
+    train = encode_split(run.method, run.splits.train, **common)
+    test = encode_split(run.method, run.splits.test, **common)
+    atomic_save({"fingerprint": fingerprint, "train": vars(train), "test": vars(test)}, path)
+    return train, test
+
+
 SUMMARY_KEYS = ("unique_prototypes", "prototype_utilization", "effective_prototypes", "effective_rank",
                 "embedding_std")
 

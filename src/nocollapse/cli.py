@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -78,6 +79,126 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Collapse report of a run, a checkpoint, or a prototype matrix from another library."""
+    import torch
+
+    from .diagnostics.report import format_report, prototype_report, write_plots
+
+    if args.weights:
+        if args.target:
+            raise SystemExit("error: give either RUN_DIR|CHECKPOINT or --weights FILE, not both")
+        from .diagnostics.foreign import load_prototypes
+
+        prototypes = load_prototypes(args.weights, args.key, transpose=args.transpose).float()
+        report = prototype_report(prototypes)
+        report["source"] = {"weights": str(args.weights), "key": args.key}
+        out_dir = Path(args.out) if args.out else Path(".")
+        if args.plots:
+            report["plots"] = [str(p) for p in write_plots(prototypes, out_dir / "plots", report=report,
+                                                           label=Path(args.weights).stem)]
+    else:
+        if not args.target:
+            raise SystemExit("error: give a run directory, a checkpoint, or --weights FILE --key KEY")
+        from .analysis import encode_split, method_report, write_run_plots
+        from .engine.logging import read_jsonl
+        from .runs import load_run
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        run = load_run(args.target, device=device, data_root=args.data_root)
+        out_dir = Path(args.out) if args.out else run.run_dir
+        if args.no_data:
+            prototypes = run.method.prototype_vectors()
+            if prototypes is None:
+                raise SystemExit("error: this method has no prototypes; diagnose it with data")
+            gmm = getattr(run.method, "gmm", None)
+            report = prototype_report(prototypes.float().cpu(),
+                                      mixture_weights=gmm.weights.cpu() if gmm is not None else None)
+        else:
+            test = encode_split(run.method, run.splits.test, run.image_size, run.splits,
+                                run.cfg.eval.batch_size, device, max_samples=args.samples)
+            report = method_report(run.method, test)
+        report["source"] = {"checkpoint": str(run.checkpoint), "step": run.step,
+                            "method": run.cfg.method.name, "prototypes": run.cfg.method.prototypes}
+        if args.plots:
+            records = read_jsonl(run.run_dir / "metrics.jsonl")
+            report["plots"] = [str(p) for p in write_run_plots(out_dir, run.method, report, records,
+                                                               label=f"{run.cfg.method.name} ({run.cfg.method.prototypes})")]
+    _write_json(out_dir / "diagnosis.json", report)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "spectrum"}, indent=1))
+    else:
+        print(format_report(report) if "num_prototypes" in report else json.dumps(report, indent=1))
+        print(f"\nwritten: {out_dir / 'diagnosis.json'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """k-NN, linear probe, clustering and long-tail accuracy of a run's frozen features."""
+    import torch
+
+    from .analysis import cached_outputs
+    from .evaluation.suite import evaluate
+    from .runs import load_run
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = load_run(args.target, device=device, data_root=args.data_root)
+    train, test = cached_outputs(run, device, use_cache=not args.no_cache)
+    chosen = {"knn": args.knn, "linear": args.linear, "clustering": args.clustering}
+    if not any(chosen.values()):
+        chosen = dict.fromkeys(chosen, True)
+    e = run.cfg.eval
+    result = evaluate(train, test, run.splits.num_classes, run.splits.class_counts(), **chosen,
+                      linear_lrs=tuple(e.linear_lrs), linear_weight_decays=tuple(e.linear_weight_decays),
+                      linear_epochs=e.linear_epochs, many_threshold=e.many_threshold,
+                      few_threshold=e.few_threshold, seed=run.cfg.train.seed)
+    result["source"] = {"checkpoint": str(run.checkpoint), "step": run.step, "method": run.cfg.method.name,
+                        "prototypes": run.cfg.method.prototypes, "dataset": run.cfg.data.dataset,
+                        "features": "teacher backbone" if hasattr(run.method, "teacher") else "backbone"}
+    out = Path(args.out) if args.out else run.run_dir
+    _write_json(out / "eval.json", result)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_eval(result))
+        print(f"\nwritten: {out / 'eval.json'}")
+    return 0
+
+
+def format_eval(result: dict) -> str:
+    def pct(v):
+        return "-" if v is None else f"{100 * v:6.2f} %"
+
+    lines = [f"nocollapse eval: {result['source']['method']} ({result['source']['prototypes']}) on "
+             f"{result['source']['dataset']}, step {result['source']['step']} "
+             f"({result['num_train']} train / {result['num_test']} test, {result['feature_dim']}-d features)"]
+    for key, value in result.get("knn", {}).items():
+        lines.append(f"  {key:<28} top-1 {pct(value['top1'])}   top-5 {pct(value['top5'])}")
+    if "linear" in result:
+        lin = result["linear"]
+        lines.append(f"  {'linear probe':<28} top-1 {pct(lin['top1'])}   top-5 {pct(lin['top5'])}   "
+                     f"(lr {lin['best_lr']:g}, wd {lin['best_weight_decay']:g}, val {pct(lin['val_top1'])})")
+    for name, value in result.get("clustering", {}).items():
+        extra = f"   clusters used {value['clusters_used']}" if "clusters_used" in value else ""
+        lines.append(f"  {'clustering ' + name:<28} ACC {pct(value['acc'])}   NMI {value['nmi']:.4f}   "
+                     f"ARI {value['ari']:.4f}{extra}")
+    for source in ("knn_k20_t0.07", "linear"):
+        lt = (result.get("knn", {}).get(source) or {}).get("long_tail") if source != "linear" \
+            else (result.get("linear") or {}).get("long_tail")
+        if lt:
+            lines.append(f"  {'long tail (' + source.split('_')[0] + ')':<28} head {pct(lt['head'])}   "
+                         f"medium {pct(lt['medium'])}   tail {pct(lt['tail'])}   "
+                         f"({lt['num_head']}/{lt['num_medium']}/{lt['num_tail']} classes)")
+    return "\n".join(lines)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from .config import build_config, reference_table, to_yaml
 
@@ -112,6 +233,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
     train.set_defaults(func=cmd_train)
 
+    diagnose = sub.add_parser(
+        "diagnose", help="collapse report of a run, a checkpoint or another library's prototypes",
+        description="Prototype geometry (unique prototypes at eps), utilisation, assignment entropy, "
+                    "effective rank; writes diagnosis.json (and PNG plots with --plots).")
+    diagnose.add_argument("target", nargs="?", help="run directory or checkpoint file")
+    diagnose.add_argument("--weights", help="a checkpoint of another library (read with weights_only=True)")
+    diagnose.add_argument("--key", help="dotted path of the prototype matrix in --weights, e.g. "
+                                        "teacher.head.last_layer.weight (weight-norm parametrisations resolved)")
+    diagnose.add_argument("--transpose", action="store_true", help="the matrix stores prototypes as columns")
+    diagnose.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    diagnose.add_argument("--plots", action="store_true", help="write PNG plots to OUT/plots")
+    diagnose.add_argument("--out", help="where diagnosis.json goes (default: the run directory, or . for --weights)")
+    diagnose.add_argument("--samples", type=int, default=0, help="test images to use (0: all)")
+    diagnose.add_argument("--no-data", action="store_true", help="prototype geometry only, no data pass")
+    diagnose.add_argument("--data-root", help="override the run's data.root")
+    diagnose.set_defaults(func=cmd_diagnose)
+
+    evaluate = sub.add_parser(
+        "eval", help="k-NN, linear probe, clustering and long-tail accuracy of a run",
+        description="Evaluates frozen backbone features (cached per checkpoint in RUN_DIR/features); "
+                    "with no flag it runs every evaluation. Writes eval.json.")
+    evaluate.add_argument("target", help="run directory or checkpoint file")
+    evaluate.add_argument("--knn", action="store_true", help="weighted k-NN (k=20, T=0.07 and k=200, T=0.1)")
+    evaluate.add_argument("--linear", action="store_true", help="linear probe with a validated lr / wd sweep")
+    evaluate.add_argument("--clustering", action="store_true", help="k-means and arg-max prototype NMI / ARI / ACC")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument("--out", help="where eval.json goes (default: the run directory)")
+    evaluate.add_argument("--no-cache", action="store_true", help="recompute features even if cached")
+    evaluate.add_argument("--data-root", help="override the run's data.root")
+    evaluate.set_defaults(func=cmd_eval)
+
     config = sub.add_parser("config", help="print the resolved config (or the key reference)")
     config.add_argument("--config", help="YAML config file or bundled config name")
     config.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
@@ -123,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.registry import DatasetNotFoundError
+    from .engine.checkpoint import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -130,11 +283,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except ConfigError as exc:
         print(f"nocollapse: config error: {exc}", file=sys.stderr)
         return 2
-    except (DatasetNotFoundError, ValueError) as exc:
-        print(f"nocollapse: error: {exc}", file=sys.stderr)
+    except (DatasetNotFoundError, ValueError, KeyError, CheckpointError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"nocollapse: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -204,6 +204,11 @@ class EvalConfig:
     knn_init: bool = _opt(True, "measure k-NN of the randomly initialised backbone before training")
     batch_size: int = _opt(512, "batch size of feature extraction", 1)
     max_train_samples: int = _opt(0, "subsample the k-NN memory bank (0: all training images)", 0)
+    linear_lrs: list = _opt([1e-3, 1e-2], "learning rates of the linear-probe sweep (Adam)")
+    linear_weight_decays: list = _opt([0.0, 1e-4, 1e-3], "L2 penalties of the linear-probe sweep")
+    linear_epochs: int = _opt(20, "linear-probe epochs (at least 1000 steps)", 1)
+    many_threshold: int = _opt(100, "long-tail groups: head classes have more training images than this", 0)
+    few_threshold: int = _opt(20, "long-tail groups: tail classes have fewer training images than this", 0)
 
 
 @dataclass

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..engine.checkpoint import CheckpointError
+
 __all__ = ["load_prototypes", "list_candidates", "CheckpointError", "PrototypeKeyError"]
 
 _IGNORED_SEGMENTS = ("module", "_orig_mod")
@@ -45,10 +47,6 @@ _LEGACY_G, _LEGACY_V = "weight_g", "weight_v"
 _PARAM_G = "parametrizations.weight.original0"
 _PARAM_V = "parametrizations.weight.original1"
 _PREFERRED_WORDS = ("last_layer", "prototype", "proto", "head", "teacher")
-
-
-class CheckpointError(ValueError):
-    """The file is missing, damaged, or not a PyTorch checkpoint."""
 
 
 class PrototypeKeyError(KeyError):

@@ -24,8 +24,8 @@ VERSION = 1
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used."""
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, damaged, foreign or otherwise cannot be used."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

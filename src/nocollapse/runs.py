@@ -1,0 +1,60 @@
+"""Re-open a finished or running training run: its config, data and model from a checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config, config_from_dict
+from .data import load_dataset
+from .data.registry import DatasetSplits
+from .engine.checkpoint import CheckpointError, load_checkpoint
+from .engine.trainer import image_size_of
+from .methods import SSLMethod, build_method
+from .models.backbones import build_backbone
+
+
+@dataclass
+class LoadedRun:
+    cfg: Config
+    method: SSLMethod
+    splits: DatasetSplits
+    image_size: int
+    checkpoint: Path
+    run_dir: Path
+    step: int
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint file, run directory) of a run directory or a checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt = path / "checkpoints" / "last.pt"
+        if not ckpt.is_file():
+            raise CheckpointError(f"{path} holds no checkpoints/last.pt; is it a nocollapse run directory?")
+        return ckpt, path
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return path, run_dir
+    raise CheckpointError(f"{path} is neither a run directory nor a checkpoint file")
+
+
+def load_run(path: str | Path, device: torch.device | str = "cpu", data_root: str | None = None) -> LoadedRun:
+    """Rebuild the method of a run from its checkpoint, and its dataset splits.
+
+    ``data_root`` overrides ``data.root`` (a run moved to another machine)."""
+    ckpt_path, run_dir = resolve_checkpoint(path)
+    ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    data = dict(ckpt["config"])
+    if data_root is not None:
+        data["data"] = {**data["data"], "root": data_root}
+    cfg = config_from_dict(data)
+    splits = load_dataset(cfg.data)
+    size = image_size_of(cfg, splits)
+    steps_per_epoch = max(1, len(splits.ssl_train) // cfg.train.batch_size)
+    method = build_method(cfg, build_backbone(cfg.model, size), steps_per_epoch)
+    method.load_state_dict(ckpt["method"])
+    method.to(device).eval()
+    return LoadedRun(cfg, method, splits, size, ckpt_path, run_dir, int(ckpt.get("step", 0)))

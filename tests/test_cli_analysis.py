@@ -1,0 +1,108 @@
+"""`nocollapse diagnose` and `nocollapse eval` on a tiny trained run and on foreign weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from nocollapse.cli import main
+
+from conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "decoupled"
+    assert main(["train", "--out", str(out), "--set", *TINY, "method.prototypes=decoupled",
+                 "diagnostics.plots=false"]) == 0
+    return out
+
+
+def test_diagnose_run_writes_report_and_plots(run_dir, capsys):
+    assert main(["diagnose", str(run_dir), "--plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "unique prototypes" in printed and "effective rank" in printed
+    report = json.loads((run_dir / "diagnosis.json").read_text())
+    assert set(report["unique_prototypes"]) == {"0.025", "0.1", "0.25", "0.5"}
+    assert report["num_prototypes"] == 32 and report["num_samples"] == 450
+    assert 0 < report["prototype_utilization"] <= 1 and report["mixture"]["num_components"] == 32
+    for name in ("unique_vs_eps.png", "prototype_uniformity.png", "spectrum.png", "training_curves.png"):
+        assert (run_dir / "plots" / name).stat().st_size > 1000
+    # the same numbers the end of training wrote into the summary
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["unique_prototypes"] == report["unique_prototypes"]
+    assert summary["prototype_utilization"] == pytest.approx(report["prototype_utilization"])
+
+
+def test_diagnose_json_and_checkpoint_file(run_dir, capsys):
+    assert main(["diagnose", str(run_dir / "checkpoints" / "last.pt"), "--json", "--no-data"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["source"]["step"] == 42 and "prototype_utilization" not in data
+
+
+def test_eval_runs_everything_and_caches_features(run_dir, capsys):
+    assert main(["eval", str(run_dir)]) == 0
+    assert "linear probe" in capsys.readouterr().out
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert {"knn", "linear", "clustering"} <= set(result)
+    assert set(result["knn"]) == {"knn_k20_t0.07", "knn_k200_t0.1"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # the k-NN of eval equals the one measured at the end of training
+    assert result["knn"]["knn_k20_t0.07"]["top1"] == pytest.approx(summary["knn_top1"], abs=1e-6)
+    assert 0.1 < result["linear"]["top1"] <= 1
+    assert result["clustering"]["prototype_argmax"]["clusters_used"] >= 1
+    assert result["linear"]["long_tail"]["num_head"] == 10
+    cached = list((run_dir / "features").glob("last-step42.pt"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    assert main(["eval", str(run_dir), "--knn", "--json"]) == 0
+    only_knn = json.loads(capsys.readouterr().out)
+    assert "linear" not in only_knn and cached[0].stat().st_mtime_ns == stamp
+
+
+def _dino_like_checkpoint(path, legacy: bool):
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 5, bias=False)
+    if legacy:
+        v = torch.randn(5, 8)
+        g = torch.rand(5, 1) + 0.5
+        state = {"head.last_layer.weight_g": g, "head.last_layer.weight_v": v}
+        expected = g * v / v.norm(dim=1, keepdim=True)
+    else:
+        layer = weight_norm(layer)
+        state = {f"head.last_layer.{k}": t for k, t in layer.state_dict().items()}
+        expected = layer.weight.detach()
+    torch.save({"teacher": state, "epoch": 3}, path)
+    return expected
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_diagnose_foreign_weights(tmp_path, capsys, legacy):
+    path = tmp_path / "dino.pth"
+    _dino_like_checkpoint(path, legacy)
+    assert main(["diagnose", "--weights", str(path), "--key", "teacher.head.last_layer.weight",
+                 "--out", str(tmp_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_prototypes"] == 5 and data["dim"] == 8
+    assert (tmp_path / "diagnosis.json").is_file()
+
+
+def test_diagnose_foreign_weights_bad_key_lists_candidates(tmp_path, capsys):
+    path = tmp_path / "dino.pth"
+    _dino_like_checkpoint(path, legacy=False)
+    assert main(["diagnose", "--weights", str(path), "--key", "teacher.head.last_layr.weight"]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.head.last_layer" in err
+
+
+def test_diagnose_damaged_file_is_rejected(tmp_path, capsys):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    assert main(["diagnose", "--weights", str(path), "--key", "w"]) == 2
+    assert "not a readable" in capsys.readouterr().err
