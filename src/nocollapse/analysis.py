@@ -50,10 +50,11 @@ class _EvalNetwork(nn.Module):
 
 def encode_split(method, source: ImageSource, size: int, splits: DatasetSplits, batch_size: int,
                  device: torch.device, num_workers: int = 0, max_samples: int = 0,
-                 with_head: bool = True) -> SplitOutputs:
+                 with_head: bool = True, bad_images: str = "skip") -> SplitOutputs:
     network = _EvalNetwork(method) if with_head else method.eval_backbone()
     outputs, labels = extract_outputs(network, source, size, splits.mean, splits.std, batch_size=batch_size,
-                                      device=device, num_workers=num_workers, max_samples=max_samples)
+                                      device=device, num_workers=num_workers, max_samples=max_samples,
+                                      bad_images=bad_images)
     embeddings = outputs[1] if len(outputs) > 1 else None
     probs = None
     if embeddings is not None:
@@ -98,7 +99,7 @@ def cached_outputs(run, device: torch.device, use_cache: bool = True) -> tuple[S
             return SplitOutputs(**cached["train"]), SplitOutputs(**cached["test"])
     cfg = run.cfg
     common = dict(size=run.image_size, splits=run.splits, batch_size=cfg.eval.batch_size, device=device,
-                  num_workers=cfg.data.num_workers)
+                  num_workers=cfg.data.num_workers, bad_images=cfg.data.bad_images)
     train = encode_split(run.method, run.splits.train, **common)
     test = encode_split(run.method, run.splits.test, **common)
     atomic_save({"fingerprint": fingerprint, "train": vars(train), "test": vars(test)}, path)

@@ -12,6 +12,7 @@ one is dropped), and process ``rank`` takes its contiguous slice of each global 
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Iterator
 
 import torch
@@ -19,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .sources import BadImageError, ImageFiles, ImageSource, InMemoryImages
 from .views import BatchedViews, PerSampleViews, ViewSpec, eval_transform, normalize_uint8
+
+log = logging.getLogger(__name__)
 
 
 class EpochBatchSampler:
@@ -132,8 +135,11 @@ class TrainBatches:
 
 
 def eval_batches(source: ImageSource, size: int, mean, std, batch_size: int, device: torch.device,
-                 num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Deterministic, un-augmented ``(images, labels)`` batches of a whole split, in order."""
+                 num_workers: int = 0, bad_images: str = "skip") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic, un-augmented ``(images, labels)`` batches of a whole split, in order.
+
+    Unreadable files of a file-backed split are left out of their batch (with a warning naming
+    them) when ``bad_images="skip"``, so features and labels stay aligned."""
     if isinstance(source, InMemoryImages):
         for lo in range(0, len(source), batch_size):
             images = source.images[lo: lo + batch_size].to(device, non_blocking=True)
@@ -147,8 +153,21 @@ def eval_batches(source: ImageSource, size: int, mean, std, batch_size: int, dev
             return len(source)
 
         def __getitem__(self, i):
-            return transform(source.load(i)), int(source.labels[i])
+            try:
+                return transform(source.load(i)), int(source.labels[i])
+            except BadImageError as exc:
+                if bad_images == "fail":
+                    raise
+                log.warning("leaving unreadable image out of evaluation: %s", exc)
+                return None
 
-    loader = DataLoader(_Eval(), batch_size=batch_size, num_workers=num_workers)
+    def collate(items):
+        items = [it for it in items if it is not None]
+        if not items:
+            return torch.empty(0, 3, size, size), torch.empty(0, dtype=torch.long)
+        return torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items])
+
+    loader = DataLoader(_Eval(), batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     for images, labels in loader:
-        yield images.to(device, non_blocking=True), labels
+        if len(labels):
+            yield images.to(device, non_blocking=True), labels

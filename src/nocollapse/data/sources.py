@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 
-class BadImageError(RuntimeError):
+class BadImageError(ValueError):
     """An image file that cannot be decoded."""
 
 

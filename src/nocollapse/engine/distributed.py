@@ -15,6 +15,9 @@ import torch
 import torch.distributed as dist
 
 
+_OWNS_GROUP = False
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
@@ -50,6 +53,8 @@ def init_distributed(device_preference: str = "auto") -> tuple[DistInfo, torch.d
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        global _OWNS_GROUP
+        _OWNS_GROUP = True
     return DistInfo(rank, world, local_rank), device
 
 
@@ -122,5 +127,9 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group, if :func:`init_distributed` created it (an embedding program's
+    own group is left alone)."""
+    global _OWNS_GROUP
+    if _OWNS_GROUP and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _OWNS_GROUP = False

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -74,6 +75,15 @@ def _precision(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if p == "bf16" else torch.float16
 
 
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP must not overwrite buffers during forward: the centre and the mixture are kept equal
+    on every rank by their own all-reduces, and BatchNorm statistics stay per process."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 def image_size_of(cfg: Config, splits: DatasetSplits) -> int:
     native = splits.image_size
     size = cfg.views.global_size or native
@@ -83,6 +93,34 @@ def image_size_of(cfg: Config, splits: DatasetSplits) -> int:
         raise ValueError(f"views.global_size ({size}) is larger than the images ({native} px); "
                          f"crops cannot be larger than the image (set data.image_size to upsample)")
     return size
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def preflight(cfg: Config, spec, world_size: int, available: int | None = None) -> None:
+    """Reject settings that cannot train, before any work is done."""
+    if cfg.model.backbone.startswith("vit"):
+        bad = sorted({s for s in spec.crop_sizes if s % cfg.model.patch_size})
+        if bad:
+            raise ValueError(f"model.patch_size={cfg.model.patch_size} does not divide the crop size(s) "
+                             f"{bad}; choose a patch size that divides views.global_size and views.local_size")
+    k, d = cfg.method.num_prototypes, cfg.method.head.bottleneck_dim
+    rows = cfg.train.batch_size * spec.num_crops
+    # prototypes (+ EMA copy or mixture statistics) and the [rows, K] scores with their gradients
+    state = (4 if cfg.method.prototypes == "decoupled" else 6) * k * d * 4
+    activations = 4 * rows * k * 4
+    need = state + activations
+    available = _available_memory_bytes() if available is None else available
+    if available is not None and need > 0.8 * available:
+        raise ValueError(
+            f"method.num_prototypes={k} with train.batch_size={cfg.train.batch_size} x {spec.num_crops} "
+            f"crops needs about {need / 2**30:.1f} GiB for prototypes and scores, but "
+            f"{available / 2**30:.1f} GiB is available; lower method.num_prototypes or train.batch_size")
 
 
 class Trainer:
@@ -107,12 +145,8 @@ class Trainer:
         torch.set_flush_denormal(True)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if self.main:
-            if not self.resume:
-                self._clear_previous_run()
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
+        # Everything that can be rejected is checked before the run directory is touched.
         self.splits = load_dataset(cfg.data)
         self.image_size = image_size_of(cfg, self.splits)
         spec = build_view_spec(cfg.views, self.image_size, self.splits.mean, self.splits.std)
@@ -120,9 +154,16 @@ class Trainer:
             self.splits.ssl_train, spec, cfg.train.batch_size, cfg.train.seed, self.device,
             self.dist.rank, self.dist.world_size, cfg.views.backend, cfg.data.num_workers,
             cfg.data.bad_images)
+        preflight(cfg, spec, self.dist.world_size)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.amp_dtype = _precision(cfg, self.device)
+        resume_from = load_checkpoint(self.ckpt_dir / "last.pt", map_location=self.device) if self.resume else None
         if self.main:
+            if not self.resume:
+                self._clear_previous_run()
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             counts = self.splits.class_counts()
             (self.run_dir / "class_counts.json").write_text(json.dumps(
                 {"classes": self.splits.class_names, "train_counts": counts,
@@ -136,7 +177,7 @@ class Trainer:
         if self.dist.enabled:
             self.model = nn.parallel.DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                **_no_buffer_sync())
 
         global_batch = cfg.train.batch_size * self.dist.world_size
         lr = cfg.optim.lr * (global_batch / 256 if cfg.optim.scale_lr else 1.0)
@@ -145,14 +186,13 @@ class Trainer:
         self.wd_schedule = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end,
                                            self.total_steps)
         self.optimizer = build_optimizer(cfg.optim, self.method.parameter_groups())
-        self.amp_dtype = _precision(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         self.position = Position()
         self.skipped_steps = 0
         self.state: dict[str, Any] = {}
-        if self.resume:
-            self._load_last()
+        if resume_from is not None:
+            self._restore(resume_from)
         else:
             # Each rank draws different augmentations; rank 0 keeps the seed's stream.
             torch.manual_seed(cfg.train.seed + 1000 * self.dist.rank)
@@ -202,9 +242,8 @@ class Trainer:
                 prune(self.ckpt_dir, self.cfg.train.keep)
         dist_utils.barrier()
 
-    def _load_last(self) -> None:
-        path = self.ckpt_dir / "last.pt"
-        ckpt = load_checkpoint(path, map_location=self.device)
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a checkpoint loaded (and validated) by :meth:`setup`."""
         if ckpt.get("world_size", 1) != self.dist.world_size:
             log.warning("resuming a %d-process run with %d processes: the data order changes",
                         ckpt.get("world_size", 1), self.dist.world_size)
@@ -220,14 +259,16 @@ class Trainer:
             rng = load_checkpoint(rank_file)["rng"]
         set_rng_state(rng)
         if self.main:
-            log.info("resumed from %s at epoch %d, step %d", path, self.position.epoch, self.position.step)
+            log.info("resumed from %s at epoch %d, step %d", self.ckpt_dir / "last.pt", self.position.epoch,
+                     self.position.step)
 
     # ------------------------------------------------------------------------------------
     def encode(self, source, with_head: bool = False, max_samples: int = 0):
         from ..analysis import encode_split
 
         return encode_split(self.method, source, self.image_size, self.splits, self.cfg.eval.batch_size,
-                            self.device, self.cfg.data.num_workers, max_samples, with_head)
+                            self.device, self.cfg.data.num_workers, max_samples, with_head,
+                            self.cfg.data.bad_images)
 
     def knn(self, test=None) -> dict[str, float]:
         """Weighted cosine k-NN (eval.knn_k, eval.knn_temperature) on backbone features of the
@@ -422,7 +463,13 @@ class Trainer:
         }
         summary.update({k: report[k] for k in SUMMARY_KEYS if k in report})
         summary["alarms"] = [a.to_dict() for a in self.monitor.alarms]
+        skipped_files = [*self.splits.ssl_train.skipped, *self.splits.test.skipped]
+        if self.splits.train is not self.splits.ssl_train:
+            skipped_files += self.splits.train.skipped
         summary.update({
+            "skipped_images": {"count": len(set(skipped_files)) + self.batches.substituted,
+                               "files": sorted(set(skipped_files))[:50],
+                               "substituted_during_training": self.batches.substituted},
             "skipped_steps": self.skipped_steps,
             "train_images": len(self.splits.ssl_train),
             "test_images": len(self.splits.test),

@@ -12,7 +12,8 @@ from ..data.sources import ImageSource
 @torch.no_grad()
 def extract_outputs(model: nn.Module, source: ImageSource, size: int, mean, std,
                     batch_size: int = 512, device: torch.device | str = "cpu",
-                    num_workers: int = 0, max_samples: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+                    num_workers: int = 0, max_samples: int = 0,
+                    bad_images: str = "skip") -> tuple[list[torch.Tensor], torch.Tensor]:
     """All outputs of ``model`` on a whole split: a list with one ``[N, *]`` float32 CPU tensor
     per output (a model may return one tensor or a tuple) and the labels ``[N]``.
 
@@ -28,7 +29,7 @@ def extract_outputs(model: nn.Module, source: ImageSource, size: int, mean, std,
     outputs: list[list[torch.Tensor]] = []
     labels = []
     try:
-        for images, y in eval_batches(source, size, mean, std, batch_size, device, num_workers):
+        for images, y in eval_batches(source, size, mean, std, batch_size, device, num_workers, bad_images):
             out = model(images)
             out = out if isinstance(out, (tuple, list)) else (out,)
             if not outputs:

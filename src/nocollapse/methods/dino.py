@@ -87,10 +87,19 @@ class PrototypeMethod(SSLMethod):
         """Softmax over all K scores without temperature (CARP's assignment; DINO overrides)."""
         return torch.softmax(self.scores(embeddings).float(), dim=-1)
 
-    def update_mixture(self, teacher_embeddings: torch.Tensor, step: int) -> torch.Tensor:
-        """(i) of the decoupled scheme: refit the mixture on the detached teacher embeddings."""
+    def update_mixture(self, teacher_embeddings: torch.Tensor, step: int, views: int = 2) -> torch.Tensor:
+        """(i) of the decoupled scheme: refit the mixture on the detached teacher embeddings.
+
+        ``teacher_embeddings`` holds ``views`` blocks of one batch (view-major). The mixture sees
+        them sample-major, so that the rows gathered from several processes come in the same order
+        as in one process holding the joined batch (the seeding depends on the order); the
+        responsibilities are returned view-major again."""
         beta = float(self.beta[min(step, len(self.beta) - 1)])
-        return self.gmm.update(teacher_embeddings.detach(), beta=beta)
+        n, dim = teacher_embeddings.shape
+        batch = n // views
+        h = teacher_embeddings.detach().view(views, batch, dim).transpose(0, 1).reshape(n, dim)
+        gamma = self.gmm.update(h, beta=beta)
+        return gamma.view(batch, views, -1).transpose(0, 1).reshape(n, -1)
 
     def mixture_logs(self) -> dict[str, float]:
         if not self.decoupled:

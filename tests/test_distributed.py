@@ -1,0 +1,106 @@
+"""Distributed training with 2 gloo processes equals 1 process on the joined batch.
+
+Every mechanism that crosses processes is covered: DDP gradient averaging, DINO's centre
+all-reduce, the mixture's statistics all-reduce and seeding all-gather, CARP's partition
+broadcast and its gathered block marginals (whose gradient must reach every rank). A ViT backbone
+(LayerNorm only) keeps BatchNorm's per-process statistics out of the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distributed_helpers import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+GLOBAL_BATCH = 8
+BASE = ["model.backbone=vit_tiny", "model.patch_size=4", "method.num_prototypes=32",
+        "method.head.hidden_dim=32", "method.head.bottleneck_dim=16", "train.epochs=1",
+        "method.freeze_last_layer_epochs=0", "optim.name=sgd"]
+
+
+def _crops():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=gen) for _ in range(2)] + \
+           [torch.randn(GLOBAL_BATCH, 3, 4, 4, generator=gen) for _ in range(2)]
+
+
+def _train_steps(rank: int, world_size: int, overrides: list[str], steps: int = 3) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from nocollapse.config import build_config
+    from nocollapse.engine import distributed as dist_utils
+    from nocollapse.engine.optim import build_optimizer, set_hyperparameters
+    from nocollapse.engine.trainer import _no_buffer_sync
+    from nocollapse.methods import build_method
+    from nocollapse.models.backbones import build_backbone
+
+    cfg, _ = build_config(overrides=[*BASE, *overrides])
+    torch.manual_seed(0)
+    method = build_method(cfg, build_backbone(cfg.model, 8), steps_per_epoch=10)
+    model = DistributedDataParallel(method, **_no_buffer_sync()) if world_size > 1 else method
+    optimizer = build_optimizer(cfg.optim, method.parameter_groups())
+    per_rank = GLOBAL_BATCH // world_size
+    crops = [c[rank * per_rank:(rank + 1) * per_rank] for c in _crops()]
+    losses = []
+    for step in range(steps):
+        set_hyperparameters(optimizer, 0.05, 1e-4)
+        out = model(crops, step)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        method.on_after_backward(step)
+        torch.nn.utils.clip_grad_norm_(method.parameters(), 3.0)
+        optimizer.step()
+        method.on_after_optimizer_step(step)
+        losses.append(dist_utils.all_reduce_mean(out.loss.detach().clone()))
+    return {"losses": torch.stack(losses), "state": method.state_dict()}
+
+
+CASES = {
+    "dino-learned-centering": ["method.name=dino", "method.prototypes=learned"],
+    "dino-learned-koleo": ["method.name=dino", "method.koleo_weight=0.1"],
+    "dino-decoupled": ["method.name=dino", "method.prototypes=decoupled", "dino.centering=true"],
+    "dino-decoupled-posterior": ["method.name=dino", "method.prototypes=decoupled", "gmm.targets=posterior"],
+    "carp-learned": ["method.name=carp", "carp.block_size=8"],
+    "carp-decoupled": ["method.name=carp", "carp.block_size=8", "method.prototypes=decoupled"],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_equal_one_process_on_the_joined_batch(case):
+    single = _train_steps(0, 1, CASES[case])
+    ranks = run_distributed(_train_steps, 2, args=(CASES[case],))
+    for r, result in enumerate(ranks):
+        assert torch.allclose(result["losses"], single["losses"], atol=1e-5), (case, r)
+        for name, value in single["state"].items():
+            assert torch.allclose(result["state"][name].float(), value.float(), atol=2e-5), (case, r, name)
+    # the run moved: parity is not the trivial parity of an untouched model
+    assert not torch.equal(single["losses"][0], single["losses"][-1])
+
+
+def _cli_train(rank: int, world_size: int, out: str, overrides: list[str]) -> dict:
+    from nocollapse.cli import main
+
+    code = main(["train", "--out", out, "--set", *overrides])
+    return {"code": code}
+
+
+@pytest.mark.slow
+def test_cli_under_two_processes_logs_and_checkpoints_once(tmp_path):
+    from conftest import TINY
+
+    out = tmp_path / "ddp"
+    results = run_distributed(_cli_train, 2, args=(str(out), [*TINY, "train.batch_size=32",
+                                                              "method.prototypes=decoupled"]))
+    assert [r["code"] for r in results] == [0, 0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_batch_size"] == 64
+    assert summary["steps"] == 2 * (1347 // 64)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in line]
+    assert steps == sorted(set(steps))      # one writer: no duplicated records
+    assert (out / "checkpoints" / "last.pt").is_file()
