@@ -25,7 +25,8 @@ import torch
 from common import time_call
 from nocollapse.config import build_config
 from nocollapse.data.views import BatchedViews, build_view_spec
-from nocollapse.engine.optim import build_optimizer, set_hyperparameters
+from nocollapse.engine.optim import build_optimizer
+from nocollapse.engine.trainer import optimisation_step
 from nocollapse.methods import build_method
 from nocollapse.models.backbones import build_backbone
 
@@ -56,15 +57,7 @@ def make_train_step(args, prototypes: str, images: torch.Tensor):
 
     def train_step(with_aug: bool = True) -> None:
         c = views(images) if with_aug else crops
-        step = state["step"]
-        set_hyperparameters(optimizer, 1e-4, 0.04)
-        out = method(c, step)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        method.on_after_backward(step)
-        torch.nn.utils.clip_grad_norm_(method.parameters(), 3.0)
-        optimizer.step()
-        method.on_after_optimizer_step(step)
+        optimisation_step(method, method, optimizer, c, state["step"], 1e-4, 0.04, clip_grad=3.0)
         state["step"] += 1
 
     return train_step, crops, cfg, method

@@ -34,8 +34,8 @@ def _train_steps(rank: int, world_size: int, overrides: list[str], steps: int = 
 
     from nocollapse.config import build_config
     from nocollapse.engine import distributed as dist_utils
-    from nocollapse.engine.optim import build_optimizer, set_hyperparameters
-    from nocollapse.engine.trainer import _no_buffer_sync
+    from nocollapse.engine.optim import build_optimizer
+    from nocollapse.engine.trainer import _no_buffer_sync, optimisation_step
     from nocollapse.methods import build_method
     from nocollapse.models.backbones import build_backbone
 
@@ -48,15 +48,8 @@ def _train_steps(rank: int, world_size: int, overrides: list[str], steps: int = 
     crops = [c[rank * per_rank:(rank + 1) * per_rank] for c in _crops()]
     losses = []
     for step in range(steps):
-        set_hyperparameters(optimizer, 0.05, 1e-4)
-        out = model(crops, step)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        method.on_after_backward(step)
-        torch.nn.utils.clip_grad_norm_(method.parameters(), 3.0)
-        optimizer.step()
-        method.on_after_optimizer_step(step)
-        losses.append(dist_utils.all_reduce_mean(out.loss.detach().clone()))
+        loss, _ = optimisation_step(model, method, optimizer, crops, step, 0.05, 1e-4, clip_grad=3.0)
+        losses.append(dist_utils.all_reduce_mean(loss.clone()))
     return {"losses": torch.stack(losses), "state": method.state_dict()}
 
 

@@ -332,3 +332,34 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], path: str | Path,
         ax.set_visible(False)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- runs over epochs
+def plot_runs_by_epoch(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    ylabel: str,
+    title: str,
+    percent: bool = False,
+) -> Path:
+    """One metric of several runs against the epoch (e.g. unique prototypes at ε = 0.025).
+
+    Args:
+        series: ``label -> (epochs, values)``.
+        percent: values are fractions in [0, 1], drawn as %.
+    """
+    if not series:
+        raise ValueError("series is empty")
+    fig = _new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    for label, (epochs, values) in series.items():
+        if len(epochs) != len(values):
+            raise ValueError(f"series {label!r}: {len(epochs)} epochs but {len(values)} values")
+        ys = [100.0 * v for v in values] if percent else list(values)
+        ax.plot(list(epochs), ys, marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best")
+    return _save(fig, path)

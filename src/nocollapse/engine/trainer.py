@@ -95,6 +95,39 @@ def image_size_of(cfg: Config, splits: DatasetSplits) -> int:
     return size
 
 
+def optimisation_step(model: nn.Module, method: SSLMethod, optimizer: torch.optim.Optimizer,
+                      crops: list[torch.Tensor], step: int, lr: float, weight_decay: float,
+                      clip_grad: float = 0.0, scaler: torch.amp.GradScaler | None = None,
+                      amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Any]:
+    """One optimisation step of ``method`` (called through ``model``, its DDP wrapper or itself).
+
+    Returns the detached loss and the method's :class:`StepOutput`, or ``None`` instead of the
+    output when the loss is not finite on some process (then no parameter changed)."""
+    set_hyperparameters(optimizer, lr, weight_decay)
+    device_type = crops[0].device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = model(crops, step)
+    loss = out.loss
+    finite = torch.isfinite(loss.detach()).float()
+    dist_utils.all_reduce_sum(finite)  # every rank takes the same decision
+    optimizer.zero_grad(set_to_none=True)
+    if int(finite.item()) != dist_utils.world_size():
+        return loss.detach(), None
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    method.on_after_backward(step)
+    if clip_grad > 0:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(method.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    method.on_after_optimizer_step(step)
+    return loss.detach(), out
+
+
 def _available_memory_bytes() -> int | None:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -290,26 +323,9 @@ class Trainer:
                 pass
 
     def _train_step(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, Any]:
-        set_hyperparameters(self.optimizer, float(self.lr_schedule[step]), float(self.wd_schedule[step]))
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            out = self.model(crops, step)
-        loss = out.loss
-        finite = torch.isfinite(loss.detach()).float()
-        dist_utils.all_reduce_sum(finite)  # every rank takes the same decision
-        if int(finite.item()) != self.dist.world_size:
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss.detach(), None
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.method.on_after_backward(step)
-        if self.cfg.optim.clip_grad > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.optim.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.method.on_after_optimizer_step(step)
-        return loss.detach(), out
+        return optimisation_step(self.model, self.method, self.optimizer, crops, step,
+                                 float(self.lr_schedule[step]), float(self.wd_schedule[step]),
+                                 self.cfg.optim.clip_grad, self.scaler, self.amp_dtype)
 
     def _nonfinite(self, step: int, loss: torch.Tensor) -> None:
         if self.cfg.train.nonfinite == "skip":
@@ -527,4 +543,4 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted", "format_summary"]
+__all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted", "format_summary", "optimisation_step"]

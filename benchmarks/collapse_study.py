@@ -1,0 +1,140 @@
+"""The collapse study: learned vs decoupled prototypes on CIFAR-10 and long-tailed CIFAR-10.
+
+For every recipe of ``configs/cifar10/`` (DINO, DINO + decoupled, DINO + KoLeo-proto, CARP,
+CARP + decoupled) and every dataset (CIFAR-10 and CIFAR-10-LT with imbalance 100), it trains the
+recipe (``nocollapse train``; an interrupted run is resumed), evaluates it (``nocollapse eval``:
+k-NN, linear probe, clustering, head / medium / tail accuracy) and gathers:
+
+* per epoch: unique prototypes at every standard epsilon, prototype utilisation (fraction of
+  prototypes that were some training image's arg-max during the epoch) and k-NN top-1;
+* at the end: the unique-vs-epsilon curve, utilisation on the test split, k-NN, linear probe,
+  k-means and arg-max-prototype clustering, long-tail groups, alarms and throughput.
+
+Writes ``OUT/study.json`` and figures (all recipes on one axis): ``unique_vs_eps_<dataset>.png``,
+``unique_by_epoch_<dataset>.png``, ``utilization_by_epoch_<dataset>.png``; prints the JSON.
+
+    python benchmarks/collapse_study.py --data ../shared/datasets/cifar10 --out runs/collapse_study
+    python benchmarks/collapse_study.py --data $CIFAR --recipes dino --datasets cifar10 \\
+        --tag lr10x --set optim.lr=3.0 train.epochs=20        # another regime, in its own folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPES = ("dino", "dino_decoupled", "dino_koleo", "carp", "carp_decoupled")
+DATASETS = {"cifar10": [], "cifar10_lt": ["data.imbalance_ratio=100"]}
+STANDARD_EPS = ("0.025", "0.1", "0.25", "0.5")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nocollapse.cli", *args]
+
+
+def train_and_evaluate(recipe: str, dataset: str, run_dir: Path, data: str, extra: list[str]) -> None:
+    overrides = [f"data.root={data}", *DATASETS[dataset], *extra]
+    if (run_dir / "summary.json").is_file():
+        pass
+    elif (run_dir / "checkpoints" / "last.pt").is_file():
+        subprocess.run(_cli("train", "--out", str(run_dir), "--resume"), check=True)
+    else:
+        subprocess.run(_cli("train", "--config", f"cifar10/{recipe}", "--out", str(run_dir), "--force",
+                            "--set", *overrides), check=True)
+    if not (run_dir / "eval.json").is_file():
+        subprocess.run(_cli("eval", str(run_dir), "--json"), check=True, stdout=subprocess.DEVNULL)
+
+
+def collect(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    diagnosis = json.loads((run_dir / "diagnosis.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    per_epoch: dict[float, dict] = {}
+    for r in records:
+        if "loss" in r:
+            continue  # step records
+        keep = {k: v for k, v in r.items() if k.startswith("unique_") or k in (
+            "prototype_utilization_train", "knn_top1", "effective_rank", "mixture_perplexity")}
+        per_epoch.setdefault(float(r["epoch"]), {}).update(keep)
+    lin, clus = evaluation.get("linear", {}), evaluation.get("clustering", {})
+    return {
+        "run_dir": str(run_dir),
+        "epochs": summary["epochs"],
+        "train_images": summary["train_images"],
+        "train_seconds": summary["train_seconds"],
+        "samples_per_second": summary["samples_per_second"],
+        "knn_top1_init": summary["knn_top1_init"],
+        "knn_top1": summary["knn_top1"],
+        "knn": {k: v["top1"] for k, v in evaluation.get("knn", {}).items()},
+        "knn_long_tail": evaluation.get("knn", {}).get("knn_k20_t0.07", {}).get("long_tail"),
+        "linear_top1": lin.get("top1"),
+        "linear_long_tail": lin.get("long_tail"),
+        "kmeans": clus.get("kmeans"),
+        "prototype_argmax_clustering": clus.get("prototype_argmax"),
+        "unique_prototypes": summary.get("unique_prototypes"),
+        "unique_curve": diagnosis.get("unique_curve"),
+        "prototype_utilization": summary.get("prototype_utilization"),
+        "effective_prototypes": summary.get("effective_prototypes"),
+        "effective_rank": summary.get("effective_rank"),
+        "alarms": [a["name"] for a in summary.get("alarms", [])],
+        "per_epoch": [{"epoch": e, **v} for e, v in sorted(per_epoch.items())],
+    }
+
+
+def figures(results: dict, out: Path) -> list[str]:
+    from nocollapse.diagnostics.plots import plot_runs_by_epoch, plot_unique_vs_eps
+
+    paths = []
+    for dataset, runs in results.items():
+        curves = {name: (r["unique_curve"]["eps"], r["unique_curve"]["fraction"])
+                  for name, r in runs.items() if r.get("unique_curve")}
+        if curves:
+            paths.append(plot_unique_vs_eps(curves, out / f"unique_vs_eps_{dataset}.png",
+                                            title=f"Unique prototypes vs ε after training ({dataset})"))
+        for key, fname, label, title in (
+                ("unique_0.025", "unique_by_epoch", "unique prototypes at ε = 0.025 (% of K)",
+                 "Unique prototypes per epoch"),
+                ("prototype_utilization_train", "utilization_by_epoch",
+                 "prototypes that are some image's arg-max (% of K)", "Prototype utilisation per epoch")):
+            series = {}
+            for name, r in runs.items():
+                points = [(p["epoch"], p[key]) for p in r["per_epoch"] if key in p]
+                if points:
+                    series[name] = ([e for e, _ in points], [v for _, v in points])
+            if series:
+                paths.append(plot_runs_by_epoch(series, out / f"{fname}_{dataset}.png", label,
+                                                f"{title} ({dataset})", percent=True))
+    return [str(p) for p in paths]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=os.environ.get("NOCOLLAPSE_CIFAR10"),
+                        help="CIFAR-10 ImageFolder root (train/ and test/); default $NOCOLLAPSE_CIFAR10")
+    parser.add_argument("--out", default="runs/collapse_study")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
+    parser.add_argument("--tag", default="", help="sub-folder for a variant regime (with --set)")
+    args = parser.parse_args(argv)
+    if not args.data:
+        parser.error("give --data (or set NOCOLLAPSE_CIFAR10) to the CIFAR-10 ImageFolder root")
+    out = Path(args.out) / args.tag if args.tag else Path(args.out)
+    results: dict[str, dict] = {}
+    for dataset in args.datasets:
+        for recipe in args.recipes:
+            run_dir = out / dataset / recipe
+            train_and_evaluate(recipe, dataset, run_dir, args.data, args.set)
+            results.setdefault(dataset, {})[recipe] = collect(run_dir)
+    report = {"overrides": args.set, "results": results, "figures": figures(results, out)}
+    (out / "study.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
