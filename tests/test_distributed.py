@@ -56,8 +56,9 @@ def _train_steps(rank: int, world_size: int, overrides: list[str], steps: int = 
 CASES = {
     "dino-learned-centering": ["method.name=dino", "method.prototypes=learned"],
     "dino-learned-koleo": ["method.name=dino", "method.koleo_weight=0.1"],
-    "dino-decoupled": ["method.name=dino", "method.prototypes=decoupled", "dino.centering=true"],
-    "dino-decoupled-posterior": ["method.name=dino", "method.prototypes=decoupled", "gmm.targets=posterior"],
+    "dino-decoupled": ["method.name=dino", "method.prototypes=decoupled"],
+    "dino-decoupled-posterior": ["method.name=dino", "method.prototypes=decoupled", "gmm.targets=posterior",
+                                 "dino.centering=false"],
     "carp-learned": ["method.name=carp", "carp.block_size=8"],
     "carp-decoupled": ["method.name=carp", "carp.block_size=8", "method.prototypes=decoupled"],
 }

@@ -111,12 +111,15 @@ def test_koleo_weight_adds_the_regulariser_to_the_loss():
     assert b.loss.item() == pytest.approx(a.loss.item() + 0.5 * b.logs["loss_koleo"], rel=1e-5)
 
 
-def test_dino_centering_is_off_by_default_with_decoupled_prototypes():
+def test_dino_centering_is_on_by_default_and_can_be_dropped():
     _, learned = _method()
     _, decoupled = _method("method.prototypes=decoupled")
-    assert learned.centering and not decoupled.centering
-    _, forced = _method("method.prototypes=decoupled", "dino.centering=true")
-    assert forced.centering
+    assert learned.centering and decoupled.centering
+    _, dropped = _method("method.prototypes=decoupled", "dino.centering=false")
+    assert not dropped.centering
+    before = dropped.center.clone()
+    dropped(_crops(), 0)
+    assert torch.equal(dropped.center, before)      # no centre update without centering
 
 
 def test_carp_partition_is_a_seeded_permutation_per_step():

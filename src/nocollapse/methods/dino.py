@@ -10,8 +10,10 @@ student/teacher = backbone -> projection MLP -> L2-normalised bottleneck -> prot
   teacher's bottleneck embeddings before every step, provides the prototypes for both networks;
   they receive no gradient and are not in the optimiser. Teacher targets are a softmax over the
   cosine similarities to the means (``gmm.targets=similarity``) or the mixture's posterior
-  responsibilities (``gmm.targets=posterior``). Centering is off by default (the paper drops it;
-  ``dino.centering=true`` turns it back on).
+  responsibilities (``gmm.targets=posterior``). The paper drops centering for decoupled
+  prototypes; here it stays on by default (``dino.centering=false`` drops it), because without it
+  DINO + decoupled collapsed to one-hot assignments in our runs (one prototype used for all
+  digits) -- the fixed means do not stop the encoder from sending every image to one of them.
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ class DINO(PrototypeMethod):
     def __init__(self, cfg: Config, backbone: nn.Module, steps_per_epoch: int) -> None:
         super().__init__(cfg, backbone, steps_per_epoch)
         d = cfg.dino
-        self.centering = (d.centering == "true") or (d.centering == "auto" and not self.decoupled)
+        self.centering = d.centering
         self.register_buffer("center", torch.zeros(1, cfg.method.num_prototypes))
         self.teacher_temp = warmup_constant_schedule(
             d.warmup_teacher_temp, d.teacher_temp, self.epochs_to_steps(d.warmup_teacher_temp_epochs),
