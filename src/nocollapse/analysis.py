@@ -100,7 +100,7 @@ def cached_outputs(run, device: torch.device, use_cache: bool = True) -> tuple[S
     cfg = run.cfg
     common = dict(size=run.image_size, splits=run.splits, batch_size=cfg.eval.batch_size, device=device,
                   num_workers=cfg.data.num_workers, bad_images=cfg.data.bad_images)
-    train = encode_split(run.method, run.splits.train, **common)
+    train = encode_split(run.method, run.splits.train, with_head=False, **common)
     test = encode_split(run.method, run.splits.test, **common)
     atomic_save({"fingerprint": fingerprint, "train": vars(train), "test": vars(test)}, path)
     return train, test

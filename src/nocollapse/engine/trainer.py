@@ -424,7 +424,7 @@ class Trainer:
 
     def _should_interrupt(self) -> bool:
         stop_at = self.cfg.train.stop_at_step
-        if stop_at and self.position.step >= stop_at:
+        if stop_at and self.position.step == stop_at:  # once: a resumed run has moved past it
             self._stop_requested = self._stop_requested or f"train.stop_at_step={stop_at}"
         flag = torch.tensor([1.0 if self._stop_requested else 0.0])
         dist_utils.all_reduce_sum(flag)
