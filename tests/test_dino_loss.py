@@ -104,3 +104,23 @@ def test_cosine_schedule_by_hand():
     assert np.allclose(warm[:2], [0.0, 0.5])
     assert warm[2] == pytest.approx(1.0)
     assert len(warm) == 6 and np.all(np.diff(warm[2:]) < 0)
+
+
+def test_sinkhorn_targets_are_distributions_with_equal_prototype_mass():
+    from nocollapse.losses.dino import sinkhorn_knopp
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, generator=gen) * 3
+    logits[:, 0] += 5          # one prototype dominates the raw softmax
+    q = sinkhorn_knopp(logits, temperature=1.0, iterations=50)
+    assert torch.allclose(q.sum(1), torch.ones(64), atol=1e-5)
+    assert torch.allclose(q.sum(0), torch.full((8,), 64 / 8), rtol=1e-3)
+    raw = torch.softmax(logits, 1).sum(0)
+    assert raw[0] > 25 and q.sum(0)[0] < 8.1     # the dominant prototype (half the mass) is rebalanced
+
+
+def test_sinkhorn_of_uniform_logits_is_uniform():
+    from nocollapse.losses.dino import sinkhorn_knopp
+
+    q = sinkhorn_knopp(torch.zeros(6, 4), temperature=0.1)
+    assert torch.allclose(q, torch.full((6, 4), 0.25))

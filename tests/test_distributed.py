@@ -58,7 +58,8 @@ CASES = {
     "dino-learned-koleo": ["method.name=dino", "method.koleo_weight=0.1"],
     "dino-decoupled": ["method.name=dino", "method.prototypes=decoupled"],
     "dino-decoupled-posterior": ["method.name=dino", "method.prototypes=decoupled", "gmm.targets=posterior",
-                                 "dino.centering=false"],
+                                 "dino.teacher_norm=none"],
+    "dino-learned-sinkhorn": ["method.name=dino", "dino.teacher_norm=sinkhorn"],
     "carp-learned": ["method.name=carp", "carp.block_size=8"],
     "carp-decoupled": ["method.name=carp", "carp.block_size=8", "method.prototypes=decoupled"],
 }

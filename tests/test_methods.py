@@ -115,7 +115,7 @@ def test_dino_centering_is_on_by_default_and_can_be_dropped():
     _, learned = _method()
     _, decoupled = _method("method.prototypes=decoupled")
     assert learned.centering and decoupled.centering
-    _, dropped = _method("method.prototypes=decoupled", "dino.centering=false")
+    _, dropped = _method("method.prototypes=decoupled", "dino.teacher_norm=none")
     assert not dropped.centering
     before = dropped.center.clone()
     dropped(_crops(), 0)

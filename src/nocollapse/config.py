@@ -132,8 +132,12 @@ class DinoConfig:
     warmup_teacher_temp: float = _opt(0.04, "teacher temperature at the start", 1e-4)
     warmup_teacher_temp_epochs: float = _opt(0.0, "linear teacher-temperature warm-up length", 0.0)
     center_momentum: float = _opt(0.9, "momentum of the teacher centre", 0.0, 1.0)
-    centering: bool = _opt(True, "teacher centering (the paper drops it for decoupled prototypes; without it "
-                                 "DINO + decoupled collapsed to one-hot assignments in our runs)")
+    teacher_norm: str = _choice(
+        "centering", ("centering", "sinkhorn", "none"),
+        "teacher normalisation: EMA centering (DINO), Sinkhorn-Knopp equipartition over the batch "
+        "(SwAV / DINOv2), or none (the paper's setting for decoupled prototypes; it collapsed to one-hot "
+        "assignments in our runs)")
+    sinkhorn_iterations: int = _opt(3, "Sinkhorn-Knopp iterations (teacher_norm=sinkhorn)", 1)
 
 
 @dataclass

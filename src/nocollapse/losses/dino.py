@@ -51,6 +51,31 @@ def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[to
     return total / pairs
 
 
+def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
+    """Balanced teacher targets by Sinkhorn-Knopp (SwAV; DINOv2's alternative to centering).
+
+    Starting from ``P = exp(t / tau_t)`` (B samples x K prototypes, B summed over all processes),
+    alternately rescale the columns to equal mass 1/K and the rows to mass 1/B; after the last
+    row step each row is a distribution over prototypes (rows sum to 1) while, across the batch,
+    every prototype receives about the same total mass (equipartition):
+
+        Q = diag(u) P diag(v),   Q 1_K = 1_B,   1_B^T Q ~= (B / K) 1_K.
+    """
+    from ..engine import distributed as dist_utils
+
+    logits = teacher_logits.float() / temperature
+    q = torch.exp(logits - logits.max(dim=1, keepdim=True).values)   # row shift: cancels in row steps
+    q = q / dist_utils.all_reduce_sum(q.sum().reshape(1))
+    batch = torch.tensor([float(q.shape[0])], device=q.device)
+    total_batch = dist_utils.all_reduce_sum(batch)
+    k = q.shape[1]
+    for _ in range(iterations):
+        column = dist_utils.all_reduce_sum(q.sum(dim=0, keepdim=True))
+        q = q / column.clamp_min(1e-30) / k
+        q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-30) / total_batch
+    return q * total_batch
+
+
 def updated_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> torch.Tensor:
     """``m * c + (1 - m) * batch_mean``."""
     return center * momentum + batch_mean * (1.0 - momentum)

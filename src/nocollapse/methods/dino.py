@@ -1,5 +1,9 @@
 """DINO (Caron et al. 2021): self-distillation with an EMA teacher and K prototypes.
 
+Teacher targets are normalised by ``dino.teacher_norm``: ``centering`` (DINO: subtract an EMA of
+the batch-mean logits, then sharpen), ``sinkhorn`` (Sinkhorn-Knopp equipartition over the
+global batch, as SwAV and DINOv2 offer) or ``none`` (sharpening only).
+
 student/teacher = backbone -> projection MLP -> L2-normalised bottleneck -> prototype scores.
 
 ``method.prototypes``:
@@ -11,7 +15,7 @@ student/teacher = backbone -> projection MLP -> L2-normalised bottleneck -> prot
   they receive no gradient and are not in the optimiser. Teacher targets are a softmax over the
   cosine similarities to the means (``gmm.targets=similarity``) or the mixture's posterior
   responsibilities (``gmm.targets=posterior``). The paper drops centering for decoupled
-  prototypes; here it stays on by default (``dino.centering=false`` drops it), because without it
+  prototypes; here it stays on by default (``dino.teacher_norm=none`` drops it), because without it
   DINO + decoupled collapsed to one-hot assignments in our runs (one prototype used for all
   digits) -- the fixed means do not stop the encoder from sending every image to one of them.
 """
@@ -28,7 +32,7 @@ from torch.nn import functional as F
 from ..config import Config
 from ..engine import distributed as dist_utils
 from ..engine.schedules import warmup_constant_schedule
-from ..losses.dino import dino_loss, teacher_probabilities, updated_center
+from ..losses.dino import dino_loss, sinkhorn_knopp, teacher_probabilities, updated_center
 from ..models.heads import LearnedPrototypes, koleo_loss
 from ..prototypes.gmm import OnlineGMM
 from .base import SSLMethod, StepOutput, ema_update
@@ -140,7 +144,8 @@ class DINO(PrototypeMethod):
     def __init__(self, cfg: Config, backbone: nn.Module, steps_per_epoch: int) -> None:
         super().__init__(cfg, backbone, steps_per_epoch)
         d = cfg.dino
-        self.centering = d.centering
+        self.teacher_norm = d.teacher_norm
+        self.centering = d.teacher_norm == "centering"
         self.register_buffer("center", torch.zeros(1, cfg.method.num_prototypes))
         self.teacher_temp = warmup_constant_schedule(
             d.warmup_teacher_temp, d.teacher_temp, self.epochs_to_steps(d.warmup_teacher_temp_epochs),
@@ -162,6 +167,8 @@ class DINO(PrototypeMethod):
             t_logits = self.teacher_scores(t_emb).float()
             if gamma is not None and self.cfg.gmm.targets == "posterior":
                 q = gamma
+            elif self.teacher_norm == "sinkhorn":
+                q = sinkhorn_knopp(t_logits, temp, d.sinkhorn_iterations)
             else:
                 q = teacher_probabilities(t_logits, temp, self.center if self.centering else None)
         _, s_emb = self.student(crops)
