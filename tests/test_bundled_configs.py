@@ -8,15 +8,36 @@ import pytest
 
 from nocollapse.config import build_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "src" / "nocollapse" / "configs").rglob("*.yaml"))
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "src" / "nocollapse" / "configs"
+CONFIGS = sorted(CONFIG_ROOT.rglob("*.yaml"))
 
 
 def test_configs_are_bundled():
     names = {p.stem for p in CONFIGS}
     assert {"digits", "cifar10"} <= names
+    recipes = {str(p.relative_to(CONFIG_ROOT).with_suffix("")) for p in CONFIGS}
+    for name in ("dino", "dino_decoupled", "dino_koleo", "carp", "carp_decoupled"):
+        assert f"cifar10/{name}" in recipes and f"cifar10/gpu/{name}" in recipes
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1] if p.parent.name == "gpu" else p.parent)))
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_ROOT)))
 def test_bundled_config_is_valid(path):
     cfg, _ = build_config(path, ["data.root=/nonexistent"] if "cifar10" in str(path) else [])
     assert cfg.train.epochs >= 1
+
+
+@pytest.mark.parametrize("family", ["dino", "carp"])
+@pytest.mark.parametrize("scale", ["cifar10", "cifar10/gpu"])
+def test_decoupled_recipe_differs_from_learned_only_in_prototypes(family, scale):
+    """The collapse study compares prototype mechanisms; nothing else may change between the two."""
+    from dataclasses import asdict
+
+    learned, _ = build_config(CONFIG_ROOT / scale / f"{family}.yaml", ["data.root=/nonexistent"])
+    decoupled, _ = build_config(CONFIG_ROOT / scale / f"{family}_decoupled.yaml", ["data.root=/nonexistent"])
+    a, b = asdict(learned), asdict(decoupled)
+    assert (a["method"].pop("prototypes"), b["method"].pop("prototypes")) == ("learned", "decoupled")
+    for cfg in (a, b):  # settings that concern one kind of prototypes only
+        cfg["method"].pop("freeze_last_layer_epochs")
+        cfg["method"]["head"].pop("norm_last_layer")
+        cfg.pop("gmm")
+    assert a == b
