@@ -28,7 +28,11 @@ import sys
 from pathlib import Path
 
 RECIPES = ("dino", "dino_decoupled", "dino_koleo", "carp", "carp_decoupled")
-DATASETS = {"cifar10": [], "cifar10_lt": ["data.imbalance_ratio=100"]}
+# CIFAR-10-LT with imbalance 100 keeps 5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50 images per
+# class; the ImageNet-LT thresholds (100 / 20) would put 8 classes in the head and none in the tail,
+# so the groups here are thirds by frequency: head > 1000 (4 classes), tail < 200 (3 classes).
+DATASETS = {"cifar10": [], "cifar10_lt": ["data.imbalance_ratio=100", "eval.many_threshold=1000",
+                                          "eval.few_threshold=200"]}
 STANDARD_EPS = ("0.025", "0.1", "0.25", "0.5")
 
 
@@ -112,6 +116,49 @@ def figures(results: dict, out: Path) -> list[str]:
     return [str(p) for p in paths]
 
 
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_tables(results: dict) -> str:
+    """The study as markdown tables: one for the final numbers, one for k-NN and uniqueness per epoch."""
+    lines = []
+    for dataset, runs in results.items():
+        long_tail = any(r.get("linear_long_tail") for r in runs.values()) and dataset.endswith("_lt")
+        head = ["recipe", "k-NN init", "k-NN", "linear", "k-means NMI / ACC", "arg-max NMI / ACC (clusters)",
+                "unique % @ " + " / ".join(STANDARD_EPS), "utilisation %", "alarms", "train s"]
+        if long_tail:
+            head[4:4] = ["linear head / medium / tail"]
+        lines += [f"**{dataset}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, r in runs.items():
+            km, am = r.get("kmeans") or {}, r.get("prototype_argmax_clustering") or {}
+            unique = r.get("unique_prototypes") or {}
+            row = [name, _fmt(r["knn_top1_init"]), _fmt(r["knn_top1"]), _fmt(r.get("linear_top1")),
+                   f"{_fmt(km.get('nmi'))} / {_fmt(km.get('acc'))}",
+                   f"{_fmt(am.get('nmi'))} / {_fmt(am.get('acc'))} ({am.get('clusters_used', '–')})",
+                   " / ".join(_percent(unique.get(e)) for e in STANDARD_EPS),
+                   _percent(r.get("prototype_utilization")), ", ".join(r["alarms"]) or "none",
+                   f"{r['train_seconds']:.0f}"]
+            if long_tail:
+                lt = r.get("linear_long_tail") or {}
+                row[4:4] = [" / ".join(_fmt(lt.get(g)) for g in ("head", "medium", "tail"))]
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", f"Per epoch on {dataset}: k-NN top-1, unique % at ε = 0.025 / 0.25, utilisation %", "",
+                  "| recipe | " + " | ".join(f"epoch {p['epoch']:g}" for p in next(iter(runs.values()))["per_epoch"])
+                  + " |", "|---|" + "---|" * len(next(iter(runs.values()))["per_epoch"])]
+        for name, r in runs.items():
+            cells = [f"{_fmt(p.get('knn_top1'))}, {_percent(p.get('unique_0.025'))} / "
+                     f"{_percent(p.get('unique_0.25'))}, {_percent(p.get('prototype_utilization_train'))}"
+                     for p in r["per_epoch"]]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=os.environ.get("NOCOLLAPSE_CIFAR10"),
@@ -121,6 +168,7 @@ def main(argv=None) -> None:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
     parser.add_argument("--tag", default="", help="sub-folder for a variant regime (with --set)")
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables instead of JSON")
     args = parser.parse_args(argv)
     if not args.data:
         parser.error("give --data (or set NOCOLLAPSE_CIFAR10) to the CIFAR-10 ImageFolder root")
@@ -133,7 +181,7 @@ def main(argv=None) -> None:
             results.setdefault(dataset, {})[recipe] = collect(run_dir)
     report = {"overrides": args.set, "results": results, "figures": figures(results, out)}
     (out / "study.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    print(markdown_tables(results) if args.markdown else json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
