@@ -6,8 +6,8 @@ frozen first epoch, so every prototype follows its gradient from step one) and o
 decoupled prototypes (the online mixture). Everything else is identical. Per epoch it gathers
 unique prototypes at every standard epsilon, the largest pairwise cosine similarity between
 prototypes, utilisation, and the k-NN top-1 every ``--knn-every`` epochs; it writes
-``OUT/regime.json`` and ``OUT/unique_by_epoch_eps<e>.png`` for each epsilon (both runs on one
-axis). Needs nothing on disk; about 10 minutes per 100 epochs and run on 2 CPU cores.
+``OUT/regime_lr<lr>_e<epochs>.json`` and ``OUT/unique_by_epoch_lr<lr>_e<epochs>_eps<e>.png`` for
+each epsilon (both runs on one axis). Needs nothing on disk; about 10 minutes per 100 epochs and run on 2 CPU cores.
 
     python benchmarks/collapse_regime.py --out runs/collapse_regime --epochs 200
 
@@ -85,15 +85,16 @@ def main(argv=None) -> None:
     from nocollapse.diagnostics.plots import plot_runs_by_epoch
 
     figures = []
+    tag = f"lr{args.lr:g}_e{args.epochs}"
     for eps in STANDARD_EPS:
         key = f"unique_{eps}"
         series = {name: ([p["epoch"] for p in r["per_epoch"] if key in p],
                          [p[key] for p in r["per_epoch"] if key in p]) for name, r in results.items()}
         figures.append(str(plot_runs_by_epoch(
-            series, out / f"unique_by_epoch_eps{eps}.png", f"unique prototypes at ε = {eps} (% of K)",
+            series, out / f"unique_by_epoch_{tag}_eps{eps}.png", f"unique prototypes at ε = {eps} (% of K)",
             f"Learned vs decoupled prototypes, AdamW {args.lr:g}, digits", percent=True)))
     report = {"overrides": common, "results": results, "figures": figures}
-    (out / "regime.json").write_text(json.dumps(report, indent=1))
+    (out / f"regime_{tag}.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({name: {k: v for k, v in r.items() if k != "per_epoch"} for name, r in results.items()},
                      indent=1))
 
