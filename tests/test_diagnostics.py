@@ -514,3 +514,26 @@ def test_plots_write_pngs(tmp_path):
     assert [p.name for p in paths] == ["unique_vs_eps.png", "prototype_uniformity.png", "spectrum.png"]
     for p in paths:
         assert_png(p)
+
+
+def test_prototype_collapse_alarm_watches_the_configured_eps():
+    """Prototypes merged at cosine 0.95 are unique at eps 0.025 but not at 0.1: the alarm follows its eps."""
+    def metrics(step):
+        return {**healthy_metrics(step), "unique_0.025": 0.8, "unique_0.1": 0.26}
+
+    strict = AlarmMonitor(num_prototypes=1024, warmup_steps=0, patience=1, enabled=["prototype_collapse"])
+    assert run(strict, range(10), metrics) == []
+    loose = AlarmMonitor(num_prototypes=1024, warmup_steps=0, patience=1, unique_eps="0.1",
+                         enabled=["prototype_collapse"])
+    fired = run(loose, range(10), metrics)
+    assert [a.name for a in fired] == ["prototype_collapse"] and fired[0].value == pytest.approx(0.26)
+    assert "eps = 0.1" in fired[0].message
+
+
+def test_prototype_collapse_eps_is_a_validated_setting():
+    from nocollapse.config import ConfigError, build_config
+
+    cfg, _ = build_config(None, ["diagnostics.prototype_collapse_eps=0.25"])
+    assert cfg.diagnostics.prototype_collapse_eps == "0.25"
+    with pytest.raises(ConfigError, match="prototype_collapse_eps"):
+        build_config(None, ["diagnostics.prototype_collapse_eps=0.3"])

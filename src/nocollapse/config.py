@@ -221,6 +221,10 @@ class DiagnosticsConfig:
     alarms: bool = _opt(True, "raise collapse alarms (each once, with a likely cause and remedy)")
     alarm_warmup_epochs: float = _opt(1.0, "no alarm before this many epochs", 0.0)
     alarm_patience: int = _opt(5, "consecutive log steps a failure must persist before its alarm fires", 1)
+    prototype_collapse_eps: str = _choice("0.1", ("0.025", "0.1", "0.25", "0.5"),
+                                          "epsilon at which the prototype_collapse alarm counts unique prototypes")
+    prototype_collapse_threshold: float = _opt(
+        0.5, "prototype_collapse fires when fewer than this fraction of prototypes are unique", 0.0, 1.0)
     queue_size: int = _opt(4096, "recent training features kept for the per-epoch effective rank", 16)
     plots: bool = _opt(True, "write PNG plots to RUN_DIR/plots at the end of training")
 

@@ -41,6 +41,7 @@ class TrainingMonitor:
         # Geometry is measured once per epoch, so one bad epoch is enough.
         self.epoch_alarms = AlarmMonitor(
             self.num_prototypes, warmup_steps=warmup, patience=1,
+            unique_fraction_threshold=d.prototype_collapse_threshold, unique_eps=d.prototype_collapse_eps,
             enabled=("prototype_collapse",) if d.alarms else ())
         self.features: deque[torch.Tensor] = deque()
         self.queued = 0
