@@ -41,3 +41,11 @@ def test_decoupled_recipe_differs_from_learned_only_in_prototypes(family, scale)
         cfg["method"]["head"].pop("norm_last_layer")
         cfg.pop("gmm")
     assert a == b
+
+
+def test_the_cifar10_config_is_the_best_measured_recipe():
+    from dataclasses import asdict
+
+    default, _ = build_config(CONFIG_ROOT / "cifar10.yaml", ["data.root=/nonexistent"])
+    recipe, _ = build_config(CONFIG_ROOT / "cifar10" / "carp.yaml", ["data.root=/nonexistent"])
+    assert asdict(default) == asdict(recipe)
