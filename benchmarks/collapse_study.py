@@ -11,7 +11,7 @@ k-NN, linear probe, clustering, head / medium / tail accuracy) and gathers:
   k-means and arg-max-prototype clustering, long-tail groups, alarms and throughput.
 
 Writes ``OUT/study.json`` and figures (all recipes on one axis): ``unique_vs_eps_<dataset>.png``,
-``unique_by_epoch_<dataset>.png``, ``utilization_by_epoch_<dataset>.png``; prints the JSON.
+``unique_by_epoch_eps<e>_<dataset>.png``, ``utilization_by_epoch_<dataset>.png``; prints the JSON.
 
     python benchmarks/collapse_study.py --data ../shared/datasets/cifar10 --out runs/collapse_study
     python benchmarks/collapse_study.py --data $CIFAR --recipes dino --datasets cifar10 \\
@@ -101,8 +101,8 @@ def figures(results: dict, out: Path) -> list[str]:
             paths.append(plot_unique_vs_eps(curves, out / f"unique_vs_eps_{dataset}.png",
                                             title=f"Unique prototypes vs ε after training ({dataset})"))
         for key, fname, label, title in (
-                ("unique_0.025", "unique_by_epoch", "unique prototypes at ε = 0.025 (% of K)",
-                 "Unique prototypes per epoch"),
+                *((f"unique_{eps}", f"unique_by_epoch_eps{eps}", f"unique prototypes at ε = {eps} (% of K)",
+                   "Unique prototypes per epoch") for eps in STANDARD_EPS),
                 ("prototype_utilization_train", "utilization_by_epoch",
                  "prototypes that are some image's arg-max (% of K)", "Prototype utilisation per epoch")):
             series = {}
