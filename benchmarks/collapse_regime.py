@@ -18,41 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-STANDARD_EPS = ("0.025", "0.1", "0.25", "0.5")
+from collapse_study import STANDARD_EPS, epoch_records, train_once
+
 PROTOTYPE_SETTINGS = {
     "learned": ["method.prototypes=learned", "method.head.norm_last_layer=false",
                 "method.freeze_last_layer_epochs=0"],
     "decoupled": ["method.prototypes=decoupled"],
 }
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "nocollapse.cli", *args]
-
-
-def train(run_dir: Path, overrides: list[str]) -> None:
-    if (run_dir / "summary.json").is_file():
-        return
-    if (run_dir / "checkpoints" / "last.pt").is_file():
-        subprocess.run(_cli("train", "--out", str(run_dir), "--resume"), check=True)
-    else:
-        subprocess.run(_cli("train", "--out", str(run_dir), "--force", "--set", *overrides), check=True)
-
-
-def per_epoch(run_dir: Path) -> list[dict]:
-    epochs: dict[float, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record or "epoch" not in record:
-            continue  # step records
-        keep = {k: v for k, v in record.items() if k.startswith("unique_") or k in (
-            "pairwise_cosine_max", "prototype_utilization_train", "knn_top1", "effective_rank")}
-        epochs.setdefault(float(record["epoch"]), {}).update(keep)
-    return [{"epoch": e, **v} for e, v in sorted(epochs.items())]
 
 
 def main(argv=None) -> None:
@@ -69,7 +43,7 @@ def main(argv=None) -> None:
     results = {}
     for name, settings in PROTOTYPE_SETTINGS.items():
         run_dir = out / f"{name}_lr{args.lr:g}_e{args.epochs}"
-        train(run_dir, [*settings, *common])
+        train_once(run_dir, ["--set", *settings, *common])
         summary = json.loads((run_dir / "summary.json").read_text())
         results[name] = {
             "run_dir": str(run_dir),
@@ -79,7 +53,8 @@ def main(argv=None) -> None:
             "prototype_utilization": summary.get("prototype_utilization"),
             "alarms": [a["name"] for a in summary.get("alarms", [])],
             "train_seconds": summary.get("train_seconds"),
-            "per_epoch": per_epoch(run_dir),
+            "per_epoch": epoch_records(run_dir, ("pairwise_cosine_max", "prototype_utilization_train",
+                                                  "knn_top1", "effective_rank")),
         }
 
     from nocollapse.diagnostics.plots import plot_runs_by_epoch

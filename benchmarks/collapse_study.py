@@ -40,15 +40,31 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "nocollapse.cli", *args]
 
 
-def train_and_evaluate(recipe: str, dataset: str, run_dir: Path, data: str, extra: list[str]) -> None:
-    overrides = [f"data.root={data}", *DATASETS[dataset], *extra]
+def train_once(run_dir: Path, train_args: list[str]) -> None:
+    """``nocollapse train`` into ``run_dir`` unless it finished; an interrupted run is resumed."""
     if (run_dir / "summary.json").is_file():
-        pass
-    elif (run_dir / "checkpoints" / "last.pt").is_file():
+        return
+    if (run_dir / "checkpoints" / "last.pt").is_file():
         subprocess.run(_cli("train", "--out", str(run_dir), "--resume"), check=True)
     else:
-        subprocess.run(_cli("train", "--config", f"cifar10/{recipe}", "--out", str(run_dir), "--force",
-                            "--set", *overrides), check=True)
+        subprocess.run(_cli("train", "--out", str(run_dir), "--force", *train_args), check=True)
+
+
+def epoch_records(run_dir: Path, keys: tuple[str, ...]) -> list[dict]:
+    """Per-epoch metrics of a run: every ``unique_*`` key and ``keys``, one dict per epoch."""
+    per_epoch: dict[float, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line) if line else {}
+        if "loss" in record or "epoch" not in record:
+            continue  # step records
+        keep = {k: v for k, v in record.items() if k.startswith("unique_") or k in keys}
+        per_epoch.setdefault(float(record["epoch"]), {}).update(keep)
+    return [{"epoch": e, **v} for e, v in sorted(per_epoch.items())]
+
+
+def train_and_evaluate(recipe: str, dataset: str, run_dir: Path, data: str, extra: list[str]) -> None:
+    overrides = [f"data.root={data}", *DATASETS[dataset], *extra]
+    train_once(run_dir, ["--config", f"cifar10/{recipe}", "--set", *overrides])
     if not (run_dir / "eval.json").is_file():
         subprocess.run(_cli("eval", str(run_dir), "--json"), check=True, stdout=subprocess.DEVNULL)
 
@@ -57,14 +73,6 @@ def collect(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     evaluation = json.loads((run_dir / "eval.json").read_text())
     diagnosis = json.loads((run_dir / "diagnosis.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    per_epoch: dict[float, dict] = {}
-    for r in records:
-        if "loss" in r:
-            continue  # step records
-        keep = {k: v for k, v in r.items() if k.startswith("unique_") or k in (
-            "prototype_utilization_train", "knn_top1", "effective_rank", "mixture_perplexity")}
-        per_epoch.setdefault(float(r["epoch"]), {}).update(keep)
     lin, clus = evaluation.get("linear", {}), evaluation.get("clustering", {})
     return {
         "run_dir": str(run_dir),
@@ -86,7 +94,8 @@ def collect(run_dir: Path) -> dict:
         "effective_prototypes": summary.get("effective_prototypes"),
         "effective_rank": summary.get("effective_rank"),
         "alarms": [a["name"] for a in summary.get("alarms", [])],
-        "per_epoch": [{"epoch": e, **v} for e, v in sorted(per_epoch.items())],
+        "per_epoch": epoch_records(run_dir, ("prototype_utilization_train", "knn_top1", "effective_rank",
+                                             "mixture_perplexity")),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,6 @@ def test_bundled_config_is_valid(path):
 @pytest.mark.parametrize("scale", ["cifar10", "cifar10/gpu"])
 def test_decoupled_recipe_differs_from_learned_only_in_prototypes(family, scale):
     """The collapse study compares prototype mechanisms; nothing else may change between the two."""
-    from dataclasses import asdict
-
     learned, _ = build_config(CONFIG_ROOT / scale / f"{family}.yaml", ["data.root=/nonexistent"])
     decoupled, _ = build_config(CONFIG_ROOT / scale / f"{family}_decoupled.yaml", ["data.root=/nonexistent"])
     a, b = asdict(learned), asdict(decoupled)
@@ -44,8 +43,6 @@ def test_decoupled_recipe_differs_from_learned_only_in_prototypes(family, scale)
 
 
 def test_the_cifar10_config_is_the_best_measured_recipe():
-    from dataclasses import asdict
-
     default, _ = build_config(CONFIG_ROOT / "cifar10.yaml", ["data.root=/nonexistent"])
     recipe, _ = build_config(CONFIG_ROOT / "cifar10" / "carp.yaml", ["data.root=/nonexistent"])
     assert asdict(default) == asdict(recipe)
