@@ -8,7 +8,10 @@ k-NN, linear probe, clustering, head / medium / tail accuracy) and gathers:
 * per epoch: unique prototypes at every standard epsilon, prototype utilisation (fraction of
   prototypes that were some training image's arg-max during the epoch) and k-NN top-1;
 * at the end: the unique-vs-epsilon curve, utilisation on the test split, k-NN, linear probe,
-  k-means and arg-max-prototype clustering, long-tail groups, alarms and throughput.
+  k-means and arg-max-prototype clustering, long-tail groups, alarms and throughput. CIFAR-10-LT
+  runs are evaluated twice: k-NN and probe fitted on the long-tailed split they were trained on,
+  and on the balanced CIFAR-10 train split (``nocollapse eval --balanced-train``), which measures
+  how well the features separate rare classes without the probe's own imbalance.
 
 Writes ``OUT/study.json`` and figures (all recipes on one axis): ``unique_vs_eps_<dataset>.png``,
 ``unique_by_epoch_eps<e>_<dataset>.png``, ``utilization_by_epoch_<dataset>.png``; prints the JSON.
@@ -67,6 +70,10 @@ def train_and_evaluate(recipe: str, dataset: str, run_dir: Path, data: str, extr
     train_once(run_dir, ["--config", f"cifar10/{recipe}", "--set", *overrides])
     if not (run_dir / "eval.json").is_file():
         subprocess.run(_cli("eval", str(run_dir), "--json"), check=True, stdout=subprocess.DEVNULL)
+    if dataset.endswith("_lt") and not (run_dir / "eval_balanced.json").is_file():
+        # the second protocol: k-NN and probe fitted on all of CIFAR-10's training images
+        subprocess.run(_cli("eval", str(run_dir), "--json", "--balanced-train"), check=True,
+                       stdout=subprocess.DEVNULL)
 
 
 def collect(run_dir: Path) -> dict:
@@ -74,6 +81,9 @@ def collect(run_dir: Path) -> dict:
     evaluation = json.loads((run_dir / "eval.json").read_text())
     diagnosis = json.loads((run_dir / "diagnosis.json").read_text())
     lin, clus = evaluation.get("linear", {}), evaluation.get("clustering", {})
+    balanced_path = run_dir / "eval_balanced.json"
+    balanced = json.loads(balanced_path.read_text()) if balanced_path.is_file() else {}
+    balanced_knn = balanced.get("knn", {}).get("knn_k20_t0.07", {})
     return {
         "run_dir": str(run_dir),
         "epochs": summary["epochs"],
@@ -86,6 +96,11 @@ def collect(run_dir: Path) -> dict:
         "knn_long_tail": evaluation.get("knn", {}).get("knn_k20_t0.07", {}).get("long_tail"),
         "linear_top1": lin.get("top1"),
         "linear_long_tail": lin.get("long_tail"),
+        # LT runs: k-NN / probe fitted on the balanced CIFAR-10 train split (groups by pre-training counts)
+        "balanced_knn_top1": balanced_knn.get("top1"),
+        "balanced_knn_long_tail": balanced_knn.get("long_tail"),
+        "balanced_linear_top1": balanced.get("linear", {}).get("top1"),
+        "balanced_linear_long_tail": balanced.get("linear", {}).get("long_tail"),
         "kmeans": clus.get("kmeans"),
         "prototype_argmax_clustering": clus.get("prototype_argmax"),
         "unique_prototypes": summary.get("unique_prototypes"),
@@ -141,7 +156,7 @@ def markdown_tables(results: dict) -> str:
         head = ["recipe", "k-NN init", "k-NN", "linear", "k-means NMI / ACC", "arg-max NMI / ACC (clusters)",
                 "unique % @ " + " / ".join(STANDARD_EPS), "utilisation %", "alarms", "train s"]
         if long_tail:
-            head[4:4] = ["linear head / medium / tail"]
+            head[4:4] = ["linear head / medium / tail", "balanced probe: linear (head / medium / tail)"]
         lines += [f"**{dataset}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, r in runs.items():
             km, am = r.get("kmeans") or {}, r.get("prototype_argmax_clustering") or {}
@@ -153,8 +168,10 @@ def markdown_tables(results: dict) -> str:
                    _percent(r.get("prototype_utilization")), ", ".join(r["alarms"]) or "none",
                    f"{r['train_seconds']:.0f}"]
             if long_tail:
-                lt = r.get("linear_long_tail") or {}
-                row[4:4] = [" / ".join(_fmt(lt.get(g)) for g in ("head", "medium", "tail"))]
+                lt, blt = r.get("linear_long_tail") or {}, r.get("balanced_linear_long_tail") or {}
+                row[4:4] = [" / ".join(_fmt(lt.get(g)) for g in ("head", "medium", "tail")),
+                            f"{_fmt(r.get('balanced_linear_top1'))} ("
+                            + " / ".join(_fmt(blt.get(g)) for g in ("head", "medium", "tail")) + ")"]
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", f"Per epoch on {dataset}: k-NN top-1, unique % at ε = 0.025 / 0.25, utilisation %", "",
                   "| recipe | " + " | ".join(f"epoch {p['epoch']:g}" for p in next(iter(runs.values()))["per_epoch"])

@@ -66,6 +66,34 @@ def test_eval_runs_everything_and_caches_features(run_dir, capsys):
     assert "linear" not in only_knn and cached[0].stat().st_mtime_ns == stamp
 
 
+def test_eval_balanced_train_after_long_tailed_pretraining(run_dir, tmp_path, capsys):
+    # a run without long tail has no balanced split: a clear error, and nothing written
+    assert main(["eval", str(run_dir), "--balanced-train"]) == 2
+    assert "--balanced-train needs a run pre-trained on a long-tailed subset" in capsys.readouterr().err
+    assert not (run_dir / "eval_balanced.json").exists()
+
+    lt_run = tmp_path / "long_tail"
+    assert main(["train", "--out", str(lt_run), "--set", *TINY, "train.epochs=1", "data.imbalance_ratio=10",
+                 "eval.many_threshold=100", "eval.few_threshold=30", "diagnostics.plots=false"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(lt_run), "--knn", "--json"]) == 0
+    standard = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(lt_run), "--knn", "--json", "--balanced-train"]) == 0
+    balanced = json.loads(capsys.readouterr().out)
+    assert json.loads((lt_run / "eval_balanced.json").read_text()) == balanced
+    assert json.loads((lt_run / "eval.json").read_text()) == standard  # the standard report is kept
+    # digits: 1,347 training images; imbalance 10 keeps far fewer of them
+    assert balanced["source"]["evaluation_train_images"] == 1347
+    assert standard["source"]["evaluation_train_images"] < 800
+    groups = ("num_head", "num_medium", "num_tail")
+    lt_standard = standard["knn"]["knn_k20_t0.07"]["long_tail"]
+    lt_balanced = balanced["knn"]["knn_k20_t0.07"]["long_tail"]
+    # the groups follow the pre-training class counts in both protocols
+    assert [lt_balanced[g] for g in groups] == [lt_standard[g] for g in groups]
+    assert lt_balanced["num_tail"] >= 1 and lt_balanced["num_head"] >= 1
+    assert list((lt_run / "features").glob("*-balanced.pt"))
+
+
 def _dino_like_checkpoint(path, legacy: bool):
     torch.manual_seed(0)
     layer = nn.Linear(8, 5, bias=False)

@@ -84,15 +84,26 @@ def method_report(method, test: SplitOutputs) -> dict[str, Any]:
     return report
 
 
-def cached_outputs(run, device: torch.device, use_cache: bool = True) -> tuple[SplitOutputs, SplitOutputs]:
+def cached_outputs(run, device: torch.device, use_cache: bool = True,
+                   balanced_train: bool = False) -> tuple[SplitOutputs, SplitOutputs]:
     """Train and test outputs of a loaded run (see :mod:`nocollapse.runs`), cached per checkpoint
-    in ``RUN_DIR/features/<checkpoint>-step<N>.pt``. The cache is keyed by the checkpoint file's
-    size and modification time, so an overwritten ``last.pt`` is re-encoded."""
+    in ``RUN_DIR/features/<checkpoint>-step<N>[-balanced].pt``. The cache is keyed by the checkpoint
+    file's size and modification time, so an overwritten ``last.pt`` is re-encoded.
+
+    ``balanced_train`` encodes the labelled train split as it was before long-tail subsampling
+    (``splits.full_train``) instead of the subsampled one; a run without long tail has none."""
     from .engine.checkpoint import atomic_save
 
+    train_source = run.splits.train
+    if balanced_train:
+        if run.splits.full_train is None:
+            raise ValueError("this run was not pre-trained on a long-tailed subset (data.imbalance_ratio "
+                             "is 1), so there is no balanced train split to evaluate with")
+        train_source = run.splits.full_train
     stat = run.checkpoint.stat()
     fingerprint = f"{stat.st_size}-{stat.st_mtime_ns}"
-    path = run.run_dir / "features" / f"{run.checkpoint.stem}-step{run.step}.pt"
+    suffix = "-balanced" if balanced_train else ""
+    path = run.run_dir / "features" / f"{run.checkpoint.stem}-step{run.step}{suffix}.pt"
     if use_cache and path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
         if cached.get("fingerprint") == fingerprint:
@@ -100,7 +111,7 @@ def cached_outputs(run, device: torch.device, use_cache: bool = True) -> tuple[S
     cfg = run.cfg
     common = dict(size=run.image_size, splits=run.splits, batch_size=cfg.eval.batch_size, device=device,
                   num_workers=cfg.data.num_workers, bad_images=cfg.data.bad_images)
-    train = encode_split(run.method, run.splits.train, with_head=False, **common)
+    train = encode_split(run.method, train_source, with_head=False, **common)
     test = encode_split(run.method, run.splits.test, **common)
     atomic_save({"fingerprint": fingerprint, "train": vars(train), "test": vars(test)}, path)
     return train, test

@@ -150,7 +150,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = load_run(args.target, device=device, data_root=args.data_root)
-    train, test = cached_outputs(run, device, use_cache=not args.no_cache)
+    if args.balanced_train and run.splits.full_train is None:
+        raise ValueError(f"--balanced-train needs a run pre-trained on a long-tailed subset "
+                         f"(data.imbalance_ratio > 1); {run.run_dir} used all of {run.cfg.data.dataset}")
+    train, test = cached_outputs(run, device, use_cache=not args.no_cache, balanced_train=args.balanced_train)
     chosen = {"knn": args.knn, "linear": args.linear, "clustering": args.clustering}
     if not any(chosen.values()):
         chosen = dict.fromkeys(chosen, True)
@@ -161,14 +164,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       few_threshold=e.few_threshold, seed=run.cfg.train.seed)
     result["source"] = {"checkpoint": str(run.checkpoint), "step": run.step, "method": run.cfg.method.name,
                         "prototypes": run.cfg.method.prototypes, "dataset": run.cfg.data.dataset,
-                        "features": "teacher backbone" if hasattr(run.method, "teacher") else "backbone"}
+                        "features": "teacher backbone" if hasattr(run.method, "teacher") else "backbone",
+                        "evaluation_train": "balanced (before long-tail subsampling)" if args.balanced_train
+                        else "pre-training split", "evaluation_train_images": len(train.labels)}
     out = Path(args.out) if args.out else run.run_dir
-    _write_json(out / "eval.json", result)
+    name = "eval_balanced.json" if args.balanced_train else "eval.json"
+    _write_json(out / name, result)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(format_eval(result))
-        print(f"\nwritten: {out / 'eval.json'}")
+        print(f"\nwritten: {out / name}")
     return 0
 
 
@@ -261,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.add_argument("--out", help="where eval.json goes (default: the run directory)")
     evaluate.add_argument("--no-cache", action="store_true", help="recompute features even if cached")
+    evaluate.add_argument("--balanced-train", action="store_true",
+                          help="for a run pre-trained on a long-tailed subset: fit k-NN and the probe on the "
+                               "full, balanced train split (head / medium / tail groups still follow the "
+                               "pre-training class counts); writes eval_balanced.json")
     evaluate.add_argument("--data-root", help="override the run's data.root")
     evaluate.set_defaults(func=cmd_eval)
 

@@ -33,6 +33,9 @@ class DatasetSplits:
     class_names: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # the labelled train split before long-tail subsampling (None when the data were not subsampled);
+    # ``nocollapse eval --balanced-train`` fits k-NN and the probe on it
+    full_train: ImageSource | None = None
 
     @property
     def num_classes(self) -> int:
@@ -263,5 +266,5 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
         train = splits.train.subset(idx)
         ssl = train if splits.ssl_train is splits.train else splits.ssl_train
         splits = DatasetSplits(splits.name, ssl, train, splits.test, splits.class_names,
-                               splits.mean, splits.std)
+                               splits.mean, splits.std, full_train=splits.train)
     return splits
