@@ -130,6 +130,49 @@ def test_dead_component_reseeding_is_counted():
     assert int(gmm.num_reseeds) > 0
 
 
+def test_stale_seeds_are_detected_by_usage_and_moved_onto_the_data():
+    # Seeds placed where a random encoder put its embeddings; the embeddings then move to two
+    # far-away clusters. With per-component forgetting the unused seeds keep their weight, so only
+    # their usage reveals them; re-seeding moves them onto the data, each onto a distinct point.
+    gen = torch.Generator().manual_seed(0)
+    dim, k = 8, 16
+    cone = F.normalize(torch.randn(k, dim, generator=gen) * 0.1 + torch.eye(dim)[0], dim=1)
+    centres = F.normalize(torch.stack([-torch.eye(dim)[0] + torch.eye(dim)[1], -torch.eye(dim)[0] - torch.eye(dim)[1]]), dim=1)
+
+    def batch():
+        idx = torch.randint(0, 2, (64,), generator=gen)
+        return F.normalize(centres[idx] + 0.05 * torch.randn(64, dim, generator=gen), dim=1)
+
+    def run(reseed: bool) -> OnlineGMM:
+        torch.manual_seed(0)
+        gmm = OnlineGMM(k, dim, init="data", eta=0.1, reseed_dead=reseed, dead_threshold=0.2)
+        gmm.update(cone)                      # seeds: the "random encoder" embeddings
+        for _ in range(40):
+            gmm.update(batch())
+        return gmm
+
+    stale, fresh = run(False), run(True)
+    data = batch()
+    near = lambda g: (g.means @ data.t()).max(dim=1).values  # best cosine of each mean to the data
+    # without re-seeding most seeds stay in the cone, with weights that look healthy
+    assert int((near(stale) < 0.5).sum()) >= k - 4
+    assert float(stale.weights.min()) > 0.5 / k
+    assert stale.dead_components().numel() >= k - 4 and int(stale.num_reseeds) == 0
+    # with re-seeding every mean ends up on the data, and none is a copy of another
+    assert bool((near(fresh) > 0.9).all()) and int(fresh.num_reseeds) >= k - 4
+    cos = fresh.means @ fresh.means.t() - 2 * torch.eye(k)
+    assert float(cos.max()) < 1 - 1e-6
+
+
+def test_usage_is_restored_for_checkpoints_written_before_it_existed():
+    gmm = OnlineGMM(8, 4, init="random")
+    state = {key: value for key, value in gmm.state_dict().items() if key != "usage"}
+    fresh = OnlineGMM(8, 4, init="random")
+    fresh.usage.fill_(0.0)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.usage, torch.ones(8))
+
+
 def test_mixture_state_survives_a_checkpoint_round_trip(tmp_path):
     from nocollapse.engine.checkpoint import atomic_save
 

@@ -158,8 +158,9 @@ class GmmConfig:
     var_floor: float = _opt(1e-4, "variance floor of the M-step", 1e-12)
     init: str = _choice("data", ("random", "data"),
                         "random unit vectors, or seeded from the first teacher embeddings")
-    reseed_dead: bool = _opt(False, "re-seed components whose weight falls below dead_threshold / K")
-    dead_threshold: float = _opt(0.01, "a component is dead below this fraction of the uniform weight", 0.0)
+    reseed_dead: bool = _opt(False, "re-seed dead components onto current embeddings (k-means++ on the batch)")
+    dead_threshold: float = _opt(0.01, "a component is dead when its recent usage (EMA, rate eta, of the "
+                                 "responsibility it receives) falls below this fraction of a uniform share", 0.0)
     chunk_size: int = _opt(4096, "components per chunk in the E-step (bounds memory)", 1)
     targets: str = _choice("similarity", ("similarity", "posterior"),
                            "teacher targets: softmax of similarities to the means, or mixture responsibilities")

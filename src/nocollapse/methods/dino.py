@@ -113,6 +113,7 @@ class PrototypeMethod(SSLMethod):
         w = self.gmm.weights
         perplexity = torch.exp(-(w * torch.log(w.clamp_min(1e-30))).sum())
         return {"gmm_weight_perplexity": float(perplexity), "gmm_reseeds": float(self.gmm.num_reseeds),
+                "gmm_dead": float(self.gmm.dead_components().numel()),
                 "gmm_mean_variance": float(self.gmm.variances.mean())}
 
     def uniform_loss(self) -> float:

@@ -38,8 +38,17 @@ together) but its weight decays.
 **Initialisation.** ``init="random"``: random unit means. ``init="data"`` (default): components
 are seeded, in index order, with the first teacher embeddings seen (all processes' embeddings,
 gathered, so every rank seeds identically), chosen by greedy k-means++ when a batch holds more
-embeddings than components remain; until all K are seeded, the E-step only uses the seeded ones. Optional re-seeding of dead components (weight below ``dead_threshold / K``) onto
-current embeddings is off by default; every re-seed is counted.
+embeddings than components remain; until all K are seeded, the E-step only uses the seeded ones.
+
+**Re-seeding dead components** (``reseed_dead``, off by default). Seeds drawn from a randomly
+initialised encoder sit where its embeddings were, and the embeddings move away as the encoder
+learns; with per-component forgetting a component that never receives responsibility keeps its
+mean and weight forever, so it is dead without its weight showing it. The mixture therefore
+tracks each component's recent *usage*, an exponential average (rate ``eta``) of the mass it
+receives relative to a uniform share, ``u_k <- (1 - eta) u_k + eta * K * s0_k`` (1 = a uniform
+share, 1 at seeding). A component with ``u_k < dead_threshold`` is dead; at most half a batch of
+them, least used first, is re-seeded per update by k-means++ on the gathered batch (against the
+live means), with a uniform share of mass and usage reset to 1. Every re-seed is counted.
 
 Under ``torch.distributed`` only sums are exchanged (all-reduce), so every rank holds the
 identical mixture, equal to the one a single process fed the joined batch would hold.
@@ -95,6 +104,12 @@ class OnlineGMM(nn.Module):
         self.register_buffer("num_seeded", torch.tensor(num_components if init == "random" else 0))
         self.register_buffer("num_updates", torch.tensor(0))
         self.register_buffer("num_reseeds", torch.tensor(0))
+        self.register_buffer("usage", torch.ones(num_components))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before usage was tracked: every component starts at a uniform share
+        state_dict.setdefault(prefix + "usage", torch.ones_like(self.usage))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -163,6 +178,7 @@ class OnlineGMM(nn.Module):
         s0, s1, s2 = stats[:, 0], stats[:, 1:1 + self.dim], stats[:, 1 + self.dim:]
         active = self._active()
         self._forget_and_accumulate(s0[:active], s1[:active], s2[:active], active)
+        self.usage[:active] = (1.0 - self.eta) * self.usage[:active] + self.eta * self.num_components * s0[:active]
         self._m_step()
         self.num_updates += 1
         if self.reseed_dead and int(self.num_seeded) == self.num_components:
@@ -223,11 +239,11 @@ class OnlineGMM(nn.Module):
         with probability proportional to their squared distance to the nearest mean chosen so far
         (the already seeded ``existing`` ones included), and the candidate that most lowers the
         total squared distance is kept. All rows are taken when ``n`` equals their number. The
-        generator is seeded from the mixture's seed and progress, so every rank (holding the same
-        gathered ``h``) picks the same rows."""
+        generator is seeded from the mixture's seed and progress (seeded and re-seeded counts), so
+        every rank (holding the same gathered ``h``) picks the same rows."""
         if n >= h.shape[0]:
             return torch.arange(h.shape[0], device=h.device)
-        gen = torch.Generator().manual_seed(self.seed * 7919 + int(self.num_seeded))
+        gen = torch.Generator().manual_seed(self.seed * 7919 + int(self.num_seeded) + 104729 * int(self.num_reseeds))
         hc = h.cpu()
         if existing.shape[0] > 0:
             d2 = (2.0 - 2.0 * (hc @ existing.cpu().t()).max(dim=1).values).clamp_min(0.0)
@@ -245,15 +261,23 @@ class OnlineGMM(nn.Module):
             d2 = new_d2[best]
         return torch.tensor(picks, device=h.device)
 
+    def dead_components(self) -> torch.Tensor:
+        """Indices of seeded components whose recent usage is below ``dead_threshold``, least used first."""
+        active = self._active()
+        usage = self.usage[:active]
+        dead = torch.nonzero(usage < self.dead_threshold, as_tuple=True)[0]
+        return dead[torch.argsort(usage[dead], stable=True)]
+
     def _reseed(self, h_all: torch.Tensor) -> None:
-        dead = torch.nonzero(self.weights < self.dead_threshold / self.num_components, as_tuple=True)[0]
+        dead = self.dead_components()[: max(1, h_all.shape[0] // 2)]
         if dead.numel() == 0:
             return
-        gen = torch.Generator().manual_seed(int(self.num_updates) * 7919 + int(self.num_reseeds))
-        rows = torch.randint(0, h_all.shape[0], (dead.numel(),), generator=gen).to(h_all.device)
+        dead_mask = torch.zeros(self.num_components, dtype=torch.bool, device=dead.device)
+        dead_mask[dead] = True
+        rows = self._kmeanspp_rows(h_all, dead.numel(), self.means[~dead_mask])
         var = h_all.var(dim=0, unbiased=False).mean().clamp_min(self.var_floor)
-        self._set_component(dead, h_all[rows], var.expand(dead.numel(), self.dim),
-                            1.0 / self.num_components)
+        self._set_component(dead, h_all[rows], var.expand(dead.numel(), self.dim), 1.0 / self.num_components)
+        self.usage[dead] = 1.0
         self.num_reseeds += dead.numel()
         self._m_step()
 
