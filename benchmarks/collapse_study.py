@@ -34,9 +34,12 @@ RECIPES = ("dino", "dino_decoupled", "dino_koleo", "carp", "carp_decoupled")
 # CIFAR-10-LT with imbalance 100 keeps 5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50 images per
 # class; the ImageNet-LT thresholds (100 / 20) would put 8 classes in the head and none in the tail,
 # so the groups here are thirds by frequency: head > 1000 (4 classes), tail < 200 (3 classes).
-DATASETS = {"cifar10": [], "cifar10_lt": ["data.imbalance_ratio=100", "eval.many_threshold=1000",
-                                          "eval.few_threshold=200"]}
+LT_IMBALANCE = 100
+LT_THRESHOLDS = {"many_threshold": 1000, "few_threshold": 200}
+DATASETS = {"cifar10": [], "cifar10_lt": [f"data.imbalance_ratio={LT_IMBALANCE}",
+                                          *(f"eval.{key}={value}" for key, value in LT_THRESHOLDS.items())]}
 STANDARD_EPS = ("0.025", "0.1", "0.25", "0.5")
+DINO_KNN = "knn_k20_t0.07"  # eval.json key of the k = 20, T = 0.07 protocol
 
 
 def _cli(*args: str) -> list[str]:
@@ -76,9 +79,6 @@ def train_and_evaluate(recipe: str, dataset: str, run_dir: Path, data: str, extr
                        stdout=subprocess.DEVNULL)
 
 
-LT_THRESHOLDS = {"many_threshold": 1000, "few_threshold": 200}
-
-
 def knn_on_long_tail_groups(run_dir: Path) -> dict | None:
     """A control for the CIFAR-10-LT groups: per-group k-NN accuracy (k = 20, T = 0.07) of a run
     pre-trained on *balanced* CIFAR-10, with the classes grouped as CIFAR-10-LT groups them. The
@@ -87,18 +87,22 @@ def knn_on_long_tail_groups(run_dir: Path) -> dict | None:
     import torch
 
     from nocollapse.data.long_tail import long_tail_counts
-    from nocollapse.evaluation.knn import weighted_knn_predict
+    from nocollapse.evaluation.knn import KNN_PROTOCOLS, weighted_knn_predict
     from nocollapse.evaluation.longtail import grouped_accuracy
 
-    caches = sorted(p for p in (run_dir / "features").glob("*.pt") if not p.stem.endswith("-balanced"))
-    if not caches:
+    # the features `nocollapse eval` cached for the checkpoint it evaluated
+    source = json.loads((run_dir / "eval.json").read_text())["source"]
+    cache = run_dir / "features" / f"{Path(source['checkpoint']).stem}-step{source['step']}.pt"
+    if not cache.is_file():
         return None
-    cached = torch.load(caches[-1], map_location="cpu", weights_only=True)
+    cached = torch.load(cache, map_location="cpu", weights_only=True)
     train, test = cached["train"], cached["test"]
     num_classes = int(train["labels"].max()) + 1
     sizes = torch.bincount(train["labels"], minlength=num_classes).tolist()
-    scores = weighted_knn_predict(train["features"], train["labels"], test["features"], num_classes, 20, 0.07)
-    return grouped_accuracy(scores.argmax(1), test["labels"], long_tail_counts(sizes, 100.0), **LT_THRESHOLDS)
+    scores = weighted_knn_predict(train["features"], train["labels"], test["features"], num_classes,
+                                  *KNN_PROTOCOLS["dino"])
+    return grouped_accuracy(scores.argmax(1), test["labels"], long_tail_counts(sizes, LT_IMBALANCE),
+                            **LT_THRESHOLDS)
 
 
 def collect(run_dir: Path) -> dict:
@@ -108,7 +112,7 @@ def collect(run_dir: Path) -> dict:
     lin, clus = evaluation.get("linear", {}), evaluation.get("clustering", {})
     balanced_path = run_dir / "eval_balanced.json"
     balanced = json.loads(balanced_path.read_text()) if balanced_path.is_file() else {}
-    balanced_knn = balanced.get("knn", {}).get("knn_k20_t0.07", {})
+    balanced_knn = balanced.get("knn", {}).get(DINO_KNN, {})
     return {
         "run_dir": str(run_dir),
         "epochs": summary["epochs"],
@@ -118,7 +122,7 @@ def collect(run_dir: Path) -> dict:
         "knn_top1_init": summary["knn_top1_init"],
         "knn_top1": summary["knn_top1"],
         "knn": {k: v["top1"] for k, v in evaluation.get("knn", {}).items()},
-        "knn_long_tail": evaluation.get("knn", {}).get("knn_k20_t0.07", {}).get("long_tail"),
+        "knn_long_tail": evaluation.get("knn", {}).get(DINO_KNN, {}).get("long_tail"),
         "linear_top1": lin.get("top1"),
         "linear_long_tail": lin.get("long_tail"),
         # LT runs: k-NN / probe fitted on the balanced CIFAR-10 train split (groups by pre-training counts)

@@ -97,8 +97,8 @@ def cached_outputs(run, device: torch.device, use_cache: bool = True,
     train_source = run.splits.train
     if balanced_train:
         if run.splits.full_train is None:
-            raise ValueError("this run was not pre-trained on a long-tailed subset (data.imbalance_ratio "
-                             "is 1), so there is no balanced train split to evaluate with")
+            raise ValueError(f"--balanced-train needs a run pre-trained on a long-tailed subset "
+                             f"(data.imbalance_ratio > 1); {run.run_dir} used all of {run.cfg.data.dataset}")
         train_source = run.splits.full_train
     stat = run.checkpoint.stat()
     fingerprint = f"{stat.st_size}-{stat.st_mtime_ns}"

@@ -150,9 +150,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = load_run(args.target, device=device, data_root=args.data_root)
-    if args.balanced_train and run.splits.full_train is None:
-        raise ValueError(f"--balanced-train needs a run pre-trained on a long-tailed subset "
-                         f"(data.imbalance_ratio > 1); {run.run_dir} used all of {run.cfg.data.dataset}")
     train, test = cached_outputs(run, device, use_cache=not args.no_cache, balanced_train=args.balanced_train)
     chosen = {"knn": args.knn, "linear": args.linear, "clustering": args.clustering}
     if not any(chosen.values()):
