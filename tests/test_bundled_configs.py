@@ -27,10 +27,21 @@ def test_bundled_config_is_valid(path):
     assert cfg.train.epochs >= 1
 
 
+# The CPU recipes with decoupled prototypes keep their learned counterpart's settings except for
+# one documented compensation each (docs/results.md, section 2.2): with prototypes that take no
+# gradient, only the encoder can keep the assignments balanced, and in 5 epochs it did not under
+# the learned recipes' settings. The full-scale GPU recipes keep the paper's setting: the switch only.
+DECOUPLED_COMPENSATION = {
+    ("cifar10", "dino"): {("dino", "teacher_norm"): ("centering", "sinkhorn")},
+    ("cifar10", "carp"): {("carp", "entropy_weight"): (1.0, 2.0)},
+}
+
+
 @pytest.mark.parametrize("family", ["dino", "carp"])
 @pytest.mark.parametrize("scale", ["cifar10", "cifar10/gpu"])
 def test_decoupled_recipe_differs_from_learned_only_in_prototypes(family, scale):
-    """The collapse study compares prototype mechanisms; nothing else may change between the two."""
+    """The collapse study compares prototype mechanisms; nothing else may change between the two
+    but the documented compensation."""
     learned, _ = build_config(CONFIG_ROOT / scale / f"{family}.yaml", ["data.root=/nonexistent"])
     decoupled, _ = build_config(CONFIG_ROOT / scale / f"{family}_decoupled.yaml", ["data.root=/nonexistent"])
     a, b = asdict(learned), asdict(decoupled)
@@ -39,10 +50,12 @@ def test_decoupled_recipe_differs_from_learned_only_in_prototypes(family, scale)
         cfg["method"].pop("freeze_last_layer_epochs")
         cfg["method"]["head"].pop("norm_last_layer")
         cfg.pop("gmm")
+    for (section, key), values in DECOUPLED_COMPENSATION.get((scale, family), {}).items():
+        assert (a[section].pop(key), b[section].pop(key)) == values
     assert a == b
 
 
 def test_the_cifar10_config_is_the_best_measured_recipe():
     default, _ = build_config(CONFIG_ROOT / "cifar10.yaml", ["data.root=/nonexistent"])
-    recipe, _ = build_config(CONFIG_ROOT / "cifar10" / "carp.yaml", ["data.root=/nonexistent"])
+    recipe, _ = build_config(CONFIG_ROOT / "cifar10" / "dino_decoupled.yaml", ["data.root=/nonexistent"])
     assert asdict(default) == asdict(recipe)

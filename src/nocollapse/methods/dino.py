@@ -18,6 +18,9 @@ student/teacher = backbone -> projection MLP -> L2-normalised bottleneck -> prot
   prototypes; here it stays on by default (``dino.teacher_norm=none`` drops it), because without it
   DINO + decoupled collapsed to one-hot assignments in our runs (one prototype used for all
   digits) -- the fixed means do not stop the encoder from sending every image to one of them.
+  Only the encoder can keep the assignments balanced when the prototypes take no gradient; on
+  CIFAR-10 centering was not enough (whole batches on ~15 components) and the recipe
+  ``cifar10/dino_decoupled`` balances the teacher by Sinkhorn-Knopp (``dino.teacher_norm=sinkhorn``).
 """
 
 from __future__ import annotations
