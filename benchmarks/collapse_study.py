@@ -39,7 +39,6 @@ LT_THRESHOLDS = {"many_threshold": 1000, "few_threshold": 200}
 DATASETS = {"cifar10": [], "cifar10_lt": [f"data.imbalance_ratio={LT_IMBALANCE}",
                                           *(f"eval.{key}={value}" for key, value in LT_THRESHOLDS.items())]}
 STANDARD_EPS = ("0.025", "0.1", "0.25", "0.5")
-DINO_KNN = "knn_k20_t0.07"  # eval.json key of the k = 20, T = 0.07 protocol
 
 
 def _cli(*args: str) -> list[str]:
@@ -106,13 +105,16 @@ def knn_on_long_tail_groups(run_dir: Path) -> dict | None:
 
 
 def collect(run_dir: Path) -> dict:
+    from nocollapse.evaluation.knn import KNN_PROTOCOLS, knn_protocol_key
+
+    dino_knn = knn_protocol_key(*KNN_PROTOCOLS["dino"])  # eval.json key of the k = 20, T = 0.07 protocol
     summary = json.loads((run_dir / "summary.json").read_text())
     evaluation = json.loads((run_dir / "eval.json").read_text())
     diagnosis = json.loads((run_dir / "diagnosis.json").read_text())
     lin, clus = evaluation.get("linear", {}), evaluation.get("clustering", {})
     balanced_path = run_dir / "eval_balanced.json"
     balanced = json.loads(balanced_path.read_text()) if balanced_path.is_file() else {}
-    balanced_knn = balanced.get("knn", {}).get(DINO_KNN, {})
+    balanced_knn = balanced.get("knn", {}).get(dino_knn, {})
     return {
         "run_dir": str(run_dir),
         "epochs": summary["epochs"],
@@ -122,7 +124,7 @@ def collect(run_dir: Path) -> dict:
         "knn_top1_init": summary["knn_top1_init"],
         "knn_top1": summary["knn_top1"],
         "knn": {k: v["top1"] for k, v in evaluation.get("knn", {}).items()},
-        "knn_long_tail": evaluation.get("knn", {}).get(DINO_KNN, {}).get("long_tail"),
+        "knn_long_tail": evaluation.get("knn", {}).get(dino_knn, {}).get("long_tail"),
         "linear_top1": lin.get("top1"),
         "linear_long_tail": lin.get("long_tail"),
         # LT runs: k-NN / probe fitted on the balanced CIFAR-10 train split (groups by pre-training counts)

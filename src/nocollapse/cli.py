@@ -176,6 +176,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def format_eval(result: dict) -> str:
+    from .evaluation.knn import KNN_PROTOCOLS, knn_protocol_key
+
     def pct(v):
         return "-" if v is None else f"{100 * v:6.2f} %"
 
@@ -192,7 +194,7 @@ def format_eval(result: dict) -> str:
         extra = f"   clusters used {value['clusters_used']}" if "clusters_used" in value else ""
         lines.append(f"  {'clustering ' + name:<28} ACC {pct(value['acc'])}   NMI {value['nmi']:.4f}   "
                      f"ARI {value['ari']:.4f}{extra}")
-    for source in ("knn_k20_t0.07", "linear"):
+    for source in (knn_protocol_key(*KNN_PROTOCOLS["dino"]), "linear"):
         lt = (result.get("knn", {}).get(source) or {}).get("long_tail") if source != "linear" \
             else (result.get("linear") or {}).get("long_tail")
         if lt:
