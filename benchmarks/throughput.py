@@ -25,7 +25,7 @@ import torch
 from common import time_call
 from nocollapse.config import build_config
 from nocollapse.data.views import BatchedViews, build_view_spec
-from nocollapse.engine.optim import build_optimizer
+from nocollapse.utils.optim import build_optimizer
 from nocollapse.engine.trainer import optimisation_step
 from nocollapse.methods import build_method
 from nocollapse.models.backbones import build_backbone

@@ -9,7 +9,7 @@ import torch
 
 from nocollapse.cli import main
 from nocollapse.config import config_from_dict
-from nocollapse.engine.checkpoint import load_checkpoint
+from nocollapse.utils.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nocollapse.engine.schedules import cosine_schedule, warmup_constant_schedule
+from nocollapse.utils.schedules import cosine_schedule, warmup_constant_schedule
 from nocollapse.losses.dino import dino_loss, teacher_probabilities, updated_center
 
 

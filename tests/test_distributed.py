@@ -19,8 +19,9 @@ pytestmark = pytest.mark.distributed
 
 GLOBAL_BATCH = 8
 BASE = ["model.backbone=vit_tiny", "model.patch_size=4", "method.num_prototypes=32",
-        "method.head.hidden_dim=32", "method.head.bottleneck_dim=16", "train.epochs=1",
-        "method.freeze_last_layer_epochs=0", "optim.name=sgd"]
+        "method.head.hidden_dim=32", "method.head.bottleneck_dim=16", "train.epochs=1", "optim.name=sgd"]
+# learned prototypes train from the first step (the key does not apply to decoupled ones)
+LEARNED = ["method.freeze_last_layer_epochs=0"]
 
 
 def _crops():
@@ -33,13 +34,14 @@ def _train_steps(rank: int, world_size: int, overrides: list[str], steps: int = 
     from torch.nn.parallel import DistributedDataParallel
 
     from nocollapse.config import build_config
-    from nocollapse.engine import distributed as dist_utils
-    from nocollapse.engine.optim import build_optimizer
+    from nocollapse.utils import distributed as dist_utils
+    from nocollapse.utils.optim import build_optimizer
     from nocollapse.engine.trainer import _no_buffer_sync, optimisation_step
     from nocollapse.methods import build_method
     from nocollapse.models.backbones import build_backbone
 
-    cfg, _ = build_config(overrides=[*BASE, *overrides])
+    learned = [] if "method.prototypes=decoupled" in overrides else LEARNED
+    cfg, _ = build_config(overrides=[*BASE, *learned, *overrides])
     torch.manual_seed(0)
     method = build_method(cfg, build_backbone(cfg.model, 8), steps_per_epoch=10)
     model = DistributedDataParallel(method, **_no_buffer_sync()) if world_size > 1 else method

@@ -174,7 +174,7 @@ def test_usage_is_restored_for_checkpoints_written_before_it_existed():
 
 
 def test_mixture_state_survives_a_checkpoint_round_trip(tmp_path):
-    from nocollapse.engine.checkpoint import atomic_save
+    from nocollapse.utils.checkpoint import atomic_save
 
     gen = torch.Generator().manual_seed(0)
     a = OnlineGMM(16, 8, init="data")

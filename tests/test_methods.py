@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from nocollapse.config import build_config
-from nocollapse.engine.optim import build_optimizer
+from nocollapse.utils.optim import build_optimizer
 from nocollapse.losses.carp import block_probabilities, carp_consistency, marginal_kl_to_uniform
 from nocollapse.methods import build_method
 from nocollapse.models.backbones import build_backbone
-from nocollapse.models.heads import koleo_loss
+from nocollapse.losses.koleo import koleo_loss
 
 
 def test_block_probabilities_by_hand():

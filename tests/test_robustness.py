@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from nocollapse.cli import main
-from nocollapse.engine import checkpoint as ckpt_mod
-from nocollapse.engine.checkpoint import CheckpointError, atomic_save, epoch_checkpoints, load_checkpoint, prune
+from nocollapse.utils import checkpoint as ckpt_mod
+from nocollapse.utils.checkpoint import CheckpointError, atomic_save, epoch_checkpoints, load_checkpoint, prune
 from nocollapse.methods.dino import DINO
 
 from conftest import TINY

@@ -1,3 +1,10 @@
-"""nocollapse: self-supervised learning whose prototypes and embeddings do not collapse."""
+"""nocollapse: self-supervised learning whose prototypes and embeddings do not collapse.
 
-__version__ = "0.1.0"
+Importing the package registers the built-in datasets, backbones and methods in the registries
+of :mod:`nocollapse.utils.registry`, so that every configuration sees them.
+"""
+
+from . import data, methods, models  # noqa: F401  (register the built-in plugins)
+from .version import __version__
+
+__all__ = ["__version__"]

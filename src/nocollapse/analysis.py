@@ -8,7 +8,10 @@ Shared by the end of ``nocollapse train``, ``nocollapse diagnose`` and ``nocolla
 * :func:`method_report` turns the test split's outputs into the collapse report of
   ``nocollapse.diagnostics`` (unique prototypes, utilisation, effective prototypes, effective
   rank and spectrum of the backbone features, mixture weights);
-* :func:`write_run_plots` draws the standard figures into ``RUN_DIR/plots``.
+* :func:`write_run_plots` draws the standard figures into ``RUN_DIR/plots``;
+* :func:`run_summary` and :func:`format_summary` build and print the end-of-run summary.
+
+Everything it needs from a method comes through the hooks of ``SSLMethod``.
 """
 
 from __future__ import annotations
@@ -20,9 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .version import __version__
 from .data.registry import DatasetSplits
 from .data.sources import ImageSource
+from .diagnostics.embeddings import effective_rank_from_singular_values, embedding_std, singular_values
+from .diagnostics.plots import plot_spectrum, plot_training_curves
+from .diagnostics.report import prototype_report, write_plots
 from .evaluation.features import extract_outputs
+from .utils.checkpoint import atomic_save
 
 
 @dataclass
@@ -64,17 +72,17 @@ def encode_split(method, source: ImageSource, size: int, splits: DatasetSplits, 
     return SplitOutputs(outputs[0], labels, embeddings, probs)
 
 
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().cpu()
+
+
 def method_report(method, test: SplitOutputs) -> dict[str, Any]:
     """The collapse report of a method on a split's outputs (JSON-serialisable)."""
-    from .diagnostics.embeddings import effective_rank_from_singular_values, embedding_std, singular_values
-    from .diagnostics.report import prototype_report
-
     prototypes = method.prototype_vectors()
-    gmm = getattr(method, "gmm", None)
     if prototypes is not None:
         report = prototype_report(prototypes.detach().float().cpu(), probs=test.probs,
-                                  embeddings=test.features,
-                                  mixture_weights=gmm.weights.cpu() if gmm is not None else None)
+                                  embeddings=test.features, mixture_weights=_cpu(method.mixture_weights()),
+                                  idle=_cpu(method.idle_prototypes()))
     else:
         sigma = singular_values(test.features)
         report = {"effective_rank": effective_rank_from_singular_values(sigma),
@@ -92,7 +100,6 @@ def cached_outputs(run, device: torch.device, use_cache: bool = True,
 
     ``balanced_train`` encodes the labelled train split as it was before long-tail subsampling
     (``splits.full_train``) instead of the subsampled one; a run without long tail has none."""
-    from .engine.checkpoint import atomic_save
 
     train_source = run.splits.train
     if balanced_train:
@@ -124,9 +131,6 @@ SUMMARY_KEYS = ("unique_prototypes", "prototype_utilization", "effective_prototy
 def write_run_plots(run_dir: Path, method, report: dict[str, Any], records: list[dict] | None = None,
                     label: str = "model") -> list[Path]:
     """The standard figures of a run into ``run_dir/plots``."""
-    from .diagnostics.plots import plot_spectrum, plot_training_curves
-    from .diagnostics.report import write_plots
-
     out = Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -138,3 +142,87 @@ def write_run_plots(run_dir: Path, method, report: dict[str, Any], records: list
     if records:
         paths.append(plot_training_curves(records, out / "training_curves.png"))
     return paths
+
+
+def run_summary(cfg, method, *, steps: int, processes: int, device: torch.device, train_seconds: float,
+                knn: dict[str, float], knn_init: dict[str, float] | None, report: dict[str, Any],
+                alarms: list, splits: DatasetSplits, skipped_images: list[str], substituted: int,
+                skipped_steps: int) -> dict[str, Any]:
+    """The ``summary.json`` of a finished run. Samples seen are derived: steps x global batch."""
+    global_batch = cfg.train.batch_size * processes
+    samples_seen = steps * global_batch
+    summary: dict[str, Any] = {
+        "method": cfg.method.name,
+        **method.summary_fields(),
+        "dataset": cfg.data.dataset,
+        "backbone": cfg.model.backbone,
+        "epochs": cfg.train.epochs,
+        "steps": steps,
+        "global_batch_size": global_batch,
+        "processes": processes,
+        "device": str(device),
+        "train_seconds": round(train_seconds, 3),
+        "samples_per_second": round(samples_seen / train_seconds, 2) if train_seconds > 0 else None,
+        "knn_top1": knn["top1"],
+        "knn_top5": knn["top5"],
+        "knn_top1_init": (knn_init or {}).get("top1"),
+        "knn_protocol": {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature,
+                         "features": method.eval_network_name, "split": "test"},
+    }
+    summary.update({k: report[k] for k in SUMMARY_KEYS if k in report})
+    summary["alarms"] = [a.to_dict() for a in alarms]
+    files = sorted(set(skipped_images))
+    summary.update({
+        "skipped_images": {"count": len(files) + substituted, "files": files[:50],
+                           "substituted_during_training": substituted},
+        "skipped_steps": skipped_steps,
+        "train_images": len(splits.ssl_train),
+        "test_images": len(splits.test),
+        "nocollapse_version": __version__,
+        "torch_version": torch.__version__,
+    })
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The table ``nocollapse train`` prints at the end of a run."""
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 100 else f"{v:,.1f}"
+        return str(v)
+
+    knn = fmt(summary.get("knn_top1"))
+    init = summary.get("knn_top1_init")
+    if init is not None and summary.get("knn_top1") is not None:
+        knn += f"   (random init {init:.4f}, {summary['knn_top1'] - init:+.4f})"
+    method = summary["method"]
+    if summary.get("prototypes") is not None:
+        method += f" ({summary['prototypes']} prototypes, K={summary.get('num_prototypes')})"
+    rows = [
+        ("method", method),
+        ("dataset", f"{summary['dataset']} ({summary.get('train_images')} train / "
+                    f"{summary.get('test_images')} test images)"),
+        ("backbone", summary.get("backbone")),
+        ("epochs / steps", f"{summary['epochs']} / {summary.get('steps')}"),
+        ("train time", f"{fmt(summary.get('train_seconds'))} s on {summary.get('device')} "
+                       f"x {summary.get('processes')}"),
+        ("throughput", f"{fmt(summary.get('samples_per_second'))} images/s"),
+        ("k-NN top-1", knn),
+        ("k-NN top-5", fmt(summary.get("knn_top5"))),
+    ]
+    for key, label in (("unique_prototypes", "unique prototypes"),
+                       ("prototype_utilization", "prototype utilisation"),
+                       ("effective_rank", "effective rank")):
+        if summary.get(key) is not None:
+            value = summary[key]
+            if isinstance(value, dict):
+                value = "  ".join(f"eps {k}: {v:.1%}" for k, v in value.items())
+            rows.append((label, fmt(value)))
+    if summary.get("alarms"):
+        rows.append(("alarms", ", ".join(a["name"] for a in summary["alarms"])))
+    width = max(len(r[0]) for r in rows)
+    lines = ["", "nocollapse train: summary", "-" * 60]
+    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 
 log = logging.getLogger("nocollapse")
 
@@ -32,15 +32,18 @@ def _resolve_config_path(value: str) -> Path:
 
 
 def _default_run_dir(cfg) -> Path:
+    from .utils.registry import METHODS
+
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(DEFAULT_OUT) / f"{cfg.method.name}-{cfg.method.prototypes}-{cfg.data.dataset}-{stamp}"
+    return Path(DEFAULT_OUT) / f"{METHODS.get(cfg.method.name).run_name(cfg)}-{cfg.data.dataset}-{stamp}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import build_config, load_yaml
-    from .engine import distributed as dist_utils
-    from .engine.checkpoint import CheckpointError
-    from .engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, format_summary
+    from .utils import distributed as dist_utils
+    from .utils.checkpoint import CheckpointError
+    from .analysis import format_summary
+    from .engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
     if args.resume:
         if not args.out:
@@ -108,7 +111,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         if not args.target:
             raise SystemExit("error: give a run directory, a checkpoint, or --weights FILE --key KEY")
         from .analysis import encode_split, method_report, write_run_plots
-        from .engine.logging import read_jsonl
+        from .utils.metrics_log import read_jsonl
         from .runs import load_run
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,19 +121,20 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             prototypes = run.method.prototype_vectors()
             if prototypes is None:
                 raise SystemExit("error: this method has no prototypes; diagnose it with data")
-            gmm = getattr(run.method, "gmm", None)
+            weights, idle = run.method.mixture_weights(), run.method.idle_prototypes()
             report = prototype_report(prototypes.float().cpu(),
-                                      mixture_weights=gmm.weights.cpu() if gmm is not None else None)
+                                      mixture_weights=weights.cpu() if weights is not None else None,
+                                      idle=idle.cpu() if idle is not None else None)
         else:
             test = encode_split(run.method, run.splits.test, run.image_size, run.splits,
                                 run.cfg.eval.batch_size, device, max_samples=args.samples)
             report = method_report(run.method, test)
         report["source"] = {"checkpoint": str(run.checkpoint), "step": run.step,
-                            "method": run.cfg.method.name, "prototypes": run.cfg.method.prototypes}
+                            "method": run.cfg.method.name, **run.method.summary_fields()}
         if args.plots:
             records = read_jsonl(run.run_dir / "metrics.jsonl")
             report["plots"] = [str(p) for p in write_run_plots(out_dir, run.method, report, records,
-                                                               label=f"{run.cfg.method.name} ({run.cfg.method.prototypes})")]
+                                                               label=run.method.describe())]
     _write_json(out_dir / "diagnosis.json", report)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "spectrum"}, indent=1))
@@ -160,8 +164,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       linear_epochs=e.linear_epochs, many_threshold=e.many_threshold,
                       few_threshold=e.few_threshold, seed=run.cfg.train.seed)
     result["source"] = {"checkpoint": str(run.checkpoint), "step": run.step, "method": run.cfg.method.name,
-                        "prototypes": run.cfg.method.prototypes, "dataset": run.cfg.data.dataset,
-                        "features": "teacher backbone" if hasattr(run.method, "teacher") else "backbone",
+                        **run.method.summary_fields(), "dataset": run.cfg.data.dataset,
+                        "features": run.method.eval_network_name,
                         "evaluation_train": "balanced (before long-tail subsampling)" if args.balanced_train
                         else "pre-training split", "evaluation_train_images": len(train.labels)}
     out = Path(args.out) if args.out else run.run_dir
@@ -181,7 +185,9 @@ def format_eval(result: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:6.2f} %"
 
-    lines = [f"nocollapse eval: {result['source']['method']} ({result['source']['prototypes']}) on "
+    src = result["source"]
+    method = src["method"] + (f" ({src['prototypes']})" if src.get("prototypes") else "")
+    lines = [f"nocollapse eval: {method} on "
              f"{result['source']['dataset']}, step {result['source']['step']} "
              f"({result['num_train']} train / {result['num_test']} test, {result['feature_dim']}-d features)"]
     for key, value in result.get("knn", {}).items():
@@ -230,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "digits, offline, in a few minutes on a CPU.")
     train.add_argument("--config", help="YAML config file, or a bundled config name "
                                         "(digits, cifar10, cifar10/dino, ...)")
-    train.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                       help="override config keys, e.g. --set optim.lr=0.001 train.epochs=5")
+    train.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="override config keys, e.g. --set optim.lr=0.001 train.epochs=5; may be "
+                            "repeated (every --set applies, later ones win for the same key)")
     train.add_argument("--out", help="run directory (default: runs/<method>-<prototypes>-<dataset>-<time>)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from checkpoints/last.pt")
@@ -275,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print the resolved config (or the key reference)")
     config.add_argument("--config", help="YAML config file or bundled config name")
-    config.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
+    config.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys; may be repeated")
     config.add_argument("--reference", action="store_true", help="print every key as a Markdown table")
     config.set_defaults(func=cmd_config)
     return parser
@@ -284,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.registry import DatasetNotFoundError
-    from .engine.checkpoint import CheckpointError
+    from .utils.checkpoint import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,35 +1,63 @@
-"""Typed configuration: dataclass schema, YAML files, ``key=value`` overrides and validation.
+"""Typed configuration: a dataclass schema assembled from plugins, YAML files, ``key=value``
+overrides and validation.
 
-A run is described by one :class:`Config`. It is built from the built-in defaults, then an
-optional YAML file, then ``--set key=value`` overrides, in that order. Every key is checked:
-an unknown key fails naming the closest valid keys, a wrong type or value fails naming the key
-and what it accepts, and a setting that only applies to another method (``carp.*`` while
-training DINO, ``gmm.*`` with learned prototypes) is rejected instead of being silently ignored.
+A run is described by one :class:`Config`. It is built from the defaults, then an optional YAML
+file, then ``--set key=value`` overrides, in that order. Every key is checked: an unknown key
+fails naming the closest valid keys, a wrong type or value fails naming the key and what it
+accepts, and a key that does not apply to the chosen method (``carp.*`` while training DINO,
+``gmm.*`` with learned prototypes) is rejected whenever a file or an override sets it, even to its
+default value, instead of being silently ignored.
+
+The schema has core sections (``data``, ``views``, ``model``, ``optim``, ``train``, ``eval``,
+``diagnostics``), the ``method`` section and one section per method setting group. This module
+names no method: each method class registered in :data:`nocollapse.utils.registry.METHODS`
+contributes its settings through the protocol below, and the schema is assembled from the
+registry whenever it changes.
+
+* ``settings() -> dict[str, type]``: section name -> dataclass. The section ``"method"`` is
+  merged into ``method.*`` (next to ``method.name``); any other name is a section of its own
+  (``dino.*``). Several methods may share a dataclass (DINO and CARP share ``gmm``).
+* ``inactive_settings(cfg) -> dict[str, str]``: keys or section prefixes of the method's own
+  settings that do not apply under ``cfg``, each with the condition under which they would
+  (``{"gmm": "method.prototypes is 'decoupled'"}``).
+* a settings dataclass may define ``validate(self, cfg)`` for checks that involve other keys;
+  it raises :class:`ConfigError`.
+
+Datasets declare the ``data.*`` keys they read (``reads_keys``); a key that the chosen dataset
+ignores is reported with a warning (``data.root`` with the built-in digits).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from .utils.registry import BACKBONES, DATASETS, METHODS, Registry
+
+log = logging.getLogger("nocollapse")
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used, with a message that says how to fix it."""
 
 
-def _choice(default: Any, choices: Iterable[Any], help: str = "") -> Any:
-    return field(default=default, metadata={"choices": tuple(choices), "help": help})
+def choice(default: Any, choices: Iterable[Any] | Registry, help: str = "") -> Any:
+    """A field that accepts one of ``choices`` (a fixed list, or a registry's names)."""
+    options = choices if isinstance(choices, Registry) else tuple(choices)
+    return field(default=default, metadata={"choices": options, "help": help})
 
 
-def _opt(default: Any, help: str = "", minimum: float | None = None, maximum: float | None = None) -> Any:
+def setting(default: Any, help: str = "", minimum: float | None = None, maximum: float | None = None) -> Any:
+    """A field with a help string and an optional range (lists and dicts are copied per instance)."""
     meta: dict[str, Any] = {"help": help}
     if minimum is not None:
         meta["min"] = minimum
@@ -40,51 +68,53 @@ def _opt(default: Any, help: str = "", minimum: float | None = None, maximum: fl
     return field(default=default, metadata=meta)
 
 
-DATASETS = ("digits", "cifar10", "cifar100", "stl10", "svhn", "imagefolder")
-BACKBONES = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small")
-METHODS = ("dino", "carp")
+def _choices(f: dataclasses.Field) -> tuple[Any, ...] | None:
+    options = f.metadata.get("choices")
+    if options is None:
+        return None
+    return options.names() if isinstance(options, Registry) else options
 
 
 @dataclass
 class DataConfig:
-    dataset: str = _choice("digits", DATASETS, "dataset name from the registry")
-    root: Optional[str] = _opt(
+    dataset: str = choice("digits", DATASETS, "dataset name (a registered dataset)")
+    root: Optional[str] = setting(
         None, "dataset directory; for imagefolder the folder holding train/ and test/ "
         "(default: $NOCOLLAPSE_DATA or ./data)")
-    download: bool = _opt(False, "let torchvision download a missing dataset")
-    image_size: Optional[int] = _opt(
+    download: bool = setting(False, "let torchvision download a missing dataset")
+    image_size: Optional[int] = setting(
         None, "resize images to this size when decoding (default: the dataset's native size)", 4)
-    in_memory: str = _choice(
+    in_memory: str = choice(
         "auto", ("auto", "true", "false"),
         "decode every image once into memory (auto: when the decoded split fits in 4 GiB)")
-    imbalance_ratio: float = _opt(
+    imbalance_ratio: float = setting(
         1.0, "long-tail subsampling of the training split: n_max / n_min with an exponential "
         "per-class profile (CIFAR-LT convention); 1 keeps the balanced split", 1.0)
-    long_tail_seed: int = _opt(0, "seed of the long-tail subsampling")
-    num_workers: int = _opt(0, "DataLoader worker processes", 0)
-    bad_images: str = _choice("skip", ("skip", "fail"),
+    long_tail_seed: int = setting(0, "seed of the long-tail subsampling")
+    num_workers: int = setting(0, "DataLoader worker processes", 0)
+    bad_images: str = choice("skip", ("skip", "fail"),
                               "a corrupt or unreadable image is skipped with a counted warning, or fails the run")
-    digits_test_fraction: float = _opt(0.25, "test fraction of the stratified digits split", 0.05, 0.95)
+    digits_test_fraction: float = setting(0.25, "test fraction of the stratified digits split", 0.05, 0.95)
 
 
 @dataclass
 class ViewsConfig:
-    global_size: Optional[int] = _opt(None, "side of the two global crops (default: the image size)", 4)
-    global_scale: list = _opt([0.2, 1.0], "RandomResizedCrop area range of the global crops")
-    local_crops: int = _opt(0, "number of small local crops (0: the two-view pipeline; DINO multi-crop: >0)", 0)
-    local_size: Optional[int] = _opt(None, "side of the local crops (default: about 0.45 x global size)", 4)
-    local_scale: list = _opt([0.05, 0.2], "RandomResizedCrop area range of the local crops")
-    hflip: float = _opt(0.5, "horizontal flip probability", 0.0, 1.0)
-    color_jitter: float = _opt(0.8, "probability of colour jitter", 0.0, 1.0)
-    brightness: float = _opt(0.4, "colour jitter strength: brightness", 0.0)
-    contrast: float = _opt(0.4, "colour jitter strength: contrast", 0.0)
-    saturation: float = _opt(0.2, "colour jitter strength: saturation", 0.0)
-    hue: float = _opt(0.1, "colour jitter strength: hue", 0.0, 0.5)
-    grayscale: float = _opt(0.2, "probability of grayscale conversion", 0.0, 1.0)
-    blur: list = _opt([0.0, 0.0], "Gaussian blur probability of global view 1 and 2 (ImageNet recipe: [1.0, 0.1])")
-    local_blur: float = _opt(0.0, "Gaussian blur probability of the local crops", 0.0, 1.0)
-    solarize: list = _opt([0.0, 0.2], "solarisation probability of global view 1 and 2 (asymmetric recipe)")
-    backend: str = _choice(
+    global_size: Optional[int] = setting(None, "side of the two global crops (default: the image size)", 4)
+    global_scale: list = setting([0.2, 1.0], "RandomResizedCrop area range of the global crops")
+    local_crops: int = setting(0, "number of small local crops (0: the two-view pipeline; DINO multi-crop: >0)", 0)
+    local_size: Optional[int] = setting(None, "side of the local crops (default: about 0.45 x global size)", 4)
+    local_scale: list = setting([0.05, 0.2], "RandomResizedCrop area range of the local crops")
+    hflip: float = setting(0.5, "horizontal flip probability", 0.0, 1.0)
+    color_jitter: float = setting(0.8, "probability of colour jitter", 0.0, 1.0)
+    brightness: float = setting(0.4, "colour jitter strength: brightness", 0.0)
+    contrast: float = setting(0.4, "colour jitter strength: contrast", 0.0)
+    saturation: float = setting(0.2, "colour jitter strength: saturation", 0.0)
+    hue: float = setting(0.1, "colour jitter strength: hue", 0.0, 0.5)
+    grayscale: float = setting(0.2, "probability of grayscale conversion", 0.0, 1.0)
+    blur: list = setting([0.0, 0.0], "Gaussian blur probability of global view 1 and 2 (ImageNet recipe: [1.0, 0.1])")
+    local_blur: float = setting(0.0, "Gaussian blur probability of the local crops", 0.0, 1.0)
+    solarize: list = setting([0.0, 0.2], "solarisation probability of global view 1 and 2 (asymmetric recipe)")
+    backend: str = choice(
         "auto", ("auto", "batched", "per_sample"),
         "batched: augment whole batches on the device (kornia); per_sample: torchvision transforms "
         "in DataLoader workers; auto: batched when the images are in memory")
@@ -92,165 +122,182 @@ class ViewsConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = _choice("resnet18", BACKBONES)
-    width_multiplier: float = _opt(1.0, "ResNet channel multiplier (0.25 gives 16 base channels)", 0.01)
-    stem: str = _choice("auto", ("auto", "cifar", "imagenet"),
+    backbone: str = choice("resnet18", BACKBONES, "backbone network (a registered backbone)")
+    width_multiplier: float = setting(1.0, "ResNet channel multiplier (0.25 gives 16 base channels)", 0.01)
+    stem: str = choice("auto", ("auto", "cifar", "imagenet"),
                         "ResNet stem: cifar (3x3 conv, no max-pool), imagenet (7x7 + max-pool), "
                         "auto (cifar below 96 px)")
-    patch_size: int = _opt(4, "ViT patch size", 1)
-    sync_batchnorm: bool = _opt(False, "convert BatchNorm to SyncBatchNorm in distributed runs")
-    channels_last: bool = _opt(True, "channels-last memory format for convolutional backbones (faster on CPU and GPU)")
-
-
-@dataclass
-class HeadConfig:
-    hidden_dim: int = _opt(2048, "hidden width of the projection MLP", 1)
-    bottleneck_dim: int = _opt(256, "dimension of the bottleneck the prototypes live in", 1)
-    layers: int = _opt(3, "number of linear layers of the projection MLP", 1)
-    batchnorm: bool = _opt(False, "BatchNorm in the projection MLP")
-    norm_last_layer: bool = _opt(True, "fix the norm of learned prototypes to 1 (weight-norm g frozen)")
-
-
-@dataclass
-class MethodConfig:
-    name: str = _choice("dino", METHODS, "self-supervised method")
-    prototypes: str = _choice(
-        "learned", ("learned", "decoupled"),
-        "learned: prototypes are a trainable last layer; decoupled: an online-EM Gaussian mixture")
-    num_prototypes: int = _opt(4096, "K, the number of prototypes", 2)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    teacher_momentum: float = _opt(0.996, "EMA momentum of the teacher at the start (cosine to 1)", 0.0, 1.0)
-    teacher_momentum_end: float = _opt(1.0, "EMA momentum of the teacher at the end", 0.0, 1.0)
-    freeze_last_layer_epochs: float = _opt(1.0, "epochs during which learned prototypes get no update", 0.0)
-    koleo_weight: float = _opt(0.0, "weight of the KoLeo regulariser on learned prototypes (DINO + KP)", 0.0)
-
-
-@dataclass
-class DinoConfig:
-    student_temp: float = _opt(0.1, "student softmax temperature", 1e-4)
-    teacher_temp: float = _opt(0.04, "teacher temperature after warm-up", 1e-4)
-    warmup_teacher_temp: float = _opt(0.04, "teacher temperature at the start", 1e-4)
-    warmup_teacher_temp_epochs: float = _opt(0.0, "linear teacher-temperature warm-up length", 0.0)
-    center_momentum: float = _opt(0.9, "momentum of the teacher centre", 0.0, 1.0)
-    teacher_norm: str = _choice(
-        "centering", ("centering", "sinkhorn", "none"),
-        "teacher normalisation: EMA centering (DINO), Sinkhorn-Knopp equipartition over the batch "
-        "(SwAV / DINOv2), or none (the paper's setting for decoupled prototypes; it collapsed to one-hot "
-        "assignments in our runs)")
-    sinkhorn_iterations: int = _opt(3, "Sinkhorn-Knopp iterations (teacher_norm=sinkhorn)", 1)
-
-
-@dataclass
-class CarpConfig:
-    block_size: int = _opt(128, "N_B, prototypes per random partition block", 2)
-    consistency_weight: float = _opt(1.0, "weight of the consistency term", 0.0)
-    entropy_weight: float = _opt(1.0, "weight of the KL(block marginal || uniform) term", 0.0)
-
-
-@dataclass
-class GmmConfig:
-    covariance: str = _choice("diagonal", ("diagonal", "isotropic"), "component covariance")
-    eta: float = _opt(0.01, "forgetting factor of the running sufficient statistics", 0.0, 1.0)
-    forgetting: str = _choice("per_component", ("per_component", "global"),
-                              "per_component: a component forgets in proportion to the responsibility it gets")
-    beta0: float = _opt(0.25, "initial inverse temperature of the annealed E-step", 1e-6, 1.0)
-    anneal_epochs: float = _opt(2.0, "epochs over which beta rises from beta0 to 1", 0.0)
-    var_floor: float = _opt(1e-4, "variance floor of the M-step", 1e-12)
-    init: str = _choice("data", ("random", "data"),
-                        "random unit vectors, or seeded from the first teacher embeddings")
-    reseed_dead: bool = _opt(False, "re-seed dead components onto current embeddings (k-means++ on the batch)")
-    dead_threshold: float = _opt(0.01, "a component is dead when its recent usage (EMA, rate eta, of the "
-                                 "responsibility it receives) falls below this fraction of a uniform share", 0.0)
-    chunk_size: int = _opt(4096, "components per chunk in the E-step (bounds memory)", 1)
-    targets: str = _choice("similarity", ("similarity", "posterior"),
-                           "teacher targets: softmax of similarities to the means, or mixture responsibilities")
+    patch_size: int = setting(4, "ViT patch size", 1)
+    sync_batchnorm: bool = setting(False, "convert BatchNorm to SyncBatchNorm in distributed runs")
+    channels_last: bool = setting(True, "channels-last memory format for convolutional backbones (faster on CPU and GPU)")
 
 
 @dataclass
 class OptimConfig:
-    name: str = _choice("adamw", ("adamw", "sgd", "lars"))
-    lr: float = _opt(5e-4, "learning rate at batch 256 (scaled linearly with the global batch)", 0.0)
-    scale_lr: bool = _opt(True, "scale lr by global_batch / 256")
-    min_lr: float = _opt(1e-6, "final learning rate of the cosine schedule", 0.0)
-    warmup_epochs: float = _opt(1.0, "linear learning-rate warm-up", 0.0)
-    weight_decay: float = _opt(0.04, "weight decay at the start", 0.0)
-    weight_decay_end: float = _opt(0.4, "weight decay at the end (cosine)", 0.0)
-    momentum: float = _opt(0.9, "SGD / LARS momentum", 0.0, 1.0)
-    betas: list = _opt([0.9, 0.999], "AdamW betas")
-    lars_eta: float = _opt(0.02, "LARS trust coefficient", 0.0)
-    clip_grad: float = _opt(3.0, "clip the global gradient norm (0 disables)", 0.0)
+    name: str = choice("adamw", ("adamw", "sgd", "lars"))
+    lr: float = setting(5e-4, "learning rate at batch 256 (scaled linearly with the global batch)", 0.0)
+    scale_lr: bool = setting(True, "scale lr by global_batch / 256")
+    min_lr: float = setting(1e-6, "final learning rate of the cosine schedule", 0.0)
+    warmup_epochs: float = setting(1.0, "linear learning-rate warm-up", 0.0)
+    weight_decay: float = setting(0.04, "weight decay at the start", 0.0)
+    weight_decay_end: float = setting(0.4, "weight decay at the end (cosine)", 0.0)
+    momentum: float = setting(0.9, "SGD / LARS momentum", 0.0, 1.0)
+    betas: list = setting([0.9, 0.999], "AdamW betas")
+    lars_eta: float = setting(0.02, "LARS trust coefficient", 0.0)
+    clip_grad: float = setting(3.0, "clip the global gradient norm (0 disables)", 0.0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _opt(100, "training epochs", 1)
-    batch_size: int = _opt(256, "batch size per process", 2)
-    seed: int = _opt(0, "random seed")
-    device: str = _choice("auto", ("auto", "cpu", "cuda"), "auto: CUDA when available")
-    precision: str = _choice("auto", ("auto", "fp32", "bf16", "fp16"),
+    epochs: int = setting(100, "training epochs", 1)
+    batch_size: int = setting(256, "batch size per process", 2)
+    seed: int = setting(0, "random seed")
+    device: str = choice("auto", ("auto", "cpu", "cuda"), "auto: CUDA when available")
+    precision: str = choice("auto", ("auto", "fp32", "bf16", "fp16"),
                              "autocast precision (auto: bf16 on CUDA, fp32 on CPU)")
-    threads: int = _opt(0, "CPU threads for torch (0: torch's default)", 0)
-    deterministic: bool = _opt(False, "use deterministic algorithms (slower; for exact resume checks)")
-    checkpoint_every: int = _opt(10, "write an epoch checkpoint every N epochs (0: only last)", 0)
-    checkpoint_every_steps: int = _opt(0, "also refresh last.pt every N steps (0: only at epoch ends)", 0)
-    keep: int = _opt(3, "how many epoch checkpoints to keep (0: all)", 0)
-    log_every: int = _opt(10, "log metrics every N steps", 1)
-    stop_at_step: int = _opt(0, "interrupt the run after this global step, as a preemption would (0: off)", 0)
-    nonfinite: str = _choice("stop", ("stop", "skip"),
+    threads: int = setting(0, "CPU threads for torch (0: torch's default)", 0)
+    deterministic: bool = setting(False, "use deterministic algorithms (slower; for exact resume checks)")
+    checkpoint_every: int = setting(10, "write an epoch checkpoint every N epochs (0: only last)", 0)
+    checkpoint_every_steps: int = setting(0, "also refresh last.pt every N steps (0: only at epoch ends)", 0)
+    keep: int = setting(3, "how many epoch checkpoints to keep (0: all)", 0)
+    log_every: int = setting(10, "log metrics every N steps", 1)
+    stop_at_step: int = setting(0, "interrupt the run after this global step, as a preemption would (0: off)", 0)
+    nonfinite: str = choice("stop", ("stop", "skip"),
                              "on a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step")
-    progress: bool = _opt(True, "show a progress bar")
+    progress: bool = setting(True, "show a progress bar")
 
 
 @dataclass
 class EvalConfig:
-    knn_k: int = _opt(20, "neighbours of the weighted k-NN", 1)
-    knn_temperature: float = _opt(0.07, "temperature of the weighted k-NN", 1e-6)
-    knn_every: int = _opt(0, "k-NN on the test split every N epochs during training (0: only at the end)", 0)
-    knn_init: bool = _opt(True, "measure k-NN of the randomly initialised backbone before training")
-    batch_size: int = _opt(512, "batch size of feature extraction", 1)
-    max_train_samples: int = _opt(0, "subsample the k-NN memory bank (0: all training images)", 0)
-    linear_lrs: list = _opt([1e-3, 1e-2], "learning rates of the linear-probe sweep (Adam)")
-    linear_weight_decays: list = _opt([0.0, 1e-4, 1e-3], "L2 penalties of the linear-probe sweep")
-    linear_epochs: int = _opt(20, "linear-probe epochs (at least 1000 steps)", 1)
-    many_threshold: int = _opt(100, "long-tail groups: head classes have more training images than this", 0)
-    few_threshold: int = _opt(20, "long-tail groups: tail classes have fewer training images than this", 0)
+    knn_k: int = setting(20, "neighbours of the weighted k-NN", 1)
+    knn_temperature: float = setting(0.07, "temperature of the weighted k-NN", 1e-6)
+    knn_every: int = setting(0, "k-NN on the test split every N epochs during training (0: only at the end)", 0)
+    knn_init: bool = setting(True, "measure k-NN of the randomly initialised backbone before training")
+    batch_size: int = setting(512, "batch size of feature extraction", 1)
+    max_train_samples: int = setting(0, "subsample the k-NN memory bank (0: all training images)", 0)
+    linear_lrs: list = setting([1e-3, 1e-2], "learning rates of the linear-probe sweep (Adam)")
+    linear_weight_decays: list = setting([0.0, 1e-4, 1e-3], "L2 penalties of the linear-probe sweep")
+    linear_epochs: int = setting(20, "linear-probe epochs (at least 1000 steps)", 1)
+    many_threshold: int = setting(100, "long-tail groups: head classes have more training images than this", 0)
+    few_threshold: int = setting(20, "long-tail groups: tail classes have fewer training images than this", 0)
 
 
 @dataclass
 class DiagnosticsConfig:
-    enabled: bool = _opt(True, "collapse metrics during training (cheap ones every log step, geometry every epoch)")
-    alarms: bool = _opt(True, "raise collapse alarms (each once, with a likely cause and remedy)")
-    alarm_warmup_epochs: float = _opt(1.0, "no alarm before this many epochs", 0.0)
-    alarm_patience: int = _opt(5, "consecutive log steps a failure must persist before its alarm fires", 1)
-    prototype_collapse_eps: str = _choice("0.1", ("0.025", "0.1", "0.25", "0.5"),
+    enabled: bool = setting(True, "collapse metrics during training (cheap ones every log step, geometry every epoch)")
+    alarms: bool = setting(True, "raise collapse alarms (each once, with a likely cause and remedy)")
+    alarm_warmup_epochs: float = setting(1.0, "no alarm before this many epochs", 0.0)
+    alarm_patience: int = setting(5, "consecutive log steps a failure must persist before its alarm fires", 1)
+    prototype_collapse_eps: str = choice("0.1", ("0.025", "0.1", "0.25", "0.5"),
                                           "epsilon at which the prototype_collapse alarm counts unique prototypes")
-    prototype_collapse_threshold: float = _opt(
+    prototype_collapse_threshold: float = setting(
         0.5, "prototype_collapse fires when fewer than this fraction of prototypes are unique", 0.0, 1.0)
-    queue_size: int = _opt(4096, "recent training features kept for the per-epoch effective rank", 16)
-    plots: bool = _opt(True, "write PNG plots to RUN_DIR/plots at the end of training")
+    queue_size: int = setting(4096, "recent training features kept for the per-epoch effective rank", 16)
+    plots: bool = setting(True, "write PNG plots to RUN_DIR/plots at the end of training")
+
+
+CORE_SECTIONS: dict[str, type] = {
+    "data": DataConfig, "views": ViewsConfig, "model": ModelConfig, "optim": OptimConfig,
+    "train": TrainConfig, "eval": EvalConfig, "diagnostics": DiagnosticsConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The schema, assembled from the method registry
+# --------------------------------------------------------------------------------------------
+
+class Config:
+    """A run's configuration: ``cfg.data``, ``cfg.method``, ``cfg.dino``, ...
+
+    ``Config()`` builds the defaults of the current schema; every instance is a dataclass of the
+    schema assembled by :func:`config_schema` (so ``dataclasses.asdict`` works on it)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is Config:
+            return config_schema()(*args, **kwargs)
+        return super().__new__(cls)
 
 
 @dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    views: ViewsConfig = field(default_factory=ViewsConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    dino: DinoConfig = field(default_factory=DinoConfig)
-    carp: CarpConfig = field(default_factory=CarpConfig)
-    gmm: GmmConfig = field(default_factory=GmmConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+class _Schema:
+    cls: type                               # the assembled Config dataclass
+    owners: dict[str, tuple[str, ...]]      # section or method key -> methods that declare it
+    generation: int
 
 
-# Sections that only apply under a condition on the rest of the config.
-_CONDITIONAL_SECTIONS = {
-    "dino": (lambda c: c.method.name == "dino", "method.name is 'dino'"),
-    "carp": (lambda c: c.method.name == "carp", "method.name is 'carp'"),
-    "gmm": (lambda c: c.method.prototypes == "decoupled", "method.prototypes is 'decoupled'"),
-}
+_SCHEMA: _Schema | None = None
+
+
+def _copy_field(f: dataclasses.Field) -> dataclasses.Field:
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory, metadata=f.metadata)
+    return field(default=f.default, metadata=f.metadata)
+
+
+def _method_settings() -> list[tuple[str, dict[str, type]]]:
+    out = []
+    for name, method_cls in METHODS.items():
+        settings = method_cls.settings() if hasattr(method_cls, "settings") else {}
+        for section, schema in settings.items():
+            if not dataclasses.is_dataclass(schema):
+                raise TypeError(f"method {name!r}: settings section {section!r} must be a dataclass, "
+                                f"got {schema!r}")
+            if section in CORE_SECTIONS:
+                raise TypeError(f"method {name!r}: section {section!r} is a core section; choose another name")
+        out.append((name, dict(settings)))
+    return out
+
+
+def config_schema() -> type:
+    """The ``Config`` dataclass of the registered methods (rebuilt when the registry changes)."""
+    global _SCHEMA
+    generation = METHODS.generation
+    METHODS.names()  # loads entry-point plugins, which may bump the generation
+    generation = METHODS.generation
+    if _SCHEMA is not None and _SCHEMA.generation == generation:
+        return _SCHEMA.cls
+    method_fields: dict[str, tuple[dataclasses.Field, Any, type]] = {}
+    sections: dict[str, type] = {}
+    owners: dict[str, list[str]] = {}
+    for name, settings in _method_settings():
+        for section, schema in settings.items():
+            if section == "method":
+                hints = typing.get_type_hints(schema)
+                for f in dataclasses.fields(schema):
+                    if f.name == "name":
+                        raise TypeError(f"method {name!r}: method.name is reserved")
+                    seen = method_fields.get(f.name)
+                    if seen is not None and seen[2] is not schema:
+                        raise TypeError(f"method.{f.name} is declared by two settings classes "
+                                        f"({seen[2].__qualname__} and {schema.__qualname__})")
+                    method_fields[f.name] = (f, hints[f.name], schema)
+                    owners.setdefault(f"method.{f.name}", []).append(name)
+            else:
+                if section in sections and sections[section] is not schema:
+                    raise TypeError(f"section {section!r} is declared by two settings classes "
+                                    f"({sections[section].__qualname__} and {schema.__qualname__})")
+                sections[section] = schema
+                owners.setdefault(section, []).append(name)
+    default_method = METHODS.default()
+    method_cls = dataclasses.make_dataclass(
+        "MethodConfig",
+        [("name", str, choice(default_method, METHODS, "self-supervised method (a registered method)"))]
+        + [(n, t, _copy_field(f)) for n, (f, t, _) in method_fields.items()])
+    ordered = list(CORE_SECTIONS.items())
+    fields = [(n, t, field(default_factory=t)) for n, t in ordered[:3]]
+    fields.append(("method", method_cls, field(default_factory=method_cls)))
+    fields += [(n, t, field(default_factory=t)) for n, t in sections.items()]
+    fields += [(n, t, field(default_factory=t)) for n, t in ordered[3:]]
+    cls = dataclasses.make_dataclass("Config", fields, bases=(Config,))
+    cls.__module__ = __name__
+    _SCHEMA = _Schema(cls, {k: tuple(v) for k, v in owners.items()}, generation)
+    return cls
+
+
+def _schema() -> _Schema:
+    config_schema()
+    assert _SCHEMA is not None
+    return _SCHEMA
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,8 +355,9 @@ def describe_key(key: str) -> str:
     if info is None:
         return ""
     f, _, annotation = info
-    if "choices" in f.metadata:
-        return "one of " + ", ".join(repr(c) for c in f.metadata["choices"])
+    options = _choices(f)
+    if options is not None:
+        return "one of " + ", ".join(repr(c) for c in options)
     args = typing.get_args(annotation)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), annotation) if args else annotation
@@ -406,9 +454,10 @@ def build_config(file: str | Path | None = None, overrides: Iterable[str] = (),
                  base: dict[str, Any] | None = None) -> tuple[Config, set[str]]:
     """Defaults <- ``base`` <- YAML ``file`` <- ``overrides``.
 
-    Returns the validated config and the keys that the file or the overrides set to a
-    non-default value (used to reject options of an inactive method). ``base`` is a trusted,
-    complete config (a run directory's ``config.yaml``) and is not counted as explicit."""
+    Returns the validated config and the keys that the file or the overrides set (to any value,
+    the default included; used to reject keys that do not apply to the chosen method). ``base``
+    is a trusted, complete config (a run directory's ``config.yaml``) and is not counted as
+    explicit."""
     user: dict[str, Any] = {}
     if file is not None:
         user.update(_flatten(load_yaml(file)))
@@ -419,9 +468,9 @@ def build_config(file: str | Path | None = None, overrides: Iterable[str] = (),
     for key, value in flat.items():
         info = _field_info(key)
         # YAML reads `true` as a boolean; tri-state switches (auto | true | false) take strings.
-        if isinstance(value, bool) and info and "true" in info[0].metadata.get("choices", ()):
+        if isinstance(value, bool) and info and "true" in (_choices(info[0]) or ()):
             flat[key] = str(value).lower()
-    schema = OmegaConf.structured(Config)
+    schema = OmegaConf.structured(config_schema())
     try:
         merged = OmegaConf.merge(schema, OmegaConf.create(_nest(flat)))
     except ConfigKeyError as exc:  # pragma: no cover - _check_known catches these first
@@ -432,8 +481,7 @@ def build_config(file: str | Path | None = None, overrides: Iterable[str] = (),
         allowed = describe_key(key)
         raise ConfigError(f"{key}: {value!r} is not valid; expected {allowed or 'another type'}") from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    defaults = Config()
-    explicit = {k for k in user if get(cfg, k) != get(defaults, k)}
+    explicit = set(user)
     validate(cfg, explicit=explicit)
     return cfg, explicit
 
@@ -445,7 +493,11 @@ def validate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type: ig
         assert info is not None
         f = info[0]
         value = get(cfg, key)
-        if "choices" in f.metadata and value not in f.metadata["choices"]:
+        options = _choices(f)
+        if options is not None and value not in options:
+            registry = f.metadata["choices"]
+            if isinstance(registry, Registry):
+                raise ConfigError(f"{key}: {registry.unknown_message(value)}")
             raise ConfigError(f"{key}: {value!r} is not allowed; expected {describe_key(key)}")
         if value is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
             if "min" in f.metadata and value < f.metadata["min"]:
@@ -463,28 +515,90 @@ def validate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type: ig
             raise ConfigError(f"{key}: {probs!r} must be two probabilities, one per global view")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: {cfg.optim.betas!r} must be two numbers in [0, 1)")
-    for section, (active, condition) in _CONDITIONAL_SECTIONS.items():
-        if not active(cfg):
-            used = sorted(k for k in explicit if k.startswith(section + "."))
-            if used:
-                raise ConfigError(
-                    f"{', '.join(used)} only apply when {condition}; this run has "
-                    f"method.name={cfg.method.name!r}, method.prototypes={cfg.method.prototypes!r}")
-    if cfg.method.prototypes == "decoupled" and cfg.method.koleo_weight > 0:
-        raise ConfigError("method.koleo_weight regularises learned prototypes; it has no effect with "
-                          "method.prototypes=decoupled (set it to 0)")
-    if cfg.method.prototypes == "decoupled" and "method.freeze_last_layer_epochs" in explicit \
-            and cfg.method.freeze_last_layer_epochs > 0:
-        raise ConfigError("method.freeze_last_layer_epochs applies to learned prototypes only")
-    if cfg.method.name == "carp" and cfg.method.num_prototypes % cfg.carp.block_size != 0:
-        raise ConfigError(
-            f"carp.block_size ({cfg.carp.block_size}) must divide method.num_prototypes "
-            f"({cfg.method.num_prototypes})")
-    if cfg.method.teacher_momentum_end < cfg.method.teacher_momentum:
-        raise ConfigError("method.teacher_momentum_end must be >= method.teacher_momentum")
-    if cfg.data.dataset == "imagefolder" and not cfg.data.root:
-        raise ConfigError("data.dataset=imagefolder needs data.root: a folder with train/ and test/ "
-                          "class sub-folders (e.g. --set data.root=../shared/datasets/cifar10)")
+    _check_applicable(cfg, explicit)
+    _check_dataset(cfg, explicit)
+    for section in _applicable_sections(cfg):
+        check = getattr(get(cfg, section), "validate", None)
+        if callable(check):
+            check(cfg)
+
+
+def _method_class(cfg: Config) -> Any:
+    try:
+        return METHODS.get(cfg.method.name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _inactive(cfg: Config) -> dict[str, str]:
+    method_cls = _method_class(cfg)
+    return dict(method_cls.inactive_settings(cfg)) if hasattr(method_cls, "inactive_settings") else {}
+
+
+def _applicable_sections(cfg: Config) -> list[str]:
+    """The sections whose ``validate`` hook runs: the method's own and the ``method`` section."""
+    owners = _schema().owners
+    name = cfg.method.name
+    inactive = _inactive(cfg)
+    return ["method"] + [s for s, who in owners.items()
+                         if "." not in s and name in who and s not in inactive]
+
+
+def _owner_text(owners: tuple[str, ...]) -> str:
+    if len(owners) == 1:
+        return f"method.name is {owners[0]!r}"
+    return "method.name is one of " + ", ".join(repr(o) for o in owners)
+
+
+def _check_applicable(cfg: Config, explicit: Iterable[str]) -> None:
+    """Reject every explicitly set key that does not apply to the chosen method."""
+    owners = _schema().owners
+    name = cfg.method.name
+    inactive = _inactive(cfg)
+    problems: dict[str, list[str]] = {}
+    for key in sorted(explicit):
+        for scope, who in owners.items():
+            if key == scope or key.startswith(scope + "."):
+                if name not in who:
+                    problems.setdefault(_owner_text(who), []).append(key)
+                break
+        else:
+            continue
+        for scope, condition in inactive.items():
+            if key == scope or key.startswith(scope + "."):
+                problems.setdefault(condition, []).append(key)
+    for condition, keys in problems.items():
+        raise ConfigError(f"{', '.join(keys)} only apply when {condition}; this run has "
+                          f"method.name={name!r}" + _context(cfg, condition))
+
+
+def _context(cfg: Config, condition: str) -> str:
+    """The current value of every key a condition names (``method.prototypes='learned'``)."""
+    parts = []
+    for word in condition.replace(",", " ").split():
+        if "." in word and word != "method.name":
+            try:
+                parts.append(f"{word}={get(cfg, word)!r}")
+            except AttributeError:
+                pass
+    return "".join(", " + p for p in parts)
+
+
+def _check_dataset(cfg: Config, explicit: Iterable[str]) -> None:
+    """The dataset's own requirements, and a warning for each ``data.*`` key it does not read."""
+    try:
+        spec = DATASETS.get(cfg.data.dataset)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    problem = spec.check(cfg.data) if hasattr(spec, "check") else None
+    if problem:
+        raise ConfigError(problem)
+    reads = getattr(spec, "reads_keys", None)
+    if reads is None:
+        return
+    for key in sorted(explicit):
+        if key.startswith("data.") and key.split(".", 1)[1] not in reads and key != "data.dataset":
+            log.warning("%s is set but dataset %r does not read it; it has no effect", key, cfg.data.dataset)
 
 
 def get(cfg: Any, dotted: str) -> Any:
@@ -520,9 +634,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "ViewsConfig", "ModelConfig", "HeadConfig", "MethodConfig",
-    "DinoConfig", "CarpConfig", "GmmConfig", "OptimConfig", "TrainConfig", "EvalConfig",
-    "DiagnosticsConfig",
-    "build_config", "config_from_dict", "parse_overrides", "suggest_keys", "to_dict", "to_yaml",
-    "reference_table", "all_keys", "get", "DictConfig",
+    "CORE_SECTIONS", "Config", "ConfigError", "DataConfig", "DiagnosticsConfig", "EvalConfig",
+    "ModelConfig", "OptimConfig", "TrainConfig", "ViewsConfig",
+    "all_keys", "build_config", "choice", "config_from_dict", "config_schema", "describe_key", "get",
+    "load_yaml", "parse_overrides", "reference_table", "setting", "suggest_keys", "to_dict", "to_yaml",
 ]

@@ -9,9 +9,8 @@ import torch
 
 from .config import Config, config_from_dict
 from .data import load_dataset
-from .data.registry import DatasetSplits
-from .engine.checkpoint import CheckpointError, load_checkpoint
-from .engine.trainer import image_size_of
+from .data.registry import DatasetSplits, image_size_of
+from .utils.checkpoint import CheckpointError, load_checkpoint
 from .methods import SSLMethod, build_method
 from .models.backbones import build_backbone
 

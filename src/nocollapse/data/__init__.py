@@ -2,12 +2,13 @@
 
 from .loader import EpochBatchSampler, TrainBatches, eval_batches
 from .long_tail import long_tail_counts, long_tail_indices
-from .registry import REGISTRY, DatasetNotFoundError, DatasetSplits, load_dataset
+from .batch import Batch
+from .registry import DatasetNotFoundError, DatasetSpec, DatasetSplits, load_dataset
 from .sources import BadImageError, ImageFiles, InMemoryImages
 from .views import BatchedViews, PerSampleViews, ViewSpec, build_view_spec
 
 __all__ = [
-    "REGISTRY", "BadImageError", "BatchedViews", "DatasetNotFoundError", "DatasetSplits",
+    "BadImageError", "Batch", "DatasetSpec", "BatchedViews", "DatasetNotFoundError", "DatasetSplits",
     "EpochBatchSampler", "ImageFiles", "InMemoryImages", "PerSampleViews", "TrainBatches",
     "ViewSpec", "build_view_spec", "eval_batches", "load_dataset", "long_tail_counts",
     "long_tail_indices",

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .batch import Batch
 from .sources import BadImageError, ImageFiles, ImageSource, InMemoryImages
 from .views import BatchedViews, PerSampleViews, ViewSpec, eval_transform, normalize_uint8
 
@@ -68,7 +69,9 @@ class _PerSampleDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_item_seed(self.seed, self.epoch, index))
             crops = self.views(image)
-        return crops, int(self.source.labels[index]), used
+        # A substituted image carries no label: it may be one whose label must stay hidden.
+        label = int(self.source.labels[index]) if used == index else -1
+        return crops, label, used
 
     def _load(self, index: int):
         try:
@@ -94,7 +97,10 @@ def _collate(items):
 
 
 class TrainBatches:
-    """Iterates ``(crops, labels)`` with the crops on ``device`` for one epoch."""
+    """Iterates the :class:`~nocollapse.data.batch.Batch` es of one epoch, on ``device``.
+
+    ``indices`` are the indices of the images the crops were made from; an unreadable image that
+    was replaced by the next readable one has the replacement's index and the label -1."""
 
     def __init__(self, source: ImageSource, spec: ViewSpec, batch_size: int, seed: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, backend: str = "auto",
@@ -116,13 +122,13 @@ class TrainBatches:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         batches = self.sampler.batches(epoch, start)
         if self.backend == "batched":
             assert isinstance(self.source, InMemoryImages)
             for idx in batches:
                 images = self.source.images[idx].to(self.device, non_blocking=True)
-                yield self.views(images), self.source.labels[idx]
+                yield Batch(self.views(images), self.source.labels[idx].to(self.device), idx.to(self.device))
             return
         self.dataset.epoch = epoch
         loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches],
@@ -131,7 +137,8 @@ class TrainBatches:
                             persistent_workers=False)
         for crops, labels, used in loader:
             self.substituted += int((used < 0).sum())
-            yield [c.to(self.device, non_blocking=True) for c in crops], labels
+            indices = torch.where(used < 0, -1 - used, used)
+            yield Batch(crops, labels, indices).to(self.device)
 
 
 def eval_batches(source: ImageSource, size: int, mean, std, batch_size: int, device: torch.device,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..config import DataConfig
+from ..utils.registry import DATASETS
 from .sources import ImageFiles, ImageSource, InMemoryImages, decode_files
 
 
@@ -56,6 +57,32 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: its loader and the ``data.*`` keys it reads.
+
+    ``reads_keys`` are the dataset-specific keys (the keys every dataset honours -- ``dataset``,
+    ``imbalance_ratio``, ``long_tail_seed``, ``num_workers``, ``bad_images`` -- are always read);
+    setting another one draws a warning. ``required`` lists keys that must be set, each with
+    what to set it to."""
+
+    load: Callable[[DataConfig], "DatasetSplits"]
+    reads_keys: frozenset[str] = frozenset()
+    required: tuple[tuple[str, str], ...] = ()
+
+    ALWAYS_READ = frozenset({"dataset", "imbalance_ratio", "long_tail_seed", "num_workers", "bad_images"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reads_keys", frozenset(self.reads_keys) | self.ALWAYS_READ)
+
+    def check(self, cfg: DataConfig) -> str | None:
+        """A message naming the first required key that is missing, or None."""
+        for key, what in self.required:
+            if getattr(cfg, key) in (None, ""):
+                return f"data.dataset={cfg.dataset} needs data.{key}: {what}"
+        return None
 
 
 def default_root() -> Path:
@@ -171,7 +198,8 @@ def _stl10(cfg: DataConfig) -> DatasetSplits:
     unl = _torchvision("stl10", datasets.STL10, cfg, {"split": "train+unlabeled"})
     tr = _torchvision("stl10", datasets.STL10, cfg, {"split": "train"})
     te = _torchvision("stl10", datasets.STL10, cfg, {"split": "test"})
-    ssl = _resized(_from_chw(unl.data, np.maximum(unl.labels, 0)), cfg.image_size)
+    # the unlabelled split's samples keep the label -1 (torchvision's marker): never a class
+    ssl = _resized(_from_chw(unl.data, unl.labels), cfg.image_size)
     train = _resized(_from_chw(tr.data, tr.labels), cfg.image_size)
     test = _resized(_from_chw(te.data, te.labels), cfg.image_size)
     return DatasetSplits("stl10", ssl, train, test, list(tr.classes), (0.4467, 0.4398, 0.4066),
@@ -243,23 +271,35 @@ def _imagefolder(cfg: DataConfig) -> DatasetSplits:
     return DatasetSplits("imagefolder", train, train, test, classes, mean, std)
 
 
-REGISTRY: dict[str, Callable[[DataConfig], DatasetSplits]] = {
-    "digits": _digits,
-    "cifar10": lambda cfg: _cifar(cfg, hundred=False),
-    "cifar100": lambda cfg: _cifar(cfg, hundred=True),
-    "svhn": _svhn,
-    "stl10": _stl10,
-    "imagefolder": _imagefolder,
-}
+_TORCHVISION_KEYS = frozenset({"root", "download", "image_size"})
+DATASETS.register("digits", DatasetSpec(_digits, {"image_size", "digits_test_fraction"}), default=True)
+DATASETS.register("cifar10", DatasetSpec(lambda cfg: _cifar(cfg, hundred=False), _TORCHVISION_KEYS))
+DATASETS.register("cifar100", DatasetSpec(lambda cfg: _cifar(cfg, hundred=True), _TORCHVISION_KEYS))
+DATASETS.register("svhn", DatasetSpec(_svhn, _TORCHVISION_KEYS))
+DATASETS.register("stl10", DatasetSpec(_stl10, _TORCHVISION_KEYS))
+DATASETS.register("imagefolder", DatasetSpec(
+    _imagefolder, {"root", "image_size", "in_memory"},
+    required=(("root", "a folder with train/ and test/ class sub-folders "
+                       "(e.g. --set data.root=/path/to/cifar10)"),)))
+
+
+def image_size_of(cfg: Any, splits: DatasetSplits) -> int:
+    """The side of the global crops: ``views.global_size``, or the images' own size."""
+    native = splits.image_size
+    size = cfg.views.global_size or native
+    if size is None:
+        raise ValueError("images are read from files without a fixed size: set views.global_size")
+    if native is not None and size > native:
+        raise ValueError(f"views.global_size ({size}) is larger than the images ({native} px); "
+                         f"crops cannot be larger than the image (set data.image_size to upsample)")
+    return size
 
 
 def load_dataset(cfg: DataConfig) -> DatasetSplits:
     """Build the splits named by ``cfg.dataset`` and apply the long-tail option."""
     from .long_tail import long_tail_indices
 
-    if cfg.dataset not in REGISTRY:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; known: {', '.join(REGISTRY)}")
-    splits = REGISTRY[cfg.dataset](cfg)
+    splits = DATASETS.get(cfg.dataset).load(cfg)
     if cfg.imbalance_ratio > 1.0:
         idx = long_tail_indices(splits.train.labels, splits.num_classes, cfg.imbalance_ratio,
                                 cfg.long_tail_seed)

@@ -128,13 +128,17 @@ def teacher_student_kl(teacher_probs: Tensor, student_scores: Tensor) -> float:
     return float(kl.sum(dim=1).mean())
 
 
-def mixture_stats(weights: Tensor, dead_threshold: float | None = None) -> dict[str, float | int]:
+def mixture_stats(weights: Tensor, dead_threshold: float | None = None,
+                  idle: Tensor | None = None) -> dict[str, float | int | str]:
     """Utilisation of a mixture's weights ``pi`` (e.g. a Gaussian-mixture prototype model).
 
     ``pi`` is normalised to sum to 1 first.
 
     * ``perplexity = exp(H(pi))`` (K for uniform weights, 1 for a single component);
-    * ``dead = #{k : pi_k < dead_threshold}``, default ``0.1 / K``;
+    * ``dead``: the number of idle components. With ``idle`` (a boolean ``[K]`` mask from the
+      mixture's own usage record, e.g. :meth:`OnlineGMM.idle_mask`) it counts that mask
+      (``dead_by = "usage"``); without it, ``#{k : pi_k < dead_threshold}``, default ``0.1 / K``
+      (``dead_by = "weight"``, for weights from elsewhere);
     * ``num_components = K``.
 
     A mixture can be 100 % "unique" while many components are dead, so log this next to
@@ -152,10 +156,17 @@ def mixture_stats(weights: Tensor, dead_threshold: float | None = None) -> dict[
         raise ValueError("weights must not all be zero")
     pi = w / total
     k = pi.numel()
-    threshold = 0.1 / k if dead_threshold is None else float(dead_threshold)
+    if idle is not None:
+        if idle.numel() != k:
+            raise ValueError(f"idle must have {k} entries, got {idle.numel()}")
+        dead, dead_by = int(idle.bool().sum()), "usage"
+    else:
+        threshold = 0.1 / k if dead_threshold is None else float(dead_threshold)
+        dead, dead_by = int((pi < threshold).sum()), "weight"
     return {
         "perplexity": math.exp(float(_entropy(pi))),
-        "dead": int((pi < threshold).sum()),
+        "dead": dead,
+        "dead_by": dead_by,
         "num_components": k,
     }
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine.checkpoint import CheckpointError
+from ..utils.checkpoint import CheckpointError
 
 __all__ = ["load_prototypes", "list_candidates", "CheckpointError", "PrototypeKeyError"]
 

@@ -6,7 +6,12 @@ step it turns the step's teacher assignments and bottleneck embeddings into chea
 (entropies, effective prototypes, max probability, teacher-student KL, embedding std) and feeds
 the alarms. At the end of every epoch it measures the prototype geometry (unique prototypes at
 each standard epsilon, pairwise cosine), the epoch's prototype utilisation, the effective rank of
-the queued features (``effective_rank``) and, for decoupled prototypes, the mixture's weights.
+the queued features (``effective_rank``) and, for mixture prototypes, the weights' perplexity
+and the idle components.
+
+It reads the method only through the hooks of :class:`~nocollapse.methods.base.SSLMethod`
+(``num_prototypes``, ``embedding_dim``, ``uniform_loss``, ``prototype_vectors``,
+``mixture_weights``, ``idle_prototypes``).
 """
 
 from __future__ import annotations
@@ -28,15 +33,19 @@ log = logging.getLogger("nocollapse")
 _STEP_KEYS = ("mean_entropy", "entropy_of_mean", "effective_prototypes", "argmax_used", "max_prob")
 
 
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().cpu()
+
+
 class TrainingMonitor:
     def __init__(self, cfg: Config, method, steps_per_epoch: int) -> None:
         d = cfg.diagnostics
         self.enabled = d.enabled
-        self.num_prototypes = cfg.method.num_prototypes
+        self.num_prototypes = method.num_prototypes
         warmup = int(round(d.alarm_warmup_epochs * steps_per_epoch))
         step_alarms = tuple(n for n in ALARM_NAMES if n != "prototype_collapse") if d.alarms else ()
         self.step_alarms = AlarmMonitor(
-            self.num_prototypes, cfg.method.head.bottleneck_dim, warmup_steps=warmup,
+            self.num_prototypes, method.embedding_dim, warmup_steps=warmup,
             patience=d.alarm_patience, uniform_loss_reference=method.uniform_loss(), enabled=step_alarms)
         # Geometry is measured once per epoch, so one bad epoch is enough.
         self.epoch_alarms = AlarmMonitor(
@@ -46,14 +55,14 @@ class TrainingMonitor:
         self.features: deque[torch.Tensor] = deque()
         self.queued = 0
         self.queue_size = d.queue_size
-        self.argmax_counts = torch.zeros(self.num_prototypes, dtype=torch.long)
+        self.argmax_counts = torch.zeros(self.num_prototypes or 0, dtype=torch.long)
         self.alarms: list[Alarm] = []
 
     # ---- every step ----------------------------------------------------------------------
     def observe(self, out) -> None:
         if not self.enabled:
             return
-        if out.teacher_probs is not None:
+        if out.teacher_probs is not None and self.num_prototypes:
             picks = out.teacher_probs.argmax(dim=1).cpu()
             self.argmax_counts += torch.bincount(picks, minlength=self.num_prototypes)
         if out.features is not None:
@@ -100,9 +109,9 @@ class TrainingMonitor:
             metrics["prototype_utilization_train"] = float((self.argmax_counts > 0).float().mean())
         if self.features:
             metrics["effective_rank"] = effective_rank(torch.cat(list(self.features)))
-        gmm = getattr(method, "gmm", None)
-        if gmm is not None:
-            mix = mixture_stats(gmm.weights)
+        weights = method.mixture_weights()
+        if weights is not None:
+            mix = mixture_stats(weights.detach().cpu(), idle=_cpu(method.idle_prototypes()))
             metrics["mixture_perplexity"] = mix["perplexity"]
             metrics["mixture_dead"] = mix["dead"]
         self.argmax_counts.zero_()

@@ -37,6 +37,7 @@ def prototype_report(
     probs: Tensor | None = None,
     embeddings: Tensor | None = None,
     mixture_weights: Tensor | None = None,
+    idle: Tensor | None = None,
     *,
     eps: Iterable[float] = STANDARD_EPS,
     eps_grid: Iterable[float] | None = None,
@@ -57,7 +58,8 @@ def prototype_report(
     ``max_prob``, ``prototype_utilization``, ``num_samples``).
     With ``embeddings [N, D']``: ``effective_rank``, ``embedding_std``,
     ``mean_direction_norm``, ``embedding_dim`` and ``spectrum`` (singular values, list).
-    With ``mixture_weights [K]``: ``mixture`` (:func:`mixture_stats`).
+    With ``mixture_weights [K]``: ``mixture`` (:func:`mixture_stats`; ``idle``, the mixture's
+    boolean ``[K]`` idle mask, counts its dead components by usage).
     """
     _check_matrix(prototypes)
     k, d = int(prototypes.shape[0]), int(prototypes.shape[1])
@@ -92,7 +94,7 @@ def prototype_report(
     if mixture_weights is not None:
         if mixture_weights.numel() != k:
             raise ValueError(f"mixture_weights must have {k} entries, got {mixture_weights.numel()}")
-        report["mixture"] = mixture_stats(mixture_weights)
+        report["mixture"] = mixture_stats(mixture_weights, idle=idle)
     return report
 
 
@@ -112,7 +114,8 @@ def flat_metrics(report: Mapping[str, Any]) -> dict[str, float | int]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[f"pairwise_cosine_{name}"] = value
     for name, value in report.get("mixture", {}).items():
-        out[f"mixture_{name}"] = value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"mixture_{name}"] = value
     return out
 
 
@@ -168,7 +171,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     if mix:
         lines += ["", "mixture weights"]
         lines.append(_row("perplexity", f"{mix['perplexity']:.1f}", f"of {mix['num_components']}"))
-        lines.append(_row("dead components", f"{mix['dead']}", "pi_k < 0.1/K"))
+        rule = "recent usage below the idle threshold" if mix.get("dead_by") == "usage" else "pi_k < 0.1/K"
+        lines.append(_row("idle components", f"{mix['dead']}", rule))
     return "\n".join(lines)
 
 

@@ -1,19 +1,27 @@
 """The training loop, read top to bottom: set-up, optional resume, k-NN of the initial
 backbone, epochs of steps, checkpoints, final evaluation and ``summary.json``.
 
-One step::
+One epoch (:meth:`Trainer.train_one_epoch`)::
 
-    crops = views(batch)                                  # on the device
+    for batch in batches.epoch(epoch):                     # crops, labels, indices on the device
+        out = optimisation_step(model, method, optimizer, batch, step, lr, wd)
+        monitor.observe(out); log every train.log_every steps; checkpoint when asked
+
+One step (:func:`optimisation_step`)::
+
     lr, wd <- schedules[step]
-    with autocast: out = model(crops, step)               # method forward (DDP-wrapped)
+    with autocast: out = model(batch, step)                # method forward (DDP-wrapped)
     out.loss.backward()                                    # (GradScaler with fp16)
     method.on_after_backward(step)                         # e.g. frozen prototypes
     clip gradients; optimizer.step()
     method.on_after_optimizer_step(step)                   # e.g. EMA teacher
 
-Everything that determines the future of a run is in the checkpoint: model and mixture state,
-optimiser, grad scaler, step, position in the epoch, RNG states and the collapse monitor.
-Data order is a function of (seed, epoch), so a resumed run continues with the same batches.
+The engine knows no method: everything it needs comes through the hooks of
+:class:`~nocollapse.methods.base.SSLMethod`. Labels reach the method only when it declares
+``uses_labels``. Everything that determines the future of a run is in the checkpoint: model and
+mixture state, optimiser, grad scaler, step, position in the epoch, RNG states and the collapse
+monitor. Data order is a function of (seed, epoch), so a resumed run continues with the same
+batches.
 """
 
 from __future__ import annotations
@@ -32,19 +40,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
+from ..analysis import encode_split, method_report, run_summary, write_run_plots
 from ..config import Config, to_dict, to_yaml
-from ..data import TrainBatches, build_view_spec, load_dataset
-from ..data.registry import DatasetSplits
-from ..evaluation.knn import knn_accuracy
+from ..data import Batch, TrainBatches, build_view_spec, load_dataset
+from ..data.registry import image_size_of
 from ..diagnostics.monitor import TrainingMonitor
+from ..evaluation.knn import knn_accuracy
 from ..methods import SSLMethod, build_method
-from ..models.backbones import build_backbone, count_parameters
-from . import distributed as dist_utils
-from .checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint, prune, rng_state, set_rng_state
-from .logging import MetricsLogger
-from .optim import build_optimizer, set_hyperparameters
-from .schedules import cosine_schedule
+from ..models.backbones import build_backbone
+from ..utils import distributed as dist_utils
+from ..utils.checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint, prune, rng_state, set_rng_state
+from ..utils.metrics_log import MetricsLogger, read_jsonl
+from ..utils.optim import build_optimizer, set_hyperparameters
+from ..utils.registry import METHODS
+from ..utils.schedules import cosine_schedule
+from ..version import __version__
 
 log = logging.getLogger("nocollapse")
 
@@ -62,6 +72,40 @@ class Position:
     epoch: int = 0          # epoch in progress
     batch: int = 0          # next batch index within the epoch
     step: int = 0           # optimisation steps done
+
+
+class Throughput:
+    """Training time and images per second: the time spent in epochs (kept across resumes) and
+    the rate over the window since the last log step."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self._epoch_start: float | None = None
+        self._window_start = time.perf_counter()
+        self._window_images = 0
+
+    def start_epoch(self) -> None:
+        self._epoch_start = self._window_start = time.perf_counter()
+        self._window_images = 0
+
+    def count(self, images: int) -> None:
+        self._window_images += images
+
+    def window_rate(self) -> float:
+        """Images per second since the last call (the window restarts)."""
+        now = time.perf_counter()
+        rate = self._window_images / max(now - self._window_start, 1e-9)
+        self._window_start, self._window_images = now, 0
+        return rate
+
+    def total(self) -> float:
+        """Training seconds so far, the running epoch included."""
+        running = time.perf_counter() - self._epoch_start if self._epoch_start is not None else 0.0
+        return self.seconds + running
+
+    def end_epoch(self) -> None:
+        self.seconds = self.total()
+        self._epoch_start = None
 
 
 def _precision(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -84,29 +128,19 @@ def _no_buffer_sync() -> dict[str, bool]:
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
-def image_size_of(cfg: Config, splits: DatasetSplits) -> int:
-    native = splits.image_size
-    size = cfg.views.global_size or native
-    if size is None:
-        raise ValueError("images are read from files without a fixed size: set views.global_size")
-    if native is not None and size > native:
-        raise ValueError(f"views.global_size ({size}) is larger than the images ({native} px); "
-                         f"crops cannot be larger than the image (set data.image_size to upsample)")
-    return size
-
-
 def optimisation_step(model: nn.Module, method: SSLMethod, optimizer: torch.optim.Optimizer,
-                      crops: list[torch.Tensor], step: int, lr: float, weight_decay: float,
+                      batch: Batch | list[torch.Tensor], step: int, lr: float, weight_decay: float,
                       clip_grad: float = 0.0, scaler: torch.amp.GradScaler | None = None,
                       amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Any]:
     """One optimisation step of ``method`` (called through ``model``, its DDP wrapper or itself).
 
     Returns the detached loss and the method's :class:`StepOutput`, or ``None`` instead of the
     output when the loss is not finite on some process (then no parameter changed)."""
+    batch = Batch.of(batch)
     set_hyperparameters(optimizer, lr, weight_decay)
-    device_type = crops[0].device.type
-    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        out = model(crops, step)
+    with torch.autocast(batch.crops[0].device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        out = model(batch, step)
     loss = out.loss
     finite = torch.isfinite(loss.detach()).float()
     dist_utils.all_reduce_sum(finite)  # every rank takes the same decision
@@ -142,18 +176,15 @@ def preflight(cfg: Config, spec, world_size: int, available: int | None = None) 
         if bad:
             raise ValueError(f"model.patch_size={cfg.model.patch_size} does not divide the crop size(s) "
                              f"{bad}; choose a patch size that divides views.global_size and views.local_size")
-    k, d = cfg.method.num_prototypes, cfg.method.head.bottleneck_dim
     rows = cfg.train.batch_size * spec.num_crops
-    # prototypes (+ EMA copy or mixture statistics) and the [rows, K] scores with their gradients
-    state = (4 if cfg.method.prototypes == "decoupled" else 6) * k * d * 4
-    activations = 4 * rows * k * 4
-    need = state + activations
+    need = METHODS.get(cfg.method.name).estimate_state_bytes(cfg, rows)
     available = _available_memory_bytes() if available is None else available
     if available is not None and need > 0.8 * available:
         raise ValueError(
-            f"method.num_prototypes={k} with train.batch_size={cfg.train.batch_size} x {spec.num_crops} "
-            f"crops needs about {need / 2**30:.1f} GiB for prototypes and scores, but "
-            f"{available / 2**30:.1f} GiB is available; lower method.num_prototypes or train.batch_size")
+            f"method {cfg.method.name!r} with train.batch_size={cfg.train.batch_size} x {spec.num_crops} "
+            f"crops needs about {need / 2**30:.1f} GiB for its state and scores, but "
+            f"{available / 2**30:.1f} GiB is available; lower train.batch_size or the method's size "
+            f"(e.g. method.num_prototypes)")
 
 
 class Trainer:
@@ -190,6 +221,7 @@ class Trainer:
         preflight(cfg, spec, self.dist.world_size)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.global_batch = cfg.train.batch_size * self.dist.world_size
         self.amp_dtype = _precision(cfg, self.device)
         resume_from = load_checkpoint(self.ckpt_dir / "last.pt", map_location=self.device) if self.resume else None
         if self.main:
@@ -212,8 +244,7 @@ class Trainer:
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 **_no_buffer_sync())
 
-        global_batch = cfg.train.batch_size * self.dist.world_size
-        lr = cfg.optim.lr * (global_batch / 256 if cfg.optim.scale_lr else 1.0)
+        lr = cfg.optim.lr * (self.global_batch / 256 if cfg.optim.scale_lr else 1.0)
         self.lr_schedule = cosine_schedule(lr, cfg.optim.min_lr, self.total_steps,
                                            int(round(cfg.optim.warmup_epochs * self.steps_per_epoch)))
         self.wd_schedule = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end,
@@ -229,6 +260,7 @@ class Trainer:
         else:
             # Each rank draws different augmentations; rank 0 keeps the seed's stream.
             torch.manual_seed(cfg.train.seed + 1000 * self.dist.rank)
+        self.throughput = Throughput(float(self.state.get("train_seconds", 0.0)))
         self.monitor = TrainingMonitor(cfg, self.method, self.steps_per_epoch)
         if "monitor" in self.state:
             self.monitor.load_state_dict(self.state["monitor"])
@@ -259,7 +291,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "skipped_steps": self.skipped_steps,
-            "state": {**self.state, "monitor": self.monitor.state_dict()},
+            "state": {**self.state, "train_seconds": self.throughput.total(),
+                      "monitor": self.monitor.state_dict()},
         }
 
     def save_checkpoint(self, epoch_file: bool = False) -> None:
@@ -285,7 +318,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.position = Position(ckpt["epoch"], ckpt["batch"], ckpt["step"])
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
-        self.state = dict(ckpt.get("state", {}))
+        self.state = {k: v for k, v in ckpt.get("state", {}).items() if k != "samples_seen"}
         rng = ckpt["rng"]
         rank_file = self.ckpt_dir / f"rng_rank{self.dist.rank}.pt"
         if self.dist.enabled and rank_file.is_file():
@@ -297,8 +330,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------
     def encode(self, source, with_head: bool = False, max_samples: int = 0):
-        from ..analysis import encode_split
-
         return encode_split(self.method, source, self.image_size, self.splits, self.cfg.eval.batch_size,
                             self.device, self.cfg.data.num_workers, max_samples, with_head,
                             self.cfg.data.bad_images)
@@ -322,11 +353,6 @@ class Trainer:
             except ValueError:  # not in the main thread
                 pass
 
-    def _train_step(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, Any]:
-        return optimisation_step(self.model, self.method, self.optimizer, crops, step,
-                                 float(self.lr_schedule[step]), float(self.wd_schedule[step]),
-                                 self.cfg.optim.clip_grad, self.scaler, self.amp_dtype)
-
     def _nonfinite(self, step: int, loss: torch.Tensor) -> None:
         if self.cfg.train.nonfinite == "skip":
             self.skipped_steps += 1
@@ -348,79 +374,77 @@ class Trainer:
             self.logger.log({"step": 0, "epoch": 0.0, "knn_top1": self.state["knn_init"]["top1"],
                              "knn_top5": self.state["knn_init"]["top5"]}, prefix="epoch")
         if self.main:
-            log.info("training %s on %s: %d steps/epoch x %d epochs, %s params, device %s, %d process(es)",
-                     cfg.method.name, cfg.data.dataset, self.steps_per_epoch, cfg.train.epochs,
-                     f"{count_parameters(self.method.student):,}", self.device, self.dist.world_size)
+            log.info("training %s on %s: %d steps/epoch x %d epochs, %s trainable params, device %s, "
+                     "%d process(es)", self.method.describe(), cfg.data.dataset, self.steps_per_epoch,
+                     cfg.train.epochs, f"{self.method.trainable_parameter_count():,}", self.device,
+                     self.dist.world_size)
         self._install_signal_handlers()
         self.model.train()
-        global_batch = cfg.train.batch_size * self.dist.world_size
-        train_seconds = float(self.state.get("train_seconds", 0.0))
-        samples_seen = int(self.state.get("samples_seen", 0))
-        progress = None
         try:
             while self.position.epoch < cfg.train.epochs:
-                epoch = self.position.epoch
-                if self.main and cfg.train.progress:
-                    from tqdm import tqdm
-
-                    progress = tqdm(total=self.steps_per_epoch, initial=self.position.batch,
-                                    desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
-                                    dynamic_ncols=True, file=sys.stderr)
-                t_window, n_window = time.perf_counter(), 0
-                t_epoch = time.perf_counter()
-                for crops, _labels in self.batches.epoch(epoch, self.position.batch):
-                    step = self.position.step
-                    loss, out = self._train_step(crops, step)
-                    if out is None:
-                        self._nonfinite(step, loss)
-                    else:
-                        self.monitor.observe(out)
-                    self.position.step += 1
-                    self.position.batch += 1
-                    n_window += global_batch
-                    samples_seen += global_batch
-                    if progress is not None:
-                        progress.update(1)
-                    if self.position.step % cfg.train.log_every == 0 or self.position.batch == self.steps_per_epoch:
-                        now = time.perf_counter()
-                        rate = n_window / max(now - t_window, 1e-9)
-                        t_window, n_window = now, 0
-                        record = {"step": self.position.step,
-                                  "epoch": epoch + self.position.batch / self.steps_per_epoch,
-                                  "loss": float(loss), "lr": float(self.lr_schedule[step]),
-                                  "weight_decay": float(self.wd_schedule[step]),
-                                  "samples_per_second": rate}
-                        if out is not None:
-                            record.update(out.logs)
-                            record.update(self.monitor.step_metrics(self.position.step, float(loss), out))
-                        self.logger.log(record)
-                        if progress is not None:
-                            progress.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate:.0f}")
-                    if self._should_interrupt():
-                        train_seconds += time.perf_counter() - t_epoch
-                        self.state.update(train_seconds=train_seconds, samples_seen=samples_seen)
-                        self.save_checkpoint()
-                        raise TrainingInterrupted(
-                            f"stopped at step {self.position.step} ({self._stop_requested}); "
-                            f"continue with: nocollapse train --out {self.run_dir} --resume")
-                    if (cfg.train.checkpoint_every_steps
-                            and self.position.step % cfg.train.checkpoint_every_steps == 0):
-                        self.state.update(train_seconds=train_seconds + time.perf_counter() - t_epoch,
-                                          samples_seen=samples_seen)
-                        self.save_checkpoint()
-                train_seconds += time.perf_counter() - t_epoch
-                if progress is not None:
-                    progress.close()
-                    progress = None
-                self.position.epoch += 1
-                self.position.batch = 0
-                self.state.update(train_seconds=train_seconds, samples_seen=samples_seen)
+                self.train_one_epoch()
                 self._end_of_epoch()
-            return self._finish(train_seconds, samples_seen)
+            return self._finish()
+        finally:
+            self.logger.close()
+
+    def train_one_epoch(self) -> None:
+        cfg, epoch = self.cfg, self.position.epoch
+        progress = self._progress_bar(epoch)
+        self.throughput.start_epoch()
+        try:
+            for batch in self.batches.epoch(epoch, self.position.batch):
+                if not self.method.uses_labels:
+                    batch = batch.without_labels()
+                step = self.position.step
+                loss, out = optimisation_step(
+                    self.model, self.method, self.optimizer, batch, step, float(self.lr_schedule[step]),
+                    float(self.wd_schedule[step]), cfg.optim.clip_grad, self.scaler, self.amp_dtype)
+                if out is None:
+                    self._nonfinite(step, loss)
+                else:
+                    self.monitor.observe(out)
+                self.position.step += 1
+                self.position.batch += 1
+                self.throughput.count(self.global_batch)
+                if progress is not None:
+                    progress.update(1)
+                if self.position.step % cfg.train.log_every == 0 or self.position.batch == self.steps_per_epoch:
+                    self._log_step(step, loss, out, progress)
+                if self._should_interrupt():
+                    self.save_checkpoint()
+                    raise TrainingInterrupted(
+                        f"stopped at step {self.position.step} ({self._stop_requested}); "
+                        f"continue with: nocollapse train --out {self.run_dir} --resume")
+                if cfg.train.checkpoint_every_steps and self.position.step % cfg.train.checkpoint_every_steps == 0:
+                    self.save_checkpoint()
         finally:
             if progress is not None:
                 progress.close()
-            self.logger.close()
+        self.throughput.end_epoch()
+        self.position.epoch += 1
+        self.position.batch = 0
+
+    def _progress_bar(self, epoch: int):
+        if not (self.main and self.cfg.train.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.steps_per_epoch, initial=self.position.batch,
+                    desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False, dynamic_ncols=True,
+                    file=sys.stderr)
+
+    def _log_step(self, step: int, loss: torch.Tensor, out, progress) -> None:
+        rate = self.throughput.window_rate()
+        record = {"step": self.position.step, "epoch": self.position.epoch + self.position.batch / self.steps_per_epoch,
+                  "loss": float(loss), "lr": float(self.lr_schedule[step]),
+                  "weight_decay": float(self.wd_schedule[step]), "samples_per_second": rate}
+        if out is not None:
+            record.update(out.logs)
+            record.update(self.monitor.step_metrics(self.position.step, float(loss), out))
+        self.logger.log(record)
+        if progress is not None:
+            progress.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate:.0f}")
 
     def _should_interrupt(self) -> bool:
         stop_at = self.cfg.train.stop_at_step
@@ -446,101 +470,28 @@ class Trainer:
         every = cfg.train.checkpoint_every
         self.save_checkpoint(epoch_file=bool(every) and (epoch % every == 0 or epoch == cfg.train.epochs))
 
-    def _finish(self, train_seconds: float, samples_seen: int) -> dict[str, Any]:
-        from ..analysis import SUMMARY_KEYS, method_report, write_run_plots
-        from .logging import read_jsonl
-
+    def _finish(self) -> dict[str, Any]:
         cfg = self.cfg
         test = self.encode(self.splits.test, with_head=True)
         knn = self.knn(test)
         report = method_report(self.method, test)
         self.logger.log({"step": self.position.step, "epoch": float(self.position.epoch),
                          "knn_top1": knn["top1"], "knn_top5": knn["top5"]}, prefix="epoch")
-        init = self.state.get("knn_init", {})
-        summary: dict[str, Any] = {
-            "method": cfg.method.name,
-            "prototypes": cfg.method.prototypes,
-            "num_prototypes": cfg.method.num_prototypes,
-            "dataset": cfg.data.dataset,
-            "backbone": cfg.model.backbone,
-            "epochs": cfg.train.epochs,
-            "steps": self.position.step,
-            "global_batch_size": cfg.train.batch_size * self.dist.world_size,
-            "processes": self.dist.world_size,
-            "device": str(self.device),
-            "train_seconds": round(train_seconds, 3),
-            "samples_per_second": round(samples_seen / train_seconds, 2) if train_seconds > 0 else None,
-            "knn_top1": knn["top1"],
-            "knn_top5": knn["top5"],
-            "knn_top1_init": init.get("top1"),
-            "knn_protocol": {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature,
-                             "features": "teacher backbone" if hasattr(self.method, "teacher") else "backbone",
-                             "split": "test"},
-        }
-        summary.update({k: report[k] for k in SUMMARY_KEYS if k in report})
-        summary["alarms"] = [a.to_dict() for a in self.monitor.alarms]
-        skipped_files = [*self.splits.ssl_train.skipped, *self.splits.test.skipped]
+        skipped = [*self.splits.ssl_train.skipped, *self.splits.test.skipped]
         if self.splits.train is not self.splits.ssl_train:
-            skipped_files += self.splits.train.skipped
-        summary.update({
-            "skipped_images": {"count": len(set(skipped_files)) + self.batches.substituted,
-                               "files": sorted(set(skipped_files))[:50],
-                               "substituted_during_training": self.batches.substituted},
-            "skipped_steps": self.skipped_steps,
-            "train_images": len(self.splits.ssl_train),
-            "test_images": len(self.splits.test),
-            "nocollapse_version": __version__,
-            "torch_version": torch.__version__,
-        })
+            skipped += self.splits.train.skipped
+        summary = run_summary(
+            cfg, self.method, steps=self.position.step, processes=self.dist.world_size, device=self.device,
+            train_seconds=self.throughput.seconds, knn=knn, knn_init=self.state.get("knn_init"),
+            report=report, alarms=self.monitor.alarms, splits=self.splits, skipped_images=skipped,
+            substituted=self.batches.substituted, skipped_steps=self.skipped_steps)
         if self.main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             (self.run_dir / "diagnosis.json").write_text(json.dumps(report, indent=1))
             if cfg.diagnostics.plots:
                 write_run_plots(self.run_dir, self.method, report, read_jsonl(self.run_dir / "metrics.jsonl"),
-                                label=f"{cfg.method.name} ({cfg.method.prototypes})")
+                                label=self.method.describe())
         return summary
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """The table ``nocollapse train`` prints at the end of a run."""
-    def fmt(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 100 else f"{v:,.1f}"
-        return str(v)
-
-    knn = fmt(summary.get("knn_top1"))
-    init = summary.get("knn_top1_init")
-    if init is not None and summary.get("knn_top1") is not None:
-        knn += f"   (random init {init:.4f}, {summary['knn_top1'] - init:+.4f})"
-    rows = [
-        ("method", f"{summary['method']} ({summary.get('prototypes')} prototypes, "
-                   f"K={summary.get('num_prototypes')})"),
-        ("dataset", f"{summary['dataset']} ({summary.get('train_images')} train / "
-                    f"{summary.get('test_images')} test images)"),
-        ("backbone", summary.get("backbone")),
-        ("epochs / steps", f"{summary['epochs']} / {summary.get('steps')}"),
-        ("train time", f"{fmt(summary.get('train_seconds'))} s on {summary.get('device')} "
-                       f"x {summary.get('processes')}"),
-        ("throughput", f"{fmt(summary.get('samples_per_second'))} images/s"),
-        ("k-NN top-1", knn),
-        ("k-NN top-5", fmt(summary.get("knn_top5"))),
-    ]
-    for key, label in (("unique_prototypes", "unique prototypes"),
-                       ("prototype_utilization", "prototype utilisation"),
-                       ("effective_rank", "effective rank")):
-        if summary.get(key) is not None:
-            value = summary[key]
-            if isinstance(value, dict):
-                value = "  ".join(f"eps {k}: {v:.1%}" for k, v in value.items())
-            rows.append((label, fmt(value)))
-    if summary.get("alarms"):
-        rows.append(("alarms", ", ".join(a["name"] for a in summary["alarms"])))
-    width = max(len(r[0]) for r in rows)
-    lines = ["", "nocollapse train: summary", "-" * 60]
-    lines += [f"{name:<{width}}  {value}" for name, value in rows]
-    return "\n".join(lines)
-
-
-__all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted", "format_summary", "optimisation_step"]
+__all__ = ["NonFiniteLossError", "Throughput", "Trainer", "TrainingInterrupted", "optimisation_step"]

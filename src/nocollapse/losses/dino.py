@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
+from ..utils import distributed as dist_utils
+
 
 def teacher_probabilities(teacher_logits: torch.Tensor, temperature: float,
                           center: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,8 +63,6 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations:
 
         Q = diag(u) P diag(v),   Q 1_K = 1_B,   1_B^T Q ~= (B / K) 1_K.
     """
-    from ..engine import distributed as dist_utils
-
     logits = teacher_logits.float() / temperature
     q = torch.exp(logits - logits.max(dim=1, keepdim=True).values)   # row shift: cancels in row steps
     q = q / dist_utils.all_reduce_sum(q.sum().reshape(1))

@@ -1,24 +1,25 @@
-"""Self-supervised methods: one file per method on the thin template of ``base.py``."""
+"""Self-supervised methods: one file per method on the template of ``base.py``.
+
+Each method file registers its class in :data:`nocollapse.utils.registry.METHODS`; importing
+this package registers the built-in ones (one line per method below). A method defined
+elsewhere registers the same way, or through the ``nocollapse.methods`` entry-point group.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ..config import Config
-from .base import SSLMethod, StepOutput
-from .carp import CARP
-from .dino import DINO
-
-METHODS: dict[str, type[SSLMethod]] = {
-    "dino": DINO,
-    "carp": CARP,
-}
+from ..utils.registry import METHODS
+from . import carp, dino  # noqa: F401  (registers the built-in methods)
+from .base import Encoder, SSLMethod, StepOutput, build_encoder, ema_update, frozen_copy
+from .prototype_method import PrototypeMethod
 
 
 def build_method(cfg: Config, backbone: nn.Module, steps_per_epoch: int) -> SSLMethod:
-    if cfg.method.name not in METHODS:
-        raise ValueError(f"unknown method {cfg.method.name!r}; known: {', '.join(METHODS)}")
-    return METHODS[cfg.method.name](cfg, backbone, steps_per_epoch)
+    """The method ``cfg.method.name`` names, built around ``backbone``."""
+    return METHODS.get(cfg.method.name)(cfg, backbone, steps_per_epoch)
 
 
-__all__ = ["METHODS", "SSLMethod", "StepOutput", "build_method"]
+__all__ = ["METHODS", "Encoder", "PrototypeMethod", "SSLMethod", "StepOutput", "build_encoder",
+           "build_method", "ema_update", "frozen_copy"]

@@ -16,28 +16,45 @@ weight-normalised layer computes them.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..config import Config
-from ..engine import distributed as dist_utils
+from ..config import Config, ConfigError, setting
+from ..data.batch import Batch
 from ..losses.carp import block_probabilities, carp_consistency, marginal_kl_to_uniform
-from ..models.heads import koleo_loss
+from ..utils import distributed as dist_utils
+from ..utils.registry import METHODS
 from .base import StepOutput
-from .dino import PrototypeMethod
+from .prototype_method import PrototypeMethod
 
 
+@dataclass
+class CarpSettings:
+    block_size: int = setting(128, "N_B, prototypes per random partition block", 2)
+    consistency_weight: float = setting(1.0, "weight of the consistency term", 0.0)
+    entropy_weight: float = setting(1.0, "weight of the KL(block marginal || uniform) term", 0.0)
+
+    def validate(self, cfg: Config) -> None:
+        if cfg.method.num_prototypes % self.block_size != 0:
+            raise ConfigError(f"carp.block_size ({self.block_size}) must divide method.num_prototypes "
+                              f"({cfg.method.num_prototypes})")
+
+
+@METHODS.register("carp")
 class CARP(PrototypeMethod):
     name = "carp"
     normalize_embeddings = False
+
+    @classmethod
+    def settings(cls) -> dict[str, type]:
+        return {**super().settings(), "carp": CarpSettings}
 
     def __init__(self, cfg: Config, backbone: nn.Module, steps_per_epoch: int) -> None:
         super().__init__(cfg, backbone, steps_per_epoch)
         self.block_size = cfg.carp.block_size
         self.num_blocks = cfg.method.num_prototypes // self.block_size
-        self.koleo_weight = cfg.method.koleo_weight
 
     def partition(self, step: int, device: torch.device) -> torch.Tensor:
         """The random partition of this step, ``[num_blocks, block_size]``, identical on all ranks."""
@@ -47,40 +64,35 @@ class CARP(PrototypeMethod):
         dist_utils.broadcast(perm, src=0)
         return perm.view(self.num_blocks, self.block_size)
 
-    def forward(self, crops: Sequence[torch.Tensor], step: int) -> StepOutput:
+    def teacher_block_probs(self, t_emb: torch.Tensor, gamma: torch.Tensor | None,
+                            part: torch.Tensor) -> torch.Tensor:
+        if gamma is not None and self.cfg.gmm.targets == "posterior":
+            grouped = gamma[:, part.reshape(-1)].reshape(gamma.shape[0], *part.shape)
+            return (grouped / grouped.sum(-1, keepdim=True).clamp_min(1e-30)).permute(1, 0, 2)
+        return block_probabilities(self.teacher_scores(t_emb), part)
+
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
         c = self.cfg.carp
-        batch = crops[0].shape[0]
+        crops, n = batch.crops, batch.size
         part = self.partition(step, crops[0].device)
         with torch.no_grad():
             t_feat, t_emb = self.teacher(crops[:2])
             t_emb = t_emb.float()
-            gamma = None
-            if self.decoupled:
-                gamma = self.update_mixture(nn.functional.normalize(t_emb, dim=-1), step)
-            if gamma is not None and self.cfg.gmm.targets == "posterior":
-                grouped = gamma[:, part.reshape(-1)].reshape(gamma.shape[0], *part.shape)
-                t_probs = (grouped / grouped.sum(-1, keepdim=True).clamp_min(1e-30)).permute(1, 0, 2)
-            else:
-                t_probs = block_probabilities(self.teacher_scores(t_emb), part)
+            gamma = self.update_mixture(nn.functional.normalize(t_emb, dim=-1), step) if self.decoupled else None
+            t_probs = self.teacher_block_probs(t_emb, gamma, part)
         _, s_emb = self.student(crops)
         s_probs = block_probabilities(self.student_scores(s_emb), part)
-        student_views = list(s_probs.split(batch, dim=1))
-        teacher_views = list(t_probs.split(batch, dim=1))
-        consistency = carp_consistency(student_views, teacher_views)
+        consistency = carp_consistency(list(s_probs.split(n, dim=1)), list(t_probs.split(n, dim=1)))
         everything = torch.cat([s_probs, t_probs], dim=1).transpose(0, 1)   # [M, blocks, N_B]
         kl = marginal_kl_to_uniform(dist_utils.all_gather_cat(everything.contiguous()))
-        loss = c.consistency_weight * consistency + c.entropy_weight * kl
         logs = {"loss_consistency": float(consistency.detach()), "loss_marginal_kl": float(kl.detach())}
-        if self.koleo_weight > 0:
-            kp = koleo_loss(self.student_prototypes.vectors())
-            loss = loss + self.koleo_weight * kp
-            logs["loss_koleo"] = float(kp.detach())
+        loss = self.koleo_term(c.consistency_weight * consistency + c.entropy_weight * kl, logs)
         logs.update(self.mixture_logs())
         with torch.no_grad():
-            teacher_full = torch.softmax(self.teacher_scores(t_emb[:batch]), dim=-1)
-            student_full = torch.softmax(self.student_scores(s_emb[batch:2 * batch].detach().float()), dim=-1)
+            teacher_full = torch.softmax(self.teacher_scores(t_emb[:n]), dim=-1)
+            student_full = torch.softmax(self.student_scores(s_emb[n:2 * n].detach().float()), dim=-1)
         return StepOutput(loss=loss, logs=logs, teacher_probs=teacher_full, student_probs=student_full,
-                          embeddings=t_emb[:batch].detach(), features=t_feat[:batch].detach().float())
+                          embeddings=t_emb[:n].detach(), features=t_feat[:n].detach().float())
 
     def uniform_loss(self) -> float:
         """The loss of a fully collapsed (uniform) model: log N_B (the KL term is 0)."""

@@ -6,13 +6,14 @@ Every backbone maps images ``[B, 3, H, W]`` to pooled features ``[B, feature_dim
 
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
-from ..config import ModelConfig
+from ..utils.registry import BACKBONES
 
 _RESNETS = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
@@ -116,14 +117,31 @@ class ViTBackbone(VisionTransformer):
         return tokens[:, 0]
 
 
-def build_backbone(cfg: ModelConfig, image_size: int) -> nn.Module:
-    if cfg.backbone in _RESNETS:
+def _resnet(depth: str):
+    def build(cfg: Any, image_size: int) -> nn.Module:
         cifar = cfg.stem == "cifar" or (cfg.stem == "auto" and image_size < 96)
-        return ResNetBackbone(cfg.backbone, cfg.width_multiplier, cifar_stem=cifar,
-                              channels_last=cfg.channels_last)
-    if cfg.backbone in _VITS:
-        return ViTBackbone(cfg.backbone, image_size, cfg.patch_size)
-    raise ValueError(f"unknown backbone {cfg.backbone!r}; known: {', '.join([*_RESNETS, *_VITS])}")
+        return ResNetBackbone(depth, cfg.width_multiplier, cifar_stem=cifar, channels_last=cfg.channels_last)
+    return build
+
+
+def _vit(name: str):
+    def build(cfg: Any, image_size: int) -> nn.Module:
+        return ViTBackbone(name, image_size, cfg.patch_size)
+    return build
+
+
+for _name in _RESNETS:
+    BACKBONES.register(_name, _resnet(_name), default=_name == "resnet18")
+for _name in _VITS:
+    BACKBONES.register(_name, _vit(_name))
+
+
+def build_backbone(cfg: Any, image_size: int) -> nn.Module:
+    """The backbone ``cfg.backbone`` (a ``model.*`` section) names, for ``image_size`` px images.
+
+    A registered backbone is a callable ``(model settings, image_size) -> nn.Module`` whose module
+    has a ``feature_dim`` attribute."""
+    return BACKBONES.get(cfg.backbone)(cfg, image_size)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
-
-from ..config import HeadConfig
 
 
 def _init_linear(m: nn.Module) -> None:
@@ -41,7 +41,8 @@ class ProjectionMLP(nn.Module):
         return self.mlp(x)
 
     @classmethod
-    def from_config(cls, in_dim: int, cfg: HeadConfig) -> "ProjectionMLP":
+    def from_config(cls, in_dim: int, cfg: Any) -> "ProjectionMLP":
+        """From head settings with ``hidden_dim``, ``bottleneck_dim``, ``layers`` and ``batchnorm``."""
         return cls(in_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.layers, cfg.batchnorm)
 
 
@@ -74,19 +75,3 @@ class LearnedPrototypes(nn.Module):
     def vectors(self) -> torch.Tensor:
         """The prototypes as rows ``[K, D]`` (the effective weight)."""
         return self.layer.weight
-
-
-def koleo_loss(vectors: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """KoLeo (Kozachenko-Leonenko) spreading regulariser on L2-normalised rows:
-
-        L = -1/K sum_i log( min_{j != i} ||u_i - u_j||_2 + eps ),   u_i = v_i / ||v_i||.
-
-    Minimising it pushes every prototype away from its nearest neighbour (the "DINO + KP"
-    baseline of Govindarajan et al.). Cost O(K^2 D).
-    """
-    u = F.normalize(vectors.float(), dim=1)
-    sim = u @ u.t()
-    sim.fill_diagonal_(-2.0)
-    nearest = sim.max(dim=1).values
-    dist = torch.sqrt(torch.clamp(2.0 - 2.0 * nearest, min=0.0) + eps)
-    return -torch.log(dist + eps).mean()

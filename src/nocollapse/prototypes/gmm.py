@@ -62,7 +62,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..engine import distributed as dist_utils
+from ..utils import distributed as dist_utils
 
 
 class OnlineGMM(nn.Module):
@@ -261,12 +261,20 @@ class OnlineGMM(nn.Module):
             d2 = new_d2[best]
         return torch.tensor(picks, device=h.device)
 
+    def idle_mask(self) -> torch.Tensor:
+        """Boolean ``[K]``: components whose recent usage is below ``dead_threshold`` (and those not
+        seeded yet). This is the one definition of an idle component: the step logs, the monitor,
+        the report and the re-seeding all use it. (Per-component forgetting never lowers an idle
+        component's weight, so the weights cannot tell.)"""
+        mask = self.usage < self.dead_threshold
+        mask[int(self.num_seeded):] = True
+        return mask
+
     def dead_components(self) -> torch.Tensor:
-        """Indices of seeded components whose recent usage is below ``dead_threshold``, least used first."""
+        """Indices of seeded idle components (:meth:`idle_mask`), least used first."""
         active = self._active()
-        usage = self.usage[:active]
-        dead = torch.nonzero(usage < self.dead_threshold, as_tuple=True)[0]
-        return dead[torch.argsort(usage[dead], stable=True)]
+        dead = torch.nonzero(self.idle_mask()[:active], as_tuple=True)[0]
+        return dead[torch.argsort(self.usage[dead], stable=True)]
 
     def _reseed(self, h_all: torch.Tensor) -> None:
         dead = self.dead_components()[: max(1, h_all.shape[0] // 2)]

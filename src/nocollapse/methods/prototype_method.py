@@ -1,0 +1,231 @@
+"""Shared machinery of prototype methods with an EMA teacher (DINO, CARP): student and teacher
+encoders, learned or decoupled prototypes, the EMA update, last-layer freezing and the
+annealing schedule of the mixture, with the settings they read (``method.*`` and ``gmm.*``).
+
+``method.prototypes``:
+
+* ``learned``: the prototypes are a weight-normalised last layer trained with the student and
+  EMA-copied to the teacher.
+* ``decoupled`` ("Why Prototypes Collapse"): one online-EM Gaussian mixture
+  (:class:`~nocollapse.prototypes.gmm.OnlineGMM`), fitted on the teacher's bottleneck embeddings
+  before every step, provides the prototypes for both networks; its means receive no gradient
+  and are not in the optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError, choice, setting
+from ..losses.koleo import koleo_loss
+from ..models.heads import LearnedPrototypes
+from ..prototypes.gmm import OnlineGMM
+from ..utils.schedules import cosine_schedule, warmup_constant_schedule
+from .base import SSLMethod, build_encoder, ema_update, frozen_copy
+
+
+@dataclass
+class HeadSettings:
+    hidden_dim: int = setting(2048, "hidden width of the projection MLP", 1)
+    bottleneck_dim: int = setting(256, "dimension of the bottleneck the prototypes live in", 1)
+    layers: int = setting(3, "number of linear layers of the projection MLP", 1)
+    batchnorm: bool = setting(False, "BatchNorm in the projection MLP")
+    norm_last_layer: bool = setting(True, "fix the norm of learned prototypes to 1 (weight-norm g frozen)")
+
+
+@dataclass
+class PrototypeSettings:
+    """``method.*`` keys of prototype methods with an EMA teacher."""
+
+    prototypes: str = choice(
+        "learned", ("learned", "decoupled"),
+        "learned: prototypes are a trainable last layer; decoupled: an online-EM Gaussian mixture")
+    num_prototypes: int = setting(4096, "K, the number of prototypes", 2)
+    head: HeadSettings = field(default_factory=HeadSettings)
+    teacher_momentum: float = setting(0.996, "EMA momentum of the teacher at the start (cosine to 1)", 0.0, 1.0)
+    teacher_momentum_end: float = setting(1.0, "EMA momentum of the teacher at the end", 0.0, 1.0)
+    freeze_last_layer_epochs: float = setting(1.0, "epochs during which learned prototypes get no update", 0.0)
+    koleo_weight: float = setting(0.0, "weight of the KoLeo regulariser on learned prototypes (DINO + KP)", 0.0)
+
+    def validate(self, cfg: Config) -> None:
+        if self.teacher_momentum_end < self.teacher_momentum:
+            raise ConfigError("method.teacher_momentum_end must be >= method.teacher_momentum")
+
+
+@dataclass
+class GmmSettings:
+    """``gmm.*``: the online-EM mixture of decoupled prototypes (``prototypes/gmm.py``)."""
+
+    covariance: str = choice("diagonal", ("diagonal", "isotropic"), "component covariance")
+    eta: float = setting(0.01, "forgetting factor of the running sufficient statistics", 0.0, 1.0)
+    forgetting: str = choice("per_component", ("per_component", "global"),
+                             "per_component: a component forgets in proportion to the responsibility it gets")
+    beta0: float = setting(0.25, "initial inverse temperature of the annealed E-step", 1e-6, 1.0)
+    anneal_epochs: float = setting(2.0, "epochs over which beta rises from beta0 to 1", 0.0)
+    var_floor: float = setting(1e-4, "variance floor of the M-step", 1e-12)
+    init: str = choice("data", ("random", "data"),
+                       "random unit vectors, or seeded from the first teacher embeddings")
+    reseed_dead: bool = setting(False, "re-seed idle components onto current embeddings (k-means++ on the batch)")
+    dead_threshold: float = setting(0.01, "a component is idle when its recent usage (EMA, rate eta, of the "
+                                    "responsibility it receives) falls below this fraction of a uniform share", 0.0)
+    chunk_size: int = setting(4096, "components per chunk in the E-step (bounds memory)", 1)
+    targets: str = choice("similarity", ("similarity", "posterior"),
+                          "teacher targets: softmax of similarities to the means, or mixture responsibilities")
+
+
+def build_gmm(cfg: Config, dim: int) -> OnlineGMM:
+    g = cfg.gmm
+    return OnlineGMM(cfg.method.num_prototypes, dim, covariance=g.covariance, eta=g.eta,
+                     forgetting=g.forgetting, var_floor=g.var_floor, init=g.init,
+                     reseed_dead=g.reseed_dead, dead_threshold=g.dead_threshold,
+                     chunk_size=g.chunk_size, seed=cfg.train.seed)
+
+
+class PrototypeMethod(SSLMethod):
+    """Student/teacher encoders and K prototypes, learned or decoupled."""
+
+    normalize_embeddings = True
+    eval_network_name = "teacher backbone"
+
+    @classmethod
+    def settings(cls) -> dict[str, type]:
+        return {**super().settings(), "method": PrototypeSettings, "gmm": GmmSettings}
+
+    @classmethod
+    def inactive_settings(cls, cfg: Config) -> dict[str, str]:
+        if cfg.method.prototypes == "decoupled":
+            learned_only = "method.prototypes is 'learned'"
+            return {"method.freeze_last_layer_epochs": learned_only, "method.koleo_weight": learned_only,
+                    "method.head.norm_last_layer": learned_only}
+        return {"gmm": "method.prototypes is 'decoupled'"}
+
+    @classmethod
+    def estimate_state_bytes(cls, cfg: Config, rows: int) -> int:
+        """Prototypes (+ EMA copy or mixture statistics) and the ``[rows, K]`` scores with their
+        gradients, in fp32."""
+        k, d = cfg.method.num_prototypes, cfg.method.head.bottleneck_dim
+        state = (4 if cfg.method.prototypes == "decoupled" else 6) * k * d * 4
+        return state + 4 * rows * k * 4
+
+    @classmethod
+    def run_name(cls, cfg: Config) -> str:
+        return f"{cfg.method.name}-{cfg.method.prototypes}"
+
+    def __init__(self, cfg: Config, backbone: nn.Module, steps_per_epoch: int) -> None:
+        super().__init__(cfg, backbone, steps_per_epoch)
+        m = cfg.method
+        self.student = build_encoder(backbone, m.head, normalize=self.normalize_embeddings)
+        self.teacher = frozen_copy(self.student)
+        self.decoupled = m.prototypes == "decoupled"
+        dim = m.head.bottleneck_dim
+        if self.decoupled:
+            self.gmm = build_gmm(cfg, dim)
+            self.beta = warmup_constant_schedule(cfg.gmm.beta0, 1.0,
+                                                 self.epochs_to_steps(cfg.gmm.anneal_epochs),
+                                                 self.total_steps)
+        else:
+            self.student_prototypes = LearnedPrototypes(dim, m.num_prototypes, m.head.norm_last_layer)
+            self.teacher_prototypes = frozen_copy(self.student_prototypes)
+        self.momentum = cosine_schedule(m.teacher_momentum, m.teacher_momentum_end, self.total_steps)
+        self.freeze_steps = 0 if self.decoupled else self.epochs_to_steps(m.freeze_last_layer_epochs)
+        self.koleo_weight = 0.0 if self.decoupled else m.koleo_weight
+
+    # ---- prototypes ----------------------------------------------------------------------
+    @property
+    def num_prototypes(self) -> int:
+        return self.cfg.method.num_prototypes
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.cfg.method.head.bottleneck_dim
+
+    def prototype_vectors(self) -> torch.Tensor:
+        if self.decoupled:
+            return self.gmm.means
+        return self.teacher_prototypes.vectors().detach()
+
+    def student_scores(self, z: torch.Tensor) -> torch.Tensor:
+        if self.decoupled:
+            return z @ self.gmm.means.t().to(z.dtype)
+        return self.student_prototypes(z)
+
+    def teacher_scores(self, z: torch.Tensor) -> torch.Tensor:
+        if self.decoupled:
+            return z @ self.gmm.means.t().to(z.dtype)
+        return self.teacher_prototypes(z)
+
+    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.teacher_scores(embeddings)
+
+    def assignment_probs(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Softmax over all K scores without temperature (CARP's assignment; DINO overrides)."""
+        return torch.softmax(self.scores(embeddings).float(), dim=-1)
+
+    def update_mixture(self, teacher_embeddings: torch.Tensor, step: int, views: int = 2) -> torch.Tensor:
+        """(i) of the decoupled scheme: refit the mixture on the detached teacher embeddings.
+
+        ``teacher_embeddings`` holds ``views`` blocks of one batch (view-major). The mixture sees
+        them sample-major, so that the rows gathered from several processes come in the same order
+        as in one process holding the joined batch (the seeding depends on the order); the
+        responsibilities are returned view-major again."""
+        n, dim = teacher_embeddings.shape
+        batch = n // views
+        h = teacher_embeddings.detach().view(views, batch, dim).transpose(0, 1).reshape(n, dim)
+        gamma = self.gmm.update(h, beta=self.at_step(self.beta, step))
+        return gamma.view(batch, views, -1).transpose(0, 1).reshape(n, -1)
+
+    def mixture_weights(self) -> torch.Tensor | None:
+        return self.gmm.weights if self.decoupled else None
+
+    def idle_prototypes(self) -> torch.Tensor | None:
+        return self.gmm.idle_mask() if self.decoupled else None
+
+    def mixture_logs(self) -> dict[str, float]:
+        if not self.decoupled:
+            return {}
+        w = self.gmm.weights
+        perplexity = torch.exp(-(w * torch.log(w.clamp_min(1e-30))).sum())
+        return {"gmm_weight_perplexity": float(perplexity), "gmm_reseeds": float(self.gmm.num_reseeds),
+                "gmm_dead": float(self.gmm.idle_mask().sum()),
+                "gmm_mean_variance": float(self.gmm.variances.mean())}
+
+    def koleo_term(self, loss: torch.Tensor, logs: dict[str, float]) -> torch.Tensor:
+        """``loss + koleo_weight * KoLeo(learned prototypes)`` (DINO + KP), logged."""
+        if self.koleo_weight <= 0:
+            return loss
+        kp = koleo_loss(self.student_prototypes.vectors())
+        logs["loss_koleo"] = float(kp.detach())
+        return loss + self.koleo_weight * kp
+
+    def uniform_loss(self) -> float:
+        """The loss of a fully collapsed (uniform-assignment) model: log K."""
+        return math.log(self.cfg.method.num_prototypes)
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {"prototypes": self.cfg.method.prototypes, "num_prototypes": self.num_prototypes}
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.cfg.method.prototypes})"
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def on_after_backward(self, step: int) -> None:
+        if not self.decoupled and step < self.freeze_steps:
+            for p in self.student_prototypes.parameters():
+                p.grad = None
+
+    def on_after_optimizer_step(self, step: int) -> None:
+        m = self.at_step(self.momentum, step)
+        ema_update(self.teacher, self.student, m)
+        if not self.decoupled:
+            ema_update(self.teacher_prototypes, self.student_prototypes, m)
+
+    def eval_backbone(self) -> nn.Module:
+        return self.teacher.backbone
+
+    def eval_encoder(self) -> nn.Module:
+        return self.teacher
