@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,43 @@ def test_views_shapes_for_two_view_and_multicrop(local_crops):
 def test_local_crop_larger_than_global_is_rejected():
     with pytest.raises(ValueError, match="local_size"):
         build_view_spec(ViewsConfig(local_crops=2, local_size=40), 32, (0,) * 3, (1,) * 3)
+
+
+def test_a_substituted_unreadable_image_carries_label_minus_one_and_its_own_index(tmp_path):
+    """An unreadable file met during training is replaced by the next readable image; that image's
+    crops must not carry the original sample's label (nor any label: it may be a hidden one)."""
+    from nocollapse.data import ImageFiles, TrainBatches, build_view_spec
+
+    _write_folder(tmp_path, per_class=4, size=8)
+    paths = sorted(str(p) for p in (tmp_path / "train").rglob("*.png"))
+    Path(paths[2]).write_bytes(b"not an image")
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    source = ImageFiles(paths, labels, image_size=8)
+    spec = build_view_spec(ViewsConfig(), 8, (0.5,) * 3, (0.25,) * 3)
+    batches = TrainBatches(source, spec, batch_size=8, seed=0, device=torch.device("cpu"),
+                           backend="per_sample")
+    (batch,) = list(batches.epoch(0))
+    assert batches.substituted == 1
+    substituted = batch.labels == -1
+    assert int(substituted.sum()) == 1 and batch.indices[substituted].tolist() == [3]   # 2 -> 3
+    kept = batch.labels != -1
+    assert torch.equal(batch.labels[kept], labels[batch.indices[kept]])
+    assert int((batch.indices == 2).sum()) == 0 and int((batch.indices == 3).sum()) == 2
+
+
+def test_stl10_unlabelled_split_keeps_label_minus_one(monkeypatch, tmp_path):
+    import numpy as np
+    import torchvision.datasets
+
+    class FakeSTL10:
+        classes = [f"c{i}" for i in range(10)]
+
+        def __init__(self, root, download, split):
+            n = {"train+unlabeled": 6, "train": 3, "test": 2}[split]
+            self.data = np.zeros((n, 3, 8, 8), dtype=np.uint8)
+            self.labels = np.array([0, 1, 2, -1, -1, -1][:n] if split == "train+unlabeled" else [0, 1, 2][:n])
+
+    monkeypatch.setattr(torchvision.datasets, "STL10", FakeSTL10)
+    splits = load_dataset(DataConfig(dataset="stl10", root=str(tmp_path)))
+    assert splits.ssl_train.labels.tolist() == [0, 1, 2, -1, -1, -1]
+    assert splits.train.labels.tolist() == [0, 1, 2]

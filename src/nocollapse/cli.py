@@ -31,6 +31,22 @@ def _resolve_config_path(value: str) -> Path:
     return path  # build_config reports the missing file
 
 
+DEFAULT_CONFIG = "digits.yaml"
+
+
+def _build_config(args: argparse.Namespace):
+    """The config of ``--config`` (every key it sets counts as set by the user) and ``--set``.
+
+    Without ``--config`` the built-in default is the starting point, like the schema's own
+    defaults: its method keys do not count as set, so ``--set method.name=carp`` (or a plugin
+    method) starts from the same data, views and training settings."""
+    from .config import build_config, load_yaml
+
+    if args.config:
+        return build_config(_resolve_config_path(args.config), args.set)
+    return build_config(overrides=args.set, base=load_yaml(_package_config(DEFAULT_CONFIG)))
+
+
 def _default_run_dir(cfg) -> Path:
     from .utils.registry import METHODS
 
@@ -59,8 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise SystemExit(f"error: {run_dir}/checkpoints/last.pt does not exist; nothing to resume")
     else:
-        config_file = _resolve_config_path(args.config) if args.config else _package_config("digits.yaml")
-        cfg, _ = build_config(config_file, args.set)
+        cfg, _ = _build_config(args)
         run_dir = Path(args.out) if args.out else _default_run_dir(cfg)
         if (run_dir / "checkpoints" / "last.pt").exists() and not args.force:
             raise SystemExit(f"error: {run_dir} already holds a run; use --resume to continue it, "
@@ -211,13 +226,12 @@ def format_eval(result: dict) -> str:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .config import build_config, reference_table, to_yaml
+    from .config import reference_table, to_yaml
 
     if args.reference:
         print(reference_table())
         return 0
-    config_file = _resolve_config_path(args.config) if args.config else _package_config("digits.yaml")
-    cfg, _ = build_config(config_file, args.set)
+    cfg, _ = _build_config(args)
     print(to_yaml(cfg), end="")
     return 0
 

@@ -3,12 +3,10 @@ weight decay; learning rate and weight decay are set every step from the schedul
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
-
-from ..config import OptimConfig
 
 
 class LARS(torch.optim.Optimizer):
@@ -63,7 +61,8 @@ def parameter_groups(named_params: Iterable[tuple[str, nn.Parameter]]) -> list[d
     return groups
 
 
-def build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Any, groups: list[dict]) -> torch.optim.Optimizer:
+    """The optimiser an ``optim.*`` section names (``name``, ``lr``, ``betas``, ``momentum``, ...)."""
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
