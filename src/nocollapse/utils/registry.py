@@ -101,6 +101,9 @@ class Registry:
         close = difflib.get_close_matches(str(name), self.names(), n=1, cutoff=0.6)
         if close:
             msg += f" (did you mean {close[0]!r}?)"
+        elif self.entry_point_group:
+            msg += (f"; a {self.kind} defined in another package is known once its module is imported or "
+                    f"the package is installed with an entry point in the group {self.entry_point_group!r}")
         return msg
 
     def __contains__(self, name: object) -> bool:
