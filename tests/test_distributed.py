@@ -44,6 +44,7 @@ def _train_steps(rank: int, world_size: int, overrides: list[str], steps: int = 
     cfg, _ = build_config(overrides=[*BASE, *learned, *overrides])
     torch.manual_seed(0)
     method = build_method(cfg, build_backbone(cfg.model, 8), steps_per_epoch=10)
+    initial = {k: v.clone() for k, v in method.state_dict().items()}
     model = DistributedDataParallel(method, **_no_buffer_sync()) if world_size > 1 else method
     optimizer = build_optimizer(cfg.optim, method.parameter_groups())
     per_rank = GLOBAL_BATCH // world_size
@@ -52,7 +53,7 @@ def _train_steps(rank: int, world_size: int, overrides: list[str], steps: int = 
     for step in range(steps):
         loss, _ = optimisation_step(model, method, optimizer, crops, step, 0.05, 1e-4, clip_grad=3.0)
         losses.append(dist_utils.all_reduce_mean(loss.clone()))
-    return {"losses": torch.stack(losses), "state": method.state_dict()}
+    return {"losses": torch.stack(losses), "state": method.state_dict(), "initial": initial}
 
 
 CASES = {
@@ -64,6 +65,10 @@ CASES = {
     "dino-learned-sinkhorn": ["method.name=dino", "dino.teacher_norm=sinkhorn"],
     "carp-learned": ["method.name=carp", "carp.block_size=8"],
     "carp-decoupled": ["method.name=carp", "carp.block_size=8", "method.prototypes=decoupled"],
+    # buffer seeding after step 2 (10 steps per epoch) and a refresh of idle components after step 3
+    "dino-decoupled-buffer": ["method.name=dino", "method.prototypes=decoupled", "gmm.buffer_factor=1",
+                              "gmm.seed_after_epochs=0.2", "gmm.refresh_every_epochs=0.1",
+                              "gmm.dead_threshold=0.5"],
 }
 
 
@@ -76,7 +81,10 @@ def test_two_processes_equal_one_process_on_the_joined_batch(case):
         for name, value in single["state"].items():
             assert torch.allclose(result["state"][name].float(), value.float(), atol=2e-5), (case, r, name)
     # the run moved: parity is not the trivial parity of an untouched model
-    assert not torch.equal(single["losses"][0], single["losses"][-1])
+    moved = [k for k, v in single["state"].items() if not torch.equal(v, single["initial"][k])]
+    assert any(k.startswith("student.") for k in moved), case
+    if "decoupled" in case:
+        assert "gmm.means" in moved, case
 
 
 def _cli_train(rank: int, world_size: int, out: str, overrides: list[str]) -> dict:

@@ -66,9 +66,11 @@ def test_forgetting_leaves_an_unused_component_in_place(forgetting):
         # its statistics are untouched; its weight only shrinks relative to the used component,
         # whose mass s0 converges to the full batch mass 1: pi_1 = 0.5 / (0.5 + 1)
         assert gmm.s0[1].item() == pytest.approx(0.5, abs=1e-7)
-        assert gmm.weights[1].item() == pytest.approx(1 / 3, abs=1e-4)
+        assert torch.exp(gmm.log_weights[1]).item() == pytest.approx(1 / 3, abs=1e-4)
     else:
-        assert gmm.weights[1].item() < 1e-3                         # weight decayed away
+        assert torch.exp(gmm.log_weights[1]).item() < 1e-3
+    # the weights the reports read follow the data: the idle component's decays away either way
+    assert gmm.weights[1].item() < 1e-3 and gmm.weights.sum().item() == pytest.approx(1.0)
 
 
 def test_annealing_at_small_beta_spreads_responsibility():
@@ -154,9 +156,11 @@ def test_stale_seeds_are_detected_by_usage_and_moved_onto_the_data():
     stale, fresh = run(False), run(True)
     data = batch()
     near = lambda g: (g.means @ data.t()).max(dim=1).values  # best cosine of each mean to the data
-    # without re-seeding most seeds stay in the cone, with weights that look healthy
+    # without re-seeding most seeds stay in the cone; the statistics' weights look healthy, the
+    # weights that follow the data (what reports read) show them idle
     assert int((near(stale) < 0.5).sum()) >= k - 4
-    assert float(stale.weights.min()) > 0.5 / k
+    assert float(torch.exp(stale.log_weights).min()) > 0.5 / k
+    assert int((stale.weights < 0.1 / k).sum()) >= k - 4
     assert stale.dead_components().numel() >= k - 4 and int(stale.num_reseeds) == 0
     # with re-seeding every mean ends up on the data, and none is a copy of another
     assert bool((near(fresh) > 0.9).all()) and int(fresh.num_reseeds) >= k - 4
@@ -225,3 +229,143 @@ def test_two_processes_hold_the_mixture_of_one_process_on_the_joined_batch(init)
     for step in range(4):
         joined = torch.cat([ranks[0]["gammas"][step], ranks[1]["gammas"][step]])
         assert torch.allclose(joined, single["gammas"][step], atol=1e-5)
+
+
+def _gmm_with_buffer(rank, world_size):
+    gmm = OnlineGMM(12, 8, init="data", eta=0.2, buffer_size=24, dead_threshold=0.5)
+    for x in _batches(3, 4, 12, 8):
+        gmm.update(x.chunk(world_size)[rank], 0.5)
+    placed = [gmm.reseed_from_buffer("all")]
+    for x in _batches(4, 3, 12, 8):
+        gmm.update(x.chunk(world_size)[rank], 1.0)
+    placed.append(gmm.reseed_from_buffer("idle"))
+    return {"state": gmm.state_dict(), "placed": placed}
+
+
+@pytest.mark.distributed
+def test_buffer_seeding_and_refresh_are_identical_on_every_rank():
+    single = _gmm_with_buffer(0, 1)
+    assert single["placed"][0] == 12
+    ranks = run_distributed(_gmm_with_buffer, 2)
+    for r, result in enumerate(ranks):
+        assert result["placed"] == single["placed"]
+        for name, buf in single["state"].items():
+            assert torch.allclose(result["state"][name].float(), buf.float(), atol=1e-5), (r, name)
+
+
+# ---- weights that follow the data, two-phase updates, autocast ------------------------------
+
+def test_idle_components_lose_their_weight():
+    """4 live clusters and 252 idle components: with per-component forgetting the statistics keep
+    the idle components' share of S0; the weights the reports read (the occupancy) do not."""
+    gen = torch.Generator().manual_seed(0)
+    k, d = 256, 16
+    centres = F.normalize(torch.randn(4, d, generator=gen), dim=1)
+    gmm = OnlineGMM(k, d, init="random", eta=0.05, seed=1)
+    gmm._set_component(torch.arange(4), centres, torch.full((4, d), 0.01), 1.0 / k)
+    gmm._m_step()
+    for _ in range(300):
+        x, _ = _sphere_mixture(128, centres, 0.05, gen)
+        gmm.update(x)
+    live = torch.zeros(k, dtype=torch.bool)
+    live[:4] = True
+    assert float(torch.exp(gmm.log_weights)[~live].sum()) > 0.3       # the statistics keep a share
+    assert float(gmm.weights[~live].sum()) < 0.01                    # the data-following weights not
+    assert gmm.weights.sum().item() == pytest.approx(1.0, abs=1e-5)
+    perplexity = math.exp(-(gmm.weights * torch.log(gmm.weights.clamp_min(1e-30))).sum().item())
+    assert perplexity < 5
+
+
+def test_estep_can_use_the_occupancy():
+    gmm = OnlineGMM(4, 3, init="random", estep_weights="occupancy")
+    gmm.occupancy.copy_(torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    h = F.normalize(torch.randn(5, 3), dim=1)
+    plain = OnlineGMM(4, 3, init="random")
+    shift = gmm.log_joint(h) - plain.log_joint(h)
+    assert torch.allclose(shift, torch.log(torch.tensor([0.7, 0.1, 0.1, 0.1])) + math.log(4), atol=1e-5)
+
+
+def test_propose_changes_nothing_until_commit():
+    gen = torch.Generator().manual_seed(0)
+    gmm = OnlineGMM(8, 4, init="data", eta=0.2, buffer_size=16)
+    gmm.update(F.normalize(torch.randn(16, 4, generator=gen), dim=1))
+    before = {k: v.clone() for k, v in gmm.state_dict().items()}
+    x = F.normalize(torch.randn(16, 4, generator=gen), dim=1)
+    gamma, means, update = gmm.propose(x)
+    assert torch.equal(means, before["means"])                      # targets against the current means
+    assert all(torch.equal(v, before[k]) for k, v in gmm.state_dict().items())
+    gmm.commit(update)
+    assert not torch.equal(gmm.means, before["means"]) and int(gmm.num_updates) == 2
+    twin = OnlineGMM(8, 4, init="data", eta=0.2, buffer_size=16)
+    twin.load_state_dict(before)
+    assert torch.allclose(twin.update(x), gamma)
+    assert all(torch.allclose(v.float(), gmm.state_dict()[k].float()) for k, v in twin.state_dict().items())
+
+
+def test_the_update_under_cpu_bf16_autocast_equals_fp32():
+    """At the variance floor log-likelihoods differ by tens of nats: bf16 would break them, so the
+    mixture update runs with autocast disabled, whatever the caller's autocast."""
+    gen = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(6, 32, generator=gen), dim=1)
+    batches = [_sphere_mixture(64, centres, 0.003, gen)[0] for _ in range(30)]
+    ref = OnlineGMM(6, 32, init="data", eta=0.5, var_floor=1e-4)
+    amp = OnlineGMM(6, 32, init="data", eta=0.5, var_floor=1e-4)
+    for x in batches:
+        g_ref = ref.update(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g_amp = amp.update(x)
+        assert g_amp.dtype == torch.float32 and torch.allclose(g_amp, g_ref, atol=1e-5)
+    assert float(ref.variances.min()) <= 2e-4                         # at the floor
+    for name, value in ref.state_dict().items():
+        assert torch.allclose(amp.state_dict()[name].float(), value.float(), atol=1e-5), name
+
+
+def test_buffer_seeding_follows_the_data_after_a_drift():
+    """Seeds from a random encoder's cone; the data drift to 8 clusters elsewhere. Without the buffer
+    few components are used; re-seeding on the buffer after the drift places them on the data."""
+    gen = torch.Generator().manual_seed(0)
+    k, d = 32, 16
+    cone = F.normalize(torch.randn(k, d, generator=gen) * 0.05 + torch.eye(d)[0], dim=1)
+    centres = F.normalize(torch.randn(8, d, generator=gen) - 2 * torch.eye(d)[0], dim=1)
+
+    def run(buffer: bool) -> OnlineGMM:
+        gmm = OnlineGMM(k, d, init="data", eta=0.1, buffer_size=4 * k if buffer else 0, seed=3)
+        gmm.update(cone)
+        for _ in range(20):
+            gmm.update(_sphere_mixture(64, centres, 0.1, gen)[0])
+        if buffer:
+            assert gmm.reseed_from_buffer("all") == k and int(gmm.num_buffer_seedings) == 1
+        for _ in range(10):
+            gmm.update(_sphere_mixture(64, centres, 0.1, gen)[0])
+        return gmm
+
+    test, labels = _sphere_mixture(2000, centres, 0.1, gen)
+    used = lambda g: torch.unique((test @ g.means.t()).argmax(1)).numel()
+    stale, fresh = run(False), run(True)
+    assert used(fresh) >= 0.75 * k and used(stale) <= 0.5 * k
+    cos = fresh.means @ fresh.means.t() - 2 * torch.eye(k)
+    assert float(cos.max()) < 1 - 1e-4                                 # no duplicated component
+    # the buffer and its position are part of the state
+    twin = OnlineGMM(k, d, init="data", eta=0.1, buffer_size=4 * k, seed=3)
+    twin.load_state_dict(fresh.state_dict())
+    assert torch.equal(twin.buffered(), fresh.buffered()) and int(twin.buffer_filled) == 4 * k
+
+
+def test_refresh_replaces_only_idle_components():
+    gen = torch.Generator().manual_seed(0)
+    k, d = 16, 8
+    centres = F.normalize(torch.randn(4, d, generator=gen), dim=1)
+    gmm = OnlineGMM(k, d, init="data", eta=0.2, buffer_size=64, dead_threshold=0.3, seed=0)
+    for _ in range(30):
+        gmm.update(_sphere_mixture(32, centres, 0.05, gen)[0])
+    idle = gmm.idle_mask()
+    assert 0 < int(idle.sum()) < k
+    live_means = gmm.means[~idle].clone()
+    assert gmm.reseed_from_buffer("idle") == int(idle.sum())
+    assert torch.equal(gmm.means[~idle], live_means)
+    assert not bool(gmm.idle_mask().any())
+
+
+def test_a_buffer_smaller_than_the_mixture_is_rejected():
+    with pytest.raises(ValueError, match="buffer_size"):
+        OnlineGMM(16, 4, buffer_size=8)

@@ -82,12 +82,12 @@ def test_decoupled_prototypes_get_no_gradient_and_are_not_optimised(name):
     out.loss.backward()
     assert all(not b.requires_grad and b.grad is None for b in method.gmm.buffers())
     assert method.student.backbone.conv1.weight.grad is not None       # the encoder does learn
-    # the mixture moved by EM (seeded from the teacher embeddings), not by the optimiser
-    assert not torch.equal(before, method.gmm.means)
-    after_em = method.gmm.means.clone()
+    # the mixture moves by EM (seeded from the teacher embeddings), not by the optimiser: the EM
+    # update is committed after the optimiser step, once the loss is known to be finite
     optimizer.step()
+    assert torch.equal(before, method.gmm.means)
     method.on_after_optimizer_step(0)
-    assert torch.equal(after_em, method.gmm.means)
+    assert not torch.equal(before, method.gmm.means)
 
 
 def test_learned_prototypes_are_frozen_during_the_first_epoch():
@@ -136,3 +136,63 @@ def test_multicrop_forward_with_resnet_and_vit(backbone):
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert out.teacher_probs.shape == (6, 32)
+
+
+@pytest.mark.parametrize("name", ["dino", "carp"])
+def test_decoupled_targets_and_student_scores_use_the_same_means(name):
+    """The student is scored against the means its targets came from; the EM update of the step is
+    written only after the optimiser step."""
+    extra = ["carp.block_size=8"] if name == "carp" else []
+    _, method = _method(f"method.name={name}", "method.prototypes=decoupled", *extra)
+    method(_crops(batch=16), step=0)           # 2 x 16 embeddings seed all 32 components
+    method.on_after_optimizer_step(0)
+    before = method.gmm.means.clone()
+    seen = []
+    original = method.student_scores
+    method.student_scores = lambda z: (seen.append(method._means().clone()), original(z))[1]
+    method(_crops(batch=16), step=1)
+    assert seen and all(torch.equal(m, before) for m in seen)
+    assert torch.equal(method.gmm.means, before)
+    method.on_after_optimizer_step(1)
+    assert not torch.equal(method.gmm.means, before)
+
+
+def test_a_skipped_step_changes_neither_the_mixture_nor_the_centre():
+    from nocollapse.engine.trainer import optimisation_step
+    from nocollapse.methods.dino import DINO
+
+    cfg, method = _method("method.prototypes=decoupled")
+    optimizer = build_optimizer(cfg.optim, method.parameter_groups())
+    optimisation_step(method, method, optimizer, _crops(), 0, 1e-3, 0.0)
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    original = DINO.training_step
+
+    def nan_loss(self, batch, step):
+        out = original(self, batch, step)
+        out.loss = out.loss * float("nan")
+        return out
+
+    DINO.training_step = nan_loss
+    try:
+        loss, out = optimisation_step(method, method, optimizer, _crops(), 1, 1e-3, 0.0)
+    finally:
+        DINO.training_step = original
+    assert out is None and not torch.isfinite(loss)
+    for key, value in method.state_dict().items():
+        if key.startswith("gmm.") or key == "center":
+            assert torch.equal(value, state[key]), key
+    # the next good step starts from the state before the skipped one
+    optimisation_step(method, method, optimizer, _crops(), 2, 1e-3, 0.0)
+    assert int(method.gmm.num_updates) == int(state["gmm.num_updates"]) + 1
+    assert not torch.equal(method.center, state["center"])
+
+
+def test_buffer_seeding_runs_after_the_warm_up():
+    cfg, method = _method("method.prototypes=decoupled", "gmm.buffer_factor=2", "gmm.seed_after_epochs=0.75",
+                          "gmm.refresh_every_epochs=0.25")
+    assert method.buffer_seed_step == 3 and method.refresh_steps == 1
+    for step in range(5):
+        method(_crops(batch=16), step=step)
+        method.on_after_optimizer_step(step)
+        assert int(method.gmm.num_buffer_seedings) == (0 if step < 2 else step - 1)
+    assert method.gmm.buffer.shape == (64, 8)

@@ -58,6 +58,7 @@ class DINO(PrototypeMethod):
         self.teacher_norm = d.teacher_norm
         self.centering = d.teacher_norm == "centering"
         self.register_buffer("center", torch.zeros(1, cfg.method.num_prototypes))
+        self._pending_center: torch.Tensor | None = None
         self.teacher_temp = warmup_constant_schedule(
             d.warmup_teacher_temp, d.teacher_temp, self.epochs_to_steps(d.warmup_teacher_temp_epochs),
             self.total_steps)
@@ -75,13 +76,20 @@ class DINO(PrototypeMethod):
         return teacher_probabilities(t_logits, temp, self.center if self.centering else None)
 
     @torch.no_grad()
-    def update_center(self, t_logits: torch.Tensor) -> None:
-        """``c <- m c + (1 - m) mean(t)``, the mean over the global batch (all processes)."""
+    def propose_center(self, t_logits: torch.Tensor) -> None:
+        """``c <- m c + (1 - m) mean(t)``, the mean over the global batch (all processes); written
+        by :meth:`on_after_optimizer_step`, so a step skipped for a non-finite loss leaves it."""
         batch_sum = t_logits.sum(0, keepdim=True)
         count = torch.tensor([float(t_logits.shape[0])], device=t_logits.device)
         dist_utils.all_reduce_sum(batch_sum)
         dist_utils.all_reduce_sum(count)
-        self.center.copy_(updated_center(self.center, batch_sum / count, self.cfg.dino.center_momentum))
+        self._pending_center = updated_center(self.center, batch_sum / count, self.cfg.dino.center_momentum)
+
+    def on_after_optimizer_step(self, step: int) -> None:
+        if self._pending_center is not None:
+            self.center.copy_(self._pending_center)
+            self._pending_center = None
+        super().on_after_optimizer_step(step)
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         crops, n = batch.crops, batch.size
@@ -98,7 +106,7 @@ class DINO(PrototypeMethod):
         logs: dict[str, float] = {"loss_ce": float(ce.detach()), "teacher_temp": temp}
         loss = self.koleo_term(ce, logs)
         if self.centering:
-            self.update_center(t_logits)
+            self.propose_center(t_logits)
         logs.update(self.mixture_logs())
         with torch.no_grad():
             student_probs = F.softmax(s_logits[n:2 * n] / self.cfg.dino.student_temp, dim=-1)

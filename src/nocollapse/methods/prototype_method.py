@@ -76,6 +76,30 @@ class GmmSettings:
     chunk_size: int = setting(4096, "components per chunk in the E-step (bounds memory)", 1)
     targets: str = choice("similarity", ("similarity", "posterior"),
                           "teacher targets: softmax of similarities to the means, or mixture responsibilities")
+    estep_weights: str = choice(
+        "statistics", ("statistics", "occupancy"),
+        "log pi of the E-step: from the per-component-forgotten statistics S0, or from the globally "
+        "forgotten occupancy that the reports read (it lets idle components lose their weight)")
+    buffer_factor: float = setting(
+        0.0, "keep the last buffer_factor x K gathered teacher embeddings for seeding and refreshing "
+        "(0: no buffer; then only the first-batch seeds and gmm.reseed_dead)", 0.0)
+    seed_after_epochs: float = setting(
+        1.0, "with a buffer: after this many epochs, re-seed every component on the buffer (the step "
+        "runs on the first-batch seeds until then)", 0.0)
+    seeding: str = choice("auto", ("auto", "kmeans++", "random_subset"),
+                          "placement of the buffer seeding: greedy k-means++, a random subset of the "
+                          "buffer, or auto (k-means++ up to K = 8192)")
+    lloyd_iterations: int = setting(3, "Lloyd passes on the buffer after the buffer seeding", 0)
+    refresh_every_epochs: float = setting(
+        0.0, "with a buffer: every this many epochs after the seeding, re-place the idle components "
+        "by k-means++ on the buffer (0: never)", 0.0)
+
+    def validate(self, cfg: Config) -> None:
+        if self.buffer_factor and self.buffer_factor < 1:
+            raise ConfigError(f"gmm.buffer_factor ({self.buffer_factor}) must be 0 or at least 1 (the buffer "
+                              f"must hold at least K embeddings to seed K components)")
+        if self.refresh_every_epochs and not self.buffer_factor:
+            raise ConfigError("gmm.refresh_every_epochs needs a buffer: set gmm.buffer_factor (e.g. 4)")
 
 
 def build_gmm(cfg: Config, dim: int) -> OnlineGMM:
@@ -83,7 +107,9 @@ def build_gmm(cfg: Config, dim: int) -> OnlineGMM:
     return OnlineGMM(cfg.method.num_prototypes, dim, covariance=g.covariance, eta=g.eta,
                      forgetting=g.forgetting, var_floor=g.var_floor, init=g.init,
                      reseed_dead=g.reseed_dead, dead_threshold=g.dead_threshold,
-                     chunk_size=g.chunk_size, seed=cfg.train.seed)
+                     chunk_size=g.chunk_size, seed=cfg.train.seed, estep_weights=g.estep_weights,
+                     buffer_size=int(round(g.buffer_factor * cfg.method.num_prototypes)),
+                     seeding=g.seeding, lloyd_iterations=g.lloyd_iterations)
 
 
 class PrototypeMethod(SSLMethod):
@@ -123,11 +149,15 @@ class PrototypeMethod(SSLMethod):
         self.teacher = frozen_copy(self.student)
         self.decoupled = m.prototypes == "decoupled"
         dim = m.head.bottleneck_dim
+        self._pending_mixture = None        # the EM update of the running step, committed after it
+        self._step_means: torch.Tensor | None = None   # the means this step's targets came from
         if self.decoupled:
+            g = cfg.gmm
             self.gmm = build_gmm(cfg, dim)
-            self.beta = warmup_constant_schedule(cfg.gmm.beta0, 1.0,
-                                                 self.epochs_to_steps(cfg.gmm.anneal_epochs),
+            self.beta = warmup_constant_schedule(g.beta0, 1.0, self.epochs_to_steps(g.anneal_epochs),
                                                  self.total_steps)
+            self.buffer_seed_step = self.epochs_to_steps(g.seed_after_epochs) if g.buffer_factor else -1
+            self.refresh_steps = self.epochs_to_steps(g.refresh_every_epochs) if g.buffer_factor else 0
         else:
             self.student_prototypes = LearnedPrototypes(dim, m.num_prototypes, m.head.norm_last_layer)
             self.teacher_prototypes = frozen_copy(self.student_prototypes)
@@ -149,14 +179,17 @@ class PrototypeMethod(SSLMethod):
             return self.gmm.means
         return self.teacher_prototypes.vectors().detach()
 
+    def _means(self) -> torch.Tensor:
+        return self._step_means if self._step_means is not None else self.gmm.means
+
     def student_scores(self, z: torch.Tensor) -> torch.Tensor:
         if self.decoupled:
-            return z @ self.gmm.means.t().to(z.dtype)
+            return z @ self._means().t().to(z.dtype)
         return self.student_prototypes(z)
 
     def teacher_scores(self, z: torch.Tensor) -> torch.Tensor:
         if self.decoupled:
-            return z @ self.gmm.means.t().to(z.dtype)
+            return z @ self._means().t().to(z.dtype)
         return self.teacher_prototypes(z)
 
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -167,17 +200,30 @@ class PrototypeMethod(SSLMethod):
         return torch.softmax(self.scores(embeddings).float(), dim=-1)
 
     def update_mixture(self, teacher_embeddings: torch.Tensor, step: int, views: int = 2) -> torch.Tensor:
-        """(i) of the decoupled scheme: refit the mixture on the detached teacher embeddings.
+        """(i) of the decoupled scheme: the EM step on the detached teacher embeddings.
 
-        ``teacher_embeddings`` holds ``views`` blocks of one batch (view-major). The mixture sees
-        them sample-major, so that the rows gathered from several processes come in the same order
-        as in one process holding the joined batch (the seeding depends on the order); the
-        responsibilities are returned view-major again."""
+        The update is proposed here and committed by :meth:`on_after_optimizer_step`, that is,
+        only once the step's loss was finite; until then the step scores student and teacher
+        against the means its targets came from. ``teacher_embeddings`` holds ``views`` blocks of
+        one batch (view-major). The mixture sees them sample-major, so that the rows gathered from
+        several processes come in the same order as in one process holding the joined batch (the
+        seeding depends on the order); the responsibilities are returned view-major again."""
         n, dim = teacher_embeddings.shape
         batch = n // views
         h = teacher_embeddings.detach().view(views, batch, dim).transpose(0, 1).reshape(n, dim)
-        gamma = self.gmm.update(h, beta=self.at_step(self.beta, step))
+        gamma, self._step_means, self._pending_mixture = self.gmm.propose(h, beta=self.at_step(self.beta, step))
         return gamma.view(batch, views, -1).transpose(0, 1).reshape(n, -1)
+
+    def commit_mixture(self, step: int) -> None:
+        """Write the step's EM update, then seed or refresh from the buffer when it is due."""
+        if self._pending_mixture is not None:
+            self.gmm.commit(self._pending_mixture)
+        self._pending_mixture, self._step_means = None, None
+        done = step + 1
+        if done == self.buffer_seed_step:
+            self.gmm.reseed_from_buffer("all")
+        elif self.refresh_steps and done > self.buffer_seed_step and (done - self.buffer_seed_step) % self.refresh_steps == 0:
+            self.gmm.reseed_from_buffer("idle")
 
     def mixture_weights(self) -> torch.Tensor | None:
         return self.gmm.weights if self.decoupled else None
@@ -191,6 +237,7 @@ class PrototypeMethod(SSLMethod):
         w = self.gmm.weights
         perplexity = torch.exp(-(w * torch.log(w.clamp_min(1e-30))).sum())
         return {"gmm_weight_perplexity": float(perplexity), "gmm_reseeds": float(self.gmm.num_reseeds),
+                "gmm_buffer_seedings": float(self.gmm.num_buffer_seedings),
                 "gmm_dead": float(self.gmm.idle_mask().sum()),
                 "gmm_mean_variance": float(self.gmm.variances.mean())}
 
@@ -219,6 +266,8 @@ class PrototypeMethod(SSLMethod):
                 p.grad = None
 
     def on_after_optimizer_step(self, step: int) -> None:
+        if self.decoupled:
+            self.commit_mixture(step)
         m = self.at_step(self.momentum, step)
         ema_update(self.teacher, self.student, m)
         if not self.decoupled:
