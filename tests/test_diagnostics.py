@@ -537,3 +537,22 @@ def test_prototype_collapse_eps_is_a_validated_setting():
     assert cfg.diagnostics.prototype_collapse_eps == "0.25"
     with pytest.raises(ConfigError, match="prototype_collapse_eps"):
         build_config(None, ["diagnostics.prototype_collapse_eps=0.3"])
+
+
+def test_distinct_but_idle_prototypes_no_longer_look_healthy():
+    """1,000 random (hence distinct) prototypes of which the data use 3 near-identical ones: all
+    unique, but among the used ones only one is unique at eps = 0.1, and the use is 3 / min(K, N)."""
+    from nocollapse.diagnostics import prototype_report
+
+    gen = torch.Generator().manual_seed(0)
+    protos = torch.nn.functional.normalize(torch.randn(1000, 64, generator=gen), dim=1)
+    base = protos[0]
+    protos[1] = torch.nn.functional.normalize(base + 0.01 * torch.randn(64, generator=gen), dim=0)
+    protos[2] = torch.nn.functional.normalize(base + 0.01 * torch.randn(64, generator=gen), dim=0)
+    nearest = torch.tensor([0, 1, 2] * 100)
+    report = prototype_report(protos, nearest=nearest)
+    assert report["unique_prototypes"]["0.1"] > 0.99
+    assert report["nearest_used"] == 3 and report["nearest_utilization"] == pytest.approx(0.003)
+    assert report["nearest_utilization_capped"] == pytest.approx(3 / 300)
+    assert report["unique_prototypes_used"]["0.1"] == pytest.approx(1 / 3)
+    assert prototype_report(protos, nearest=torch.empty(0, dtype=torch.long))["unique_prototypes_used"]["0.1"] == 0.0

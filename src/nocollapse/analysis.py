@@ -39,6 +39,7 @@ class SplitOutputs:
     labels: torch.Tensor                # [N]
     embeddings: torch.Tensor | None     # [N, D] bottleneck embeddings (methods with a head)
     probs: torch.Tensor | None          # [N, K] prototype assignments (prototype methods)
+    nearest: torch.Tensor | None = None  # [N] index of each sample's highest-scoring prototype
 
 
 class _EvalNetwork(nn.Module):
@@ -64,12 +65,14 @@ def encode_split(method, source: ImageSource, size: int, splits: DatasetSplits, 
                                       device=device, num_workers=num_workers, max_samples=max_samples,
                                       bad_images=bad_images)
     embeddings = outputs[1] if len(outputs) > 1 else None
-    probs = None
+    probs = nearest = None
     if embeddings is not None:
         with torch.no_grad():
             p = method.assignment_probs(embeddings.to(device))
+            scores = method.scores(embeddings.to(device))
         probs = p.float().cpu() if p is not None else None
-    return SplitOutputs(outputs[0], labels, embeddings, probs)
+        nearest = scores.argmax(dim=1).cpu() if scores is not None else None
+    return SplitOutputs(outputs[0], labels, embeddings, probs, nearest)
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -82,7 +85,7 @@ def method_report(method, test: SplitOutputs) -> dict[str, Any]:
     if prototypes is not None:
         report = prototype_report(prototypes.detach().float().cpu(), probs=test.probs,
                                   embeddings=test.features, mixture_weights=_cpu(method.mixture_weights()),
-                                  idle=_cpu(method.idle_prototypes()))
+                                  idle=_cpu(method.idle_prototypes()), nearest=test.nearest)
     else:
         sigma = singular_values(test.features)
         report = {"effective_rank": effective_rank_from_singular_values(sigma),
@@ -124,7 +127,8 @@ def cached_outputs(run, device: torch.device, use_cache: bool = True,
     return train, test
 
 
-SUMMARY_KEYS = ("unique_prototypes", "prototype_utilization", "effective_prototypes", "effective_rank",
+SUMMARY_KEYS = ("unique_prototypes", "unique_prototypes_used", "prototype_utilization", "nearest_utilization",
+                "nearest_utilization_capped", "effective_prototypes", "effective_rank",
                 "embedding_std")
 
 
@@ -213,7 +217,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("k-NN top-5", fmt(summary.get("knn_top5"))),
     ]
     for key, label in (("unique_prototypes", "unique prototypes"),
+                       ("unique_prototypes_used", "unique among used"),
                        ("prototype_utilization", "prototype utilisation"),
+                       ("nearest_utilization_capped", "nearest-used / min(K, N)"),
                        ("effective_rank", "effective rank")):
         if summary.get(key) is not None:
             value = summary[key]

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .assignments import assignment_stats, mixture_stats
@@ -38,6 +39,7 @@ def prototype_report(
     embeddings: Tensor | None = None,
     mixture_weights: Tensor | None = None,
     idle: Tensor | None = None,
+    nearest: Tensor | None = None,
     *,
     eps: Iterable[float] = STANDARD_EPS,
     eps_grid: Iterable[float] | None = None,
@@ -58,6 +60,13 @@ def prototype_report(
     ``max_prob``, ``prototype_utilization``, ``num_samples``).
     With ``embeddings [N, D']``: ``effective_rank``, ``embedding_std``,
     ``mean_direction_norm``, ``embedding_dim`` and ``spectrum`` (singular values, list).
+    With ``nearest [N]`` (each sample's highest-scoring prototype; without it, the arg-max of
+    ``probs``): ``nearest_used`` (prototypes that are some sample's nearest),
+    ``nearest_utilization`` (``nearest_used / K``), ``nearest_utilization_capped``
+    (``nearest_used / min(K, N)``: N samples can use at most N prototypes) and
+    ``unique_prototypes_used`` (the unique fraction at each ε among the used prototypes, 0 when
+    none is used; ``unique_used_curve`` on the grid). A set of distinct prototypes that the data
+    do not use scores high on ``unique_prototypes`` and low here.
     With ``mixture_weights [K]``: ``mixture`` (:func:`mixture_stats`; ``idle``, the mixture's
     boolean ``[K]`` idle mask, counts its dead components by usage).
     """
@@ -91,6 +100,23 @@ def prototype_report(
                 "spectrum": [float(s) for s in sigma],
             }
         )
+    if nearest is None and probs is not None:
+        nearest = probs.argmax(dim=1)
+    if nearest is not None:
+        used = torch.unique(nearest.reshape(-1).long())
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= k):
+            raise ValueError(f"nearest holds prototype indices outside [0, {k})")
+        n_used, n_samples = int(used.numel()), int(nearest.numel())
+        report["nearest_used"] = n_used
+        report["nearest_utilization"] = n_used / k
+        report["nearest_utilization_capped"] = n_used / max(1, min(k, n_samples))
+        if n_used:
+            used_counts = unique_prototypes(prototypes[used], sorted(set(eps_std) | set(grid)), block_size)
+            frac = {e: used_counts[e] / n_used for e in used_counts}
+        else:
+            frac = {e: 0.0 for e in sorted(set(eps_std) | set(grid))}
+        report["unique_prototypes_used"] = {_eps_key(e): frac[e] for e in eps_std}
+        report["unique_used_curve"] = {"eps": grid, "fraction": [frac[e] for e in grid]}
     if mixture_weights is not None:
         if mixture_weights.numel() != k:
             raise ValueError(f"mixture_weights must have {k} entries, got {mixture_weights.numel()}")
@@ -110,6 +136,8 @@ def flat_metrics(report: Mapping[str, Any]) -> dict[str, float | int]:
             out[key] = value
     for eps, frac in report.get("unique_prototypes", {}).items():
         out[f"unique_{eps}"] = frac
+    for eps, frac in report.get("unique_prototypes_used", {}).items():
+        out[f"unique_used_{eps}"] = frac
     for name, value in report.get("pairwise_cosine", {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[f"pairwise_cosine_{name}"] = value
@@ -133,10 +161,17 @@ def format_report(report: Mapping[str, Any]) -> str:
         "",
         "unique prototypes (greedy cover, cosine distance < eps)",
     ]
+    used_unique = report.get("unique_prototypes_used", {})
     for eps, frac in report.get("unique_prototypes", {}).items():
         count = report.get("unique_counts", {}).get(eps)
         value = f"{count} / {k}" if count is not None else ""
-        lines.append(_row(f"eps = {eps}", value, f"{100.0 * frac:6.2f} %"))
+        note = f"{100.0 * frac:6.2f} %"
+        if eps in used_unique:
+            note += f"   among the {report['nearest_used']} used: {100.0 * used_unique[eps]:6.2f} %"
+        lines.append(_row(f"eps = {eps}", value, note))
+    if "nearest_used" in report:
+        lines.append(_row("prototypes used (nearest)", f"{report['nearest_used']} / {k}",
+                          f"{100.0 * report['nearest_utilization_capped']:.2f} % of min(K, N)"))
     pc = report.get("pairwise_cosine")
     if pc:
         how = f"{pc['rows']} sampled rows" if pc.get("sampled") else "all pairs"
@@ -196,8 +231,14 @@ def write_plots(
     if report is None:
         report = prototype_report(prototypes, embeddings=embeddings)
     curve = report["unique_curve"]
+    curves = {f"{label}, all": (curve["eps"], curve["fraction"])}
+    if "unique_used_curve" in report:
+        used = report["unique_used_curve"]
+        curves[f"{label}, used by the data ({report['nearest_used']})"] = (used["eps"], used["fraction"])
+    else:
+        curves = {label: curves[f"{label}, all"]}
     paths = [
-        plot_unique_vs_eps({label: (curve["eps"], curve["fraction"])}, out / "unique_vs_eps.png"),
+        plot_unique_vs_eps(curves, out / "unique_vs_eps.png"),
         plot_prototype_uniformity({label: prototypes}, out / "prototype_uniformity.png",
                                   projection=projection),
     ]
