@@ -339,7 +339,7 @@ def unique_prototypes(
         eps: one threshold or several; all are computed in a single pass.
         block_size: rows per candidate block (memory ~ ``block_size^2`` float64 for the
             in-block Gram matrix). The result does not depend on it.
-        screen: float32 screening with float64 re-checks near the threshold (exact; ~5x faster).
+        screen: float32 screening with float64 re-checks near the threshold (exact, and faster).
         chunk_elements: size in elements of each similarity chunk (bounds memory).
 
     Returns:

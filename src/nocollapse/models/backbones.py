@@ -34,7 +34,7 @@ class ResNetBackbone(ResNet):
     ``cifar_stem`` replaces the 7x7 stride-2 convolution and max-pool by one 3x3 stride-1
     convolution, the usual choice for 32 px images. The classifier is removed. ``channels_last``
     stores weights and inputs in NHWC order, which oneDNN / cuDNN convolutions run faster
-    (1.5x for a ResNet-18 on 32 px images on a CPU).
+    (docs/results.md, section 5).
     """
 
     def __init__(self, depth: str, width_multiplier: float = 1.0, cifar_stem: bool = False,
