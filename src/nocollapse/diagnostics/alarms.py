@@ -36,7 +36,8 @@ Alarms and the metric keys they read:
     [0, 1]) below ``unique_fraction_threshold``: partial prototype collapse. ε = 0.025
     is the paper's strict reading (prototypes must coincide almost exactly); a merge
     shows much earlier at ε = 0.1 (cosine similarity above 0.9, at which two prototypes
-    take the same images), so training watches that by default.
+    take the same images), so training watches that by default (the run that motivates it:
+    docs/results.md, section 4).
 """
 
 from __future__ import annotations

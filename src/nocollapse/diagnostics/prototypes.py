@@ -339,7 +339,8 @@ def unique_prototypes(
         eps: one threshold or several; all are computed in a single pass.
         block_size: rows per candidate block (memory ~ ``block_size^2`` float64 for the
             in-block Gram matrix). The result does not depend on it.
-        screen: float32 screening with float64 re-checks near the threshold (exact, and faster).
+        screen: float32 screening with float64 re-checks near the threshold (exact, and faster;
+            the measured speed-up is in docs/results.md, "Notes moved from the recipe files").
         chunk_elements: size in elements of each similarity chunk (bounds memory).
 
     Returns:

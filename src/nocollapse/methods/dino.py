@@ -10,7 +10,7 @@ With ``method.prototypes=decoupled`` the prototypes are the means of the online-
 (``methods/prototype_method.py``); teacher targets are a softmax over the cosine similarities to
 the means (``gmm.targets=similarity``) or the mixture's posterior responsibilities
 (``gmm.targets=posterior``). Centering stays on for decoupled prototypes by default; the
-measurements behind that choice are in docs/results.md.
+measurements behind that choice are in docs/results.md, section 1.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ class ResNetBackbone(ResNet):
 
     ``cifar_stem`` replaces the 7x7 stride-2 convolution and max-pool by one 3x3 stride-1
     convolution, the usual choice for 32 px images. The classifier is removed. ``channels_last``
-    stores weights and inputs in NHWC order, which oneDNN / cuDNN convolutions run faster
-    (docs/results.md, section 5).
+    stores weights and inputs in NHWC order, which oneDNN / cuDNN convolutions usually run faster
+    (the measured speed-up is in docs/results.md, "Notes moved from the recipe files").
     """
 
     def __init__(self, depth: str, width_multiplier: float = 1.0, cifar_stem: bool = False,

@@ -55,12 +55,13 @@ first, by k-means++ on the gathered batch against the live means. Every re-seed 
 
 **Seeding from a buffer of recent embeddings** (``buffer_size > 0``). Seeds drawn from a randomly
 initialised encoder sit in that network's narrow cone, and the embeddings move away as the encoder
-learns. The mixture keeps a ring buffer of the most recent gathered embeddings and, at
-:meth:`reseed_from_buffer` (called by the host after its warm-up, and periodically to refresh
-idle components), places components on it: ``all`` re-seeds the whole mixture by k-means++ (or,
-for large K, a random subset of the buffer) followed by ``lloyd_iterations`` Lloyd passes, and
-gives every component the mass, mean and variance of its cluster; ``idle`` re-places only the idle
-components by k-means++ on the buffer against the live means. The buffer, its position and the
+learns (docs/results.md, sections 1 and 3). The mixture keeps a ring buffer of the most recent
+gathered embeddings and, at :meth:`reseed_from_buffer` (called by the host after its warm-up, and
+periodically to refresh idle components), places components on it: ``all`` re-seeds the whole
+mixture by k-means++ (or, for large K, a random subset of the buffer) followed by
+``lloyd_iterations`` Lloyd passes, and gives every component the mass, mean and variance of its
+cluster; ``idle`` re-places only the idle components by k-means++ on the buffer against the live
+means. The buffer, its position and the
 counts are buffers of the module, so they are saved and restored with it.
 
 **Two-phase update.** :meth:`propose` runs the E-step and the statistics (with their all-reduces)
