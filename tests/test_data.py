@@ -178,3 +178,15 @@ def test_stl10_unlabelled_split_keeps_label_minus_one(monkeypatch, tmp_path):
     splits = load_dataset(DataConfig(dataset="stl10", root=str(tmp_path)))
     assert splits.ssl_train.labels.tolist() == [0, 1, 2, -1, -1, -1]
     assert splits.train.labels.tolist() == [0, 1, 2]
+
+
+def test_an_image_folder_of_mixed_sizes_is_resized_to_a_common_size(tmp_path, caplog):
+    _write_folder(tmp_path, per_class=3, size=12)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "train" / "a" / "big.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "test" / "b" / "other.png")
+    splits = load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    assert splits.train.images.shape == (7, 3, 12, 12) and splits.test.images.shape == (7, 3, 12, 12)
+    assert "differ in size" in caplog.text and "12 px" in caplog.text
+    explicit = load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8))
+    assert explicit.train.images.shape[-1] == 8 and explicit.test.images.shape[-1] == 8

@@ -259,10 +259,8 @@ def _imagefolder(cfg: DataConfig) -> DatasetSplits:
         raise ValueError(f"{root}: train/ and test/ have different class folders ({', '.join(missing)})")
     if _in_memory(cfg, train_paths):
         train = decode_files(train_paths, train_labels, cfg.image_size, cfg.bad_images)
-        test = decode_files(test_paths, test_labels, cfg.image_size, cfg.bad_images)
-        if test.image_size != train.image_size:
-            raise ValueError(f"train images are {train.image_size} px but test images are "
-                             f"{test.image_size} px; set data.image_size")
+        # the test split is decoded at the training split's size
+        test = decode_files(test_paths, test_labels, cfg.image_size or train.image_size, cfg.bad_images)
         mean, std = _channel_stats(train.images[:: max(1, len(train) // 5000)])
     else:
         train = ImageFiles(train_paths, torch.tensor(train_labels, dtype=torch.long), cfg.image_size)

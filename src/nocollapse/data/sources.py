@@ -14,6 +14,7 @@ Decoding goes through :func:`decode_image`, which turns a corrupt or truncated f
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,16 @@ class BadImageError(ValueError):
     """An image file that cannot be decoded."""
 
 
+def _square(img: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is ``size`` (bicubic), then centre-crop to ``size x size``."""
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 def decode_image(path: str | Path, size: int | None = None) -> Image.Image:
     """Decode ``path`` to RGB (resized so the shorter side is ``size`` and centre-cropped to a
     square when ``size`` is given). Raises :class:`BadImageError` naming the file."""
@@ -40,12 +51,7 @@ def decode_image(path: str | Path, size: int | None = None) -> Image.Image:
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise BadImageError(f"cannot decode image {path}: {exc}") from exc
     if size is not None and img.size != (size, size):
-        w, h = img.size
-        scale = size / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
+        img = _square(img, size)
     return img
 
 
@@ -106,7 +112,8 @@ def decode_files(paths: Sequence[str], labels: Sequence[int], size: int | None,
                  bad_images: str = "skip", threads: int = 4) -> InMemoryImages:
     """Decode image files once into an :class:`InMemoryImages`.
 
-    All images must end up the same size: pass ``size`` when the files differ. Unreadable files
+    Without ``size``, images of mixed sizes are resized (shorter side) and centre-cropped to the
+    most common square side, with a warning; pass ``size`` to choose it. Unreadable files
     are skipped (``bad_images="skip"``, each logged and counted in ``skipped``) or raise.
     """
     def work(path: str) -> np.ndarray | BadImageError:
@@ -118,7 +125,6 @@ def decode_files(paths: Sequence[str], labels: Sequence[int], size: int | None,
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         decoded = list(pool.map(work, paths, chunksize=256))
     arrays, kept_labels, skipped = [], [], []
-    shape = None
     for path, label, item in zip(paths, labels, decoded):
         if isinstance(item, BadImageError):
             if bad_images == "fail":
@@ -126,15 +132,19 @@ def decode_files(paths: Sequence[str], labels: Sequence[int], size: int | None,
             log.warning("skipping unreadable image %s (%s)", path, item.__cause__)
             skipped.append(path)
             continue
-        if shape is None:
-            shape = item.shape
-        elif item.shape != shape:
-            raise ValueError(
-                f"images differ in size ({path} is {item.shape[1]}x{item.shape[0]}, the first was "
-                f"{shape[1]}x{shape[0]}); set data.image_size to decode them to one size")
         arrays.append(item)
         kept_labels.append(label)
     if not arrays:
         raise ValueError(f"no readable image among {len(paths)} files")
+    shapes = Counter(a.shape[:2] for a in arrays)
+    (h, w), _ = shapes.most_common(1)[0]
+    if len(shapes) > 1 or h != w:
+        # Mixed or non-square sizes: resize (shorter side) and centre-crop every image to the most
+        # common size's shorter side, as decode_image does for an explicit size.
+        side = min(h, w)
+        log.warning("images differ in size (%d sizes, most common %dx%d); resizing all to %d px "
+                    "(set data.image_size to choose)", len(shapes), w, h, side)
+        arrays = [a if a.shape[:2] == (side, side) else np.asarray(_square(Image.fromarray(a), side))
+                  for a in arrays]
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return InMemoryImages(images, torch.tensor(kept_labels, dtype=torch.long), skipped)
