@@ -83,7 +83,8 @@ class DataConfig:
         "(default: $NOCOLLAPSE_DATA or ./data)")
     download: bool = setting(False, "let torchvision download a missing dataset")
     image_size: Optional[int] = setting(
-        None, "resize images to this size when decoding (default: the dataset's native size)", 4)
+        None, "resize images to this size when decoding (default: the dataset's native size; an image "
+        "folder of mixed sizes takes its most common size)", 4)
     in_memory: str = choice(
         "auto", ("auto", "true", "false"),
         "decode every image once into memory (auto: when the decoded split fits in 4 GiB)")
