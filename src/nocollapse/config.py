@@ -252,8 +252,7 @@ def _method_settings() -> list[tuple[str, dict[str, type]]]:
 def config_schema() -> type:
     """The ``Config`` dataclass of the registered methods (rebuilt when the registry changes)."""
     global _SCHEMA
-    generation = METHODS.generation
-    METHODS.names()  # loads entry-point plugins, which may bump the generation
+    METHODS.names()  # loads entry-point plugins first: they bump the generation
     generation = METHODS.generation
     if _SCHEMA is not None and _SCHEMA.generation == generation:
         return _SCHEMA.cls
