@@ -64,3 +64,15 @@ def test_resolved_config_round_trips():
     cfg, _ = build_config(overrides=["method.name=carp", "carp.block_size=64", "method.num_prototypes=256"])
     assert config_from_dict(to_dict(cfg)) == cfg
     assert config_from_dict(to_dict(Config())) == Config()
+
+
+def test_settings_validators_run_for_merged_method_keys_and_own_sections():
+    # PrototypeSettings.validate checks two method.* keys (merged into the method section)
+    with pytest.raises(ConfigError, match="teacher_momentum_end must be >= method.teacher_momentum"):
+        build_config(overrides=["method.teacher_momentum=0.99", "method.teacher_momentum_end=0.9"])
+    # CarpSettings.validate checks its own section against method.num_prototypes
+    with pytest.raises(ConfigError, match=r"carp.block_size \(100\) must divide method.num_prototypes"):
+        build_config(overrides=["method.name=carp", "carp.block_size=100"])
+    # GmmSettings.validate runs only when gmm.* applies
+    with pytest.raises(ConfigError, match="gmm.refresh_every_epochs needs a buffer"):
+        build_config(overrides=["method.prototypes=decoupled", "gmm.refresh_every_epochs=1"])

@@ -517,10 +517,7 @@ def validate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type: ig
         raise ConfigError(f"optim.betas: {cfg.optim.betas!r} must be two numbers in [0, 1)")
     _check_applicable(cfg, explicit)
     _check_dataset(cfg, explicit)
-    for section in _applicable_sections(cfg):
-        check = getattr(get(cfg, section), "validate", None)
-        if callable(check):
-            check(cfg)
+    _run_settings_validators(cfg)
 
 
 def _method_class(cfg: Config) -> Any:
@@ -535,13 +532,16 @@ def _inactive(cfg: Config) -> dict[str, str]:
     return dict(method_cls.inactive_settings(cfg)) if hasattr(method_cls, "inactive_settings") else {}
 
 
-def _applicable_sections(cfg: Config) -> list[str]:
-    """The sections whose ``validate`` hook runs: the method's own and the ``method`` section."""
-    owners = _schema().owners
-    name = cfg.method.name
+def _run_settings_validators(cfg: Config) -> None:
+    """Call ``validate(cfg)`` of every settings class of the chosen method whose section applies.
+
+    The hook is looked up on the declared class, not on the section's value: the ``method``
+    section is a dataclass assembled from several classes and carries none of their methods."""
     inactive = _inactive(cfg)
-    return ["method"] + [s for s, who in owners.items()
-                         if "." not in s and name in who and s not in inactive]
+    for section, schema in _method_class(cfg).settings().items():
+        check = getattr(schema, "validate", None)
+        if section not in inactive and callable(check):
+            check(get(cfg, section), cfg)
 
 
 def _owner_text(owners: tuple[str, ...]) -> str:
