@@ -251,9 +251,12 @@ class OnlineGMM(nn.Module):
             gathered = None
             if state.num_seeded < self.num_components or self.reseed_dead or self.buffer.shape[0]:
                 gathered = dist_utils.all_gather_cat(h)
-            if state.num_seeded < self.num_components:
+            seeding = state.num_seeded < self.num_components
+            if seeding:
                 self._seed_from(state, gathered)
-            scoring_means = state.means.clone()
+            # the E-step's means: the current ones (committed in place only after the step), or a
+            # copy of this step's seeds, which the M-step below overwrites
+            scoring_means = state.means.clone() if seeding else self.means
             gamma = self.responsibilities(h, beta, state)
             # [K, 1 + 2D]: sum_i gamma_ik, sum_i gamma_ik h_i, sum_i gamma_ik h_i^2, one matmul per chunk
             stats = self._chunked_t_matmul(gamma, torch.cat([torch.ones_like(h[:, :1]), h, h * h], dim=1))
@@ -274,15 +277,17 @@ class OnlineGMM(nn.Module):
         return gamma, scoring_means, update
 
     @torch.no_grad()
-    def commit(self, update: MixtureUpdate) -> None:
-        """Write an update returned by :meth:`propose`."""
+    def commit(self, update: MixtureUpdate, em_step: bool = True) -> None:
+        """Write an update returned by :meth:`propose` (``em_step=False``: a re-seeding, which
+        :attr:`num_updates` does not count)."""
         for name, value in update.tensors.items():
             getattr(self, name).copy_(value)
         self.num_seeded.fill_(update.num_seeded)
         self.num_reseeds.fill_(update.num_reseeds)
         if update.buffer_rows is not None:
             self._append_to_buffer(update.buffer_rows)
-        self.num_updates += 1
+        if em_step:
+            self.num_updates += 1
 
     @torch.no_grad()
     def update(self, h: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
@@ -449,8 +454,7 @@ class OnlineGMM(nn.Module):
                 moved = self._seed_all_by_clustering(state, data)
             update = MixtureUpdate({name: getattr(state, name) for name in _STATE}, state.num_seeded,
                                    state.num_reseeds, None)
-        self.commit(update)
-        self.num_updates -= 1          # a seeding is not an EM step
+        self.commit(update, em_step=False)
         self.num_buffer_seedings += 1
         return moved
 
