@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, choice, setting
+from ..diagnostics.assignments import mixture_stats
 from ..losses.koleo import koleo_loss
 from ..models.heads import LearnedPrototypes
 from ..prototypes.gmm import OnlineGMM
@@ -234,11 +235,9 @@ class PrototypeMethod(SSLMethod):
     def mixture_logs(self) -> dict[str, float]:
         if not self.decoupled:
             return {}
-        w = self.gmm.weights
-        perplexity = torch.exp(-(w * torch.log(w.clamp_min(1e-30))).sum())
-        return {"gmm_weight_perplexity": float(perplexity), "gmm_reseeds": float(self.gmm.num_reseeds),
-                "gmm_buffer_seedings": float(self.gmm.num_buffer_seedings),
-                "gmm_dead": float(self.gmm.idle_mask().sum()),
+        mix = mixture_stats(self.gmm.weights.detach().cpu(), idle=self.gmm.idle_mask().cpu())
+        return {"gmm_weight_perplexity": mix["perplexity"], "gmm_reseeds": float(self.gmm.num_reseeds),
+                "gmm_buffer_seedings": float(self.gmm.num_buffer_seedings), "gmm_dead": float(mix["dead"]),
                 "gmm_mean_variance": float(self.gmm.variances.mean())}
 
     def koleo_term(self, loss: torch.Tensor, logs: dict[str, float]) -> torch.Tensor:
