@@ -135,15 +135,20 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = choice("adamw", ("adamw", "sgd", "lars"))
+    name: str = choice("adamw", ("adamw", "adam", "sgd", "lars"),
+                       "optimiser: AdamW (decoupled weight decay), Adam (L2 penalty added to the gradient), "
+                       "SGD or LARS")
     lr: float = setting(5e-4, "learning rate at batch 256 (scaled linearly with the global batch)", 0.0)
     scale_lr: bool = setting(True, "scale lr by global_batch / 256")
     min_lr: float = setting(1e-6, "final learning rate of the cosine schedule", 0.0)
     warmup_epochs: float = setting(1.0, "linear learning-rate warm-up", 0.0)
+    warmup_start_lr: float = setting(0.0, "learning rate at the start of the warm-up (not scaled with the batch)", 0.0)
     weight_decay: float = setting(0.04, "weight decay at the start", 0.0)
     weight_decay_end: float = setting(0.4, "weight decay at the end (cosine)", 0.0)
+    decay_norms_and_biases: bool = setting(
+        False, "apply weight decay to biases and normalisation parameters too (by default they are exempt)")
     momentum: float = setting(0.9, "SGD / LARS momentum", 0.0, 1.0)
-    betas: list = setting([0.9, 0.999], "AdamW betas")
+    betas: list = setting([0.9, 0.999], "Adam / AdamW betas")
     lars_eta: float = setting(0.02, "LARS trust coefficient", 0.0)
     clip_grad: float = setting(3.0, "clip the global gradient norm (0 disables)", 0.0)
 

@@ -246,7 +246,8 @@ class Trainer:
 
         lr = cfg.optim.lr * (self.global_batch / 256 if cfg.optim.scale_lr else 1.0)
         self.lr_schedule = cosine_schedule(lr, cfg.optim.min_lr, self.total_steps,
-                                           int(round(cfg.optim.warmup_epochs * self.steps_per_epoch)))
+                                           int(round(cfg.optim.warmup_epochs * self.steps_per_epoch)),
+                                           warmup_start=cfg.optim.warmup_start_lr)
         self.wd_schedule = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end,
                                            self.total_steps)
         self.optimizer = build_optimizer(cfg.optim, self.method.parameter_groups())

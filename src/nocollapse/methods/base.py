@@ -25,6 +25,7 @@ Hooks (override what applies; the defaults fit a method without prototypes or te
 ``estimate_state_bytes(cfg, rows)``        memory of the method's state + scores (preflight)
 ``run_name(cfg)`` (classmethod)            the default run directory's prefix
 ``uses_labels`` (class attribute)          the engine passes labels only when it is True
+``fixed_prototypes`` (class attribute)     prototypes never change and are distinct by construction
 ``training_step(batch, step)``             the loss and the tensors the monitor reads
 ``parameter_groups()``                     what the optimiser trains (biases / norms not decayed)
 ``on_after_backward(step)``                e.g. cancel the gradient of frozen prototypes
@@ -133,6 +134,9 @@ class SSLMethod(nn.Module):
     uses_labels = False
     #: what evaluation encodes with, for reports (``"teacher backbone"`` for EMA-teacher methods)
     eval_network_name = "backbone"
+    #: prototypes fixed and distinct by construction (a random codebook, orthonormal class
+    #: prototypes): their uniqueness is not measured, their usage is
+    fixed_prototypes = False
 
     def __init__(self, cfg: Config, backbone: nn.Module, steps_per_epoch: int) -> None:
         super().__init__()

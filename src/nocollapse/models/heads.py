@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -75,3 +76,35 @@ class LearnedPrototypes(nn.Module):
     def vectors(self) -> torch.Tensor:
         """The prototypes as rows ``[K, D]`` (the effective weight)."""
         return self.layer.weight
+
+
+class HyperdimensionalProjector(nn.Module):
+    """CPLearn's projector: ``Linear(d -> f)`` then ``BatchNorm1d(f)``, then
+
+    * ``embedding="tanh"`` (the authors' release): ``h = tanh(BN(W x + b))``, in (-1, 1)^f;
+    * ``embedding="l2"`` (version 1 of the paper): ``h = sqrt(f / n) * BN(W x + b) / ||BN(W x + b)||``,
+      so that ``||h|| = ||w|| / sqrt(n)`` for a +-1 code ``w`` and ``n = batch_size``.
+    """
+
+    def __init__(self, in_dim: int, dim: int, embedding: str = "tanh", batch_size: int = 1) -> None:
+        super().__init__()
+        if embedding not in ("tanh", "l2"):
+            raise ValueError(f"embedding must be 'tanh' or 'l2', got {embedding!r}")
+        self.linear = nn.Linear(in_dim, dim)
+        self.norm = nn.BatchNorm1d(dim)
+        self.embedding = embedding
+        self.scale = math.sqrt(dim / batch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.linear(x))
+        if self.embedding == "tanh":
+            return torch.tanh(y)
+        return self.scale * F.normalize(y, dim=-1)
+
+
+def rademacher_codebook(dim: int, num_codes: int, seed: int) -> torch.Tensor:
+    """A fixed ``[dim, num_codes]`` matrix of independent +-1 entries (fp32) from a generator
+    seeded by ``seed``: the same on every process and every machine."""
+    gen = torch.Generator().manual_seed(int(seed))
+    bits = torch.randint(0, 2, (dim, num_codes), generator=gen, dtype=torch.int8)
+    return bits.float().mul_(2.0).sub_(1.0)

@@ -121,6 +121,34 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """All-reduce SUM whose backward all-reduces the incoming gradients: every rank's loss
+    depends on every rank's input, so with DDP's gradient averaging the result matches one
+    process holding the whole batch."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over ranks, out of place, keeping the gradient path (see
+    :class:`_AllReduceSumWithGrad`); ``tensor`` itself in a single process."""
+    if not is_distributed():
+        return tensor
+    if tensor.requires_grad:
+        return _AllReduceSumWithGrad.apply(tensor)
+    return all_reduce_sum(tensor.clone())
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -1,4 +1,4 @@
-"""Optimisers (AdamW, SGD, LARS) with parameter groups that exempt biases and norm layers from
+"""Optimisers (AdamW, Adam, SGD, LARS) with parameter groups that exempt biases and norm layers from
 weight decay; learning rate and weight decay are set every step from the schedules."""
 
 from __future__ import annotations
@@ -62,7 +62,13 @@ def parameter_groups(named_params: Iterable[tuple[str, nn.Parameter]]) -> list[d
 
 
 def build_optimizer(cfg: Any, groups: list[dict]) -> torch.optim.Optimizer:
-    """The optimiser an ``optim.*`` section names (``name``, ``lr``, ``betas``, ``momentum``, ...)."""
+    """The optimiser an ``optim.*`` section names (``name``, ``lr``, ``betas``, ``momentum``, ...).
+
+    With ``decay_norms_and_biases`` every group is decayed, the groups' exemptions ignored."""
+    if getattr(cfg, "decay_norms_and_biases", False):
+        groups = [{"params": [p for g in groups for p in g["params"]], "apply_weight_decay": True}]
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
