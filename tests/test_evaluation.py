@@ -164,7 +164,7 @@ def test_permuted_clusters_score_perfectly() -> None:
     labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
     permutation = torch.tensor([7, 2, 9, 4])  # arbitrary cluster ids
     metrics = cluster_metrics(permutation[labels], labels)
-    assert metrics == pytest.approx({"acc": 1.0, "nmi": 1.0, "ari": 1.0})
+    assert metrics == pytest.approx({"acc": 1.0, "nmi": 1.0, "ami": 1.0, "ari": 1.0})
 
 
 def test_hand_computed_nmi_ari_and_hungarian() -> None:
@@ -185,6 +185,17 @@ def test_hand_computed_nmi_ari_and_hungarian() -> None:
     assert metrics["acc"] == pytest.approx(5 / 6)
     assert metrics["ari"] == pytest.approx(12 / 37)
     assert metrics["nmi"] == pytest.approx(mutual / ((h_y + h_c) / 2))
+    assert metrics["ami"] < metrics["nmi"]
+
+
+def test_ami_is_near_zero_for_random_clusters_while_nmi_grows_with_their_number() -> None:
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 10, (2000,), generator=generator)
+    few = cluster_metrics(torch.randint(0, 10, (2000,), generator=generator), labels, accuracy=False)
+    many = cluster_metrics(torch.randint(0, 2000, (2000,), generator=generator), labels, accuracy=False)
+    assert "acc" not in few
+    assert many["nmi"] > 0.2 > few["nmi"] + 0.1
+    assert abs(few["ami"]) < 0.01 and abs(many["ami"]) < 0.01
 
 
 def test_hungarian_with_more_or_fewer_clusters_than_classes() -> None:
@@ -212,9 +223,12 @@ def test_assignment_clustering_from_logits_and_ids() -> None:
     logits = torch.randn(60, 10, generator=generator)
     logits[torch.arange(60), prototype_of_class[labels]] += 10.0
     from_logits = assignment_clustering(logits, labels)
-    assert from_logits == pytest.approx({"acc": 1.0, "nmi": 1.0, "ari": 1.0, "clusters_used": 3})
-    from_ids = assignment_clustering(prototype_of_class[labels], labels)
+    # ten possible clusters for three classes: no Hungarian accuracy
+    assert from_logits == pytest.approx({"nmi": 1.0, "ami": 1.0, "ari": 1.0, "clusters_used": 3})
+    from_ids = assignment_clustering(prototype_of_class[labels], labels, num_clusters=10)
     assert from_ids == from_logits
+    as_many = assignment_clustering(logits[:, [5, 1, 8]], labels)
+    assert as_many["acc"] == pytest.approx(1.0)
     # A collapsed head: every sample on one prototype.
     collapsed = assignment_clustering(torch.zeros(60, dtype=torch.long), labels)
     assert collapsed["clusters_used"] == 1 and collapsed["nmi"] == pytest.approx(0.0)

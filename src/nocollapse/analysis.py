@@ -26,9 +26,17 @@ from torch import nn
 from .version import __version__
 from .data.registry import DatasetSplits
 from .data.sources import ImageSource
-from .diagnostics.embeddings import effective_rank_from_singular_values, embedding_std, singular_values
+from .diagnostics.assignments import AssignmentAccumulator
+from .diagnostics.clusters import cluster_size_stats, intracluster_variance_ratio, minmax_moment_spectrum
+from .diagnostics.embeddings import (
+    effective_rank,
+    effective_rank_from_singular_values,
+    embedding_std,
+    singular_values,
+)
 from .diagnostics.plots import plot_spectrum, plot_training_curves
 from .diagnostics.report import prototype_report, write_plots
+from .evaluation.clustering import assignment_clustering, kmeans_clustering
 from .evaluation.features import extract_outputs
 from .utils.checkpoint import atomic_save
 
@@ -38,8 +46,39 @@ class SplitOutputs:
     features: torch.Tensor              # [N, F] backbone features
     labels: torch.Tensor                # [N]
     embeddings: torch.Tensor | None     # [N, D] bottleneck embeddings (methods with a head)
-    probs: torch.Tensor | None          # [N, K] prototype assignments (prototype methods)
+    assigned: torch.Tensor | None = None    # [N] arg-max of the method's assignment probabilities
+    assignment: dict | None = None      # assignment_stats of those probabilities over the split
     nearest: torch.Tensor | None = None  # [N] index of each sample's highest-scoring prototype
+
+
+#: rows of embeddings scored at once: bounds the [rows, K] score matrix (16 M entries)
+SCORE_CHUNK_ENTRIES = 1 << 24
+#: the format of the cached split outputs (a cache of another format is re-encoded)
+CACHE_FORMAT = 2
+
+
+def score_split(method, embeddings: torch.Tensor, device: torch.device) -> tuple:
+    """Assignments of a split's embeddings in row chunks, so no ``[N, K]`` matrix is held: the
+    arg-max of the method's assignment probabilities ``[N]``, their statistics and the
+    highest-scoring prototype ``[N]`` (None for each when the method has no prototypes)."""
+    k = method.num_prototypes
+    if k is None:
+        return None, None, None
+    rows = max(1, SCORE_CHUNK_ENTRIES // k)
+    accumulator = AssignmentAccumulator(k)
+    assigned, nearest = [], []
+    with torch.no_grad():
+        for chunk in embeddings.split(rows):
+            chunk = chunk.to(device)
+            probs = method.assignment_probs(chunk)
+            scores = method.scores(chunk)
+            if probs is not None:
+                assigned.append(accumulator.add(probs.float()).cpu())
+            if scores is not None:
+                nearest.append(scores.argmax(dim=1).cpu())
+    if not assigned:
+        return None, None, torch.cat(nearest) if nearest else None
+    return torch.cat(assigned), accumulator.stats(), torch.cat(nearest) if nearest else None
 
 
 class _EvalNetwork(nn.Module):
@@ -65,34 +104,56 @@ def encode_split(method, source: ImageSource, size: int, splits: DatasetSplits, 
                                       device=device, num_workers=num_workers, max_samples=max_samples,
                                       bad_images=bad_images)
     embeddings = outputs[1] if len(outputs) > 1 else None
-    probs = nearest = None
+    assigned = assignment = nearest = None
     if embeddings is not None:
-        with torch.no_grad():
-            p = method.assignment_probs(embeddings.to(device))
-            scores = method.scores(embeddings.to(device))
-        probs = p.float().cpu() if p is not None else None
-        nearest = scores.argmax(dim=1).cpu() if scores is not None else None
-    return SplitOutputs(outputs[0], labels, embeddings, probs, nearest)
+        assigned, assignment, nearest = score_split(method, embeddings, device)
+    return SplitOutputs(outputs[0], labels, embeddings, assigned, assignment, nearest)
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().cpu()
 
 
-def method_report(method, test: SplitOutputs) -> dict[str, Any]:
-    """The collapse report of a method on a split's outputs (JSON-serialisable)."""
+def method_report(method, test: SplitOutputs, seed: int = 0) -> dict[str, Any]:
+    """The collapse report of a method on a split's outputs (JSON-serialisable).
+
+    With prototypes: :func:`~nocollapse.diagnostics.report.prototype_report` (uniqueness is not
+    measured for fixed prototypes). With embeddings and assignments, also the cluster measures of
+    the arg-max assignments: cluster sizes (``clusters``), their NMI / AMI / ARI against the
+    labels (``argmax_clustering``), k-means with k = classes on the same embeddings
+    (``kmeans_embedding``, the reference a clustering method must beat), the within-cluster share
+    of the embeddings' variance (``intracluster_variance_ratio``), RankMe of the embeddings
+    (``embedding_rankme``) and the eigenvalues of their min-max scaled second moment
+    (``embedding_spectrum``)."""
     prototypes = method.prototype_vectors()
     if prototypes is not None:
-        report = prototype_report(prototypes.detach().float().cpu(), probs=test.probs,
+        report = prototype_report(prototypes.detach().float().cpu(), assignments=test.assignment,
                                   embeddings=test.features, mixture_weights=_cpu(method.mixture_weights()),
-                                  idle=_cpu(method.idle_prototypes()), nearest=test.nearest)
+                                  idle=_cpu(method.idle_prototypes()), nearest=test.nearest,
+                                  fixed=bool(getattr(method, "fixed_prototypes", False)))
     else:
         sigma = singular_values(test.features)
         report = {"effective_rank": effective_rank_from_singular_values(sigma),
                   "embedding_std": embedding_std(test.features), "spectrum": [float(s) for s in sigma]}
     if test.embeddings is not None:
         report["bottleneck_embedding_std"] = embedding_std(test.embeddings)
+        report["embedding_rankme"] = effective_rank(test.embeddings)
+        report["embedding_spectrum"] = minmax_moment_spectrum(test.embeddings)
+        if test.assigned is not None and method.num_prototypes:
+            report.update(_cluster_measures(method.num_prototypes, test, seed))
     return report
+
+
+def _cluster_measures(k: int, test: SplitOutputs, seed: int) -> dict[str, Any]:
+    labelled = test.labels >= 0
+    assigned, embeddings, labels = test.assigned[labelled], test.embeddings[labelled], test.labels[labelled]
+    out: dict[str, Any] = {"clusters": cluster_size_stats(test.assigned, k),
+                           "intracluster_variance_ratio": intracluster_variance_ratio(test.embeddings, test.assigned)}
+    classes = int(torch.unique(labels).numel())
+    if classes >= 2 and labels.numel() > classes:
+        out["argmax_clustering"] = assignment_clustering(assigned, labels, num_clusters=k)
+        out["kmeans_embedding"] = kmeans_clustering(embeddings, labels, n_clusters=classes, seed=seed, n_init=3)
+    return out
 
 
 def cached_outputs(run, device: torch.device, use_cache: bool = True,
@@ -116,20 +177,22 @@ def cached_outputs(run, device: torch.device, use_cache: bool = True,
     path = run.run_dir / "features" / f"{run.checkpoint.stem}-step{run.step}{suffix}.pt"
     if use_cache and path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("fingerprint") == fingerprint:
+        if cached.get("fingerprint") == fingerprint and cached.get("format") == CACHE_FORMAT:
             return SplitOutputs(**cached["train"]), SplitOutputs(**cached["test"])
     cfg = run.cfg
     common = dict(size=run.image_size, splits=run.splits, batch_size=cfg.eval.batch_size, device=device,
                   num_workers=cfg.data.num_workers, bad_images=cfg.data.bad_images)
     train = encode_split(run.method, train_source, with_head=False, **common)
     test = encode_split(run.method, run.splits.test, **common)
-    atomic_save({"fingerprint": fingerprint, "train": vars(train), "test": vars(test)}, path)
+    atomic_save({"fingerprint": fingerprint, "format": CACHE_FORMAT, "train": vars(train), "test": vars(test)},
+                path)
     return train, test
 
 
-SUMMARY_KEYS = ("unique_prototypes", "unique_prototypes_used", "prototype_utilization", "nearest_utilization",
-                "nearest_utilization_capped", "effective_prototypes", "effective_rank",
-                "embedding_std")
+SUMMARY_KEYS = ("prototypes_fixed", "unique_prototypes", "unique_prototypes_used", "prototype_utilization", "nearest_used",
+                "nearest_utilization", "nearest_utilization_capped", "effective_prototypes", "effective_rank",
+                "embedding_std", "embedding_rankme", "clusters", "argmax_clustering", "kmeans_embedding",
+                "intracluster_variance_ratio")
 
 
 def write_run_plots(run_dir: Path, method, report: dict[str, Any], records: list[dict] | None = None,
@@ -143,6 +206,11 @@ def write_run_plots(run_dir: Path, method, report: dict[str, Any], records: list
         paths += write_plots(prototypes.detach().float().cpu(), out, report=report, label=label)
     elif "spectrum" in report:
         paths.append(plot_spectrum({label: report["spectrum"]}, out / "spectrum.png"))
+    if report.get("embedding_spectrum"):
+        paths.append(plot_spectrum(
+            {label: report["embedding_spectrum"]}, out / "embedding_spectrum.png",
+            title="Eigenvalues of the min-max scaled second moment of the head embeddings",
+            effective_rank_in_legend=False))
     if records:
         paths.append(plot_training_curves(records, out / "training_curves.png"))
     return paths
@@ -216,6 +284,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("k-NN top-1", knn),
         ("k-NN top-5", fmt(summary.get("knn_top5"))),
     ]
+    if summary.get("prototypes_fixed"):
+        rows.append(("prototypes", "fixed by construction (uniqueness n/a)"))
     for key, label in (("unique_prototypes", "unique prototypes"),
                        ("unique_prototypes_used", "unique among used"),
                        ("prototype_utilization", "prototype utilisation"),
@@ -226,6 +296,20 @@ def format_summary(summary: dict[str, Any]) -> str:
             if isinstance(value, dict):
                 value = "  ".join(f"eps {k}: {v:.1%}" for k, v in value.items())
             rows.append((label, fmt(value)))
+    clusters = summary.get("clusters")
+    if clusters:
+        rows.append(("clusters (arg-max)", f"{clusters['used']} of {clusters['num_clusters']} used, largest "
+                                           f"{clusters['largest_fraction']:.1%} of the test set, "
+                                           f"size perplexity {clusters['size_perplexity']:.1f}"))
+    scores = summary.get("argmax_clustering")
+    if scores:
+        ref = summary.get("kmeans_embedding") or {}
+        text = f"NMI {scores['nmi']:.4f}  AMI {scores['ami']:.4f}  ARI {scores['ari']:.4f}"
+        if "ami" in ref:
+            text += f"   (k-means k={ref['n_clusters']}: AMI {ref['ami']:.4f})"
+        rows.append(("arg-max clustering", text))
+    if summary.get("intracluster_variance_ratio") is not None:
+        rows.append(("within-cluster variance", f"{summary['intracluster_variance_ratio']:.1%} of the total"))
     if summary.get("alarms"):
         rows.append(("alarms", ", ".join(a["name"] for a in summary["alarms"])))
     width = max(len(r[0]) for r in rows)

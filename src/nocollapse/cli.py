@@ -177,7 +177,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(train, test, run.splits.num_classes, run.splits.class_counts(), **chosen,
                       linear_lrs=tuple(e.linear_lrs), linear_weight_decays=tuple(e.linear_weight_decays),
                       linear_epochs=e.linear_epochs, many_threshold=e.many_threshold,
-                      few_threshold=e.few_threshold, seed=run.cfg.train.seed)
+                      few_threshold=e.few_threshold, seed=run.cfg.train.seed,
+                      num_prototypes=run.method.num_prototypes)
     result["source"] = {"checkpoint": str(run.checkpoint), "step": run.step, "method": run.cfg.method.name,
                         **run.method.summary_fields(), "dataset": run.cfg.data.dataset,
                         "features": run.method.eval_network_name,
@@ -213,7 +214,8 @@ def format_eval(result: dict) -> str:
                      f"(lr {lin['best_lr']:g}, wd {lin['best_weight_decay']:g}, val {pct(lin['val_top1'])})")
     for name, value in result.get("clustering", {}).items():
         extra = f"   clusters used {value['clusters_used']}" if "clusters_used" in value else ""
-        lines.append(f"  {'clustering ' + name:<28} ACC {pct(value['acc'])}   NMI {value['nmi']:.4f}   "
+        acc = f"ACC {pct(value['acc'])}   " if "acc" in value else ""
+        lines.append(f"  {'clustering ' + name:<28} {acc}NMI {value['nmi']:.4f}   AMI {value['ami']:.4f}   "
                      f"ARI {value['ari']:.4f}{extra}")
     for source in (knn_protocol_key(*KNN_PROTOCOLS["dino"]), "linear"):
         lt = (result.get("knn", {}).get(source) or {}).get("long_tail") if source != "linear" \

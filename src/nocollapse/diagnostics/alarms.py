@@ -21,8 +21,9 @@ Alarms and the metric keys they read:
     ``ln K``.
 ``one_hot_collapse``
     ``max_prob > one_hot_threshold`` and, when ``effective_prototypes`` is reported,
-    fewer than ``max(2, one_hot_max_effective_fraction * K)`` effective prototypes
-    (sharp but diverse assignments are healthy).
+    fewer than ``max(2, one_hot_max_effective_fraction * min(K, N))`` effective prototypes
+    (``N`` from ``num_samples`` when reported: a batch of N samples spreads over at most N
+    prototypes, so sharp but diverse assignments of a batch much smaller than K are healthy).
 ``representation_collapse``
     ``embedding_std < representation_fraction / sqrt(D)``, ``D`` from the constructor
     (``embedding_dim``) or the ``embedding_dim`` key. Healthy values are about ``1/sqrt(D)``.
@@ -271,6 +272,9 @@ class AlarmMonitor:
             return _HEALTHY
         eff = _number(m, "effective_prototypes")
         k = self._k(m)
+        n = _number(m, "num_samples")
+        if k is not None and n is not None and n >= 1:
+            k = min(k, int(n))
         if eff is not None:
             limit = max(2.0, self.one_hot_max_effective_fraction * k) if k else 2.0
             if eff >= limit:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "AssignmentAccumulator",
     "assignment_stats",
     "teacher_student_kl",
     "mixture_stats",
@@ -77,28 +78,62 @@ def assignment_stats(probs: Tensor, mass_threshold: float | None = None) -> dict
     * ``max_prob = (1/N) sum_i max_k p_ik``;
     * ``prototype_utilization = argmax_used / K`` (at most ``min(N, K) / K`` for one batch);
     * ``num_samples = N`` and ``num_prototypes = K`` (for the alarms).
+
+    For a set too large to hold as one ``[N, K]`` matrix, feed it in row chunks to an
+    :class:`AssignmentAccumulator`, which gives the same numbers.
     """
-    p = _as_probs(probs)
-    n, k = p.shape
-    threshold = 0.1 / k if mass_threshold is None else float(mass_threshold)
-    if not threshold >= 0:
-        raise ValueError(f"mass_threshold must be >= 0, got {mass_threshold}")
-    mean_entropy = float(_entropy(p).double().mean())
-    p_bar = p.sum(dim=0, dtype=torch.float64)
-    p_bar = p_bar / p_bar.sum()
-    entropy_of_mean = float(_entropy(p_bar))
-    argmax_used = int(torch.unique(p.argmax(dim=1)).numel())
-    return {
-        "mean_entropy": mean_entropy,
-        "entropy_of_mean": entropy_of_mean,
-        "effective_prototypes": math.exp(entropy_of_mean),
-        "argmax_used": argmax_used,
-        "mass_used": int((p_bar > threshold).sum()),
-        "max_prob": float(p.amax(dim=1).double().mean()),
-        "prototype_utilization": argmax_used / k,
-        "num_samples": n,
-        "num_prototypes": k,
-    }
+    acc = AssignmentAccumulator(_as_probs(probs).shape[1])
+    acc.add(probs)
+    return acc.stats(mass_threshold)
+
+
+class AssignmentAccumulator:
+    """:func:`assignment_stats` over row chunks of an ``[N, K]`` assignment matrix, keeping only
+    ``O(K)`` state (the summed assignments and the arg-max counts)."""
+
+    def __init__(self, num_prototypes: int) -> None:
+        if num_prototypes < 1:
+            raise ValueError(f"num_prototypes must be >= 1, got {num_prototypes}")
+        self.k = int(num_prototypes)
+        self.mass = torch.zeros(self.k, dtype=torch.float64)
+        self.argmax_counts = torch.zeros(self.k, dtype=torch.long)
+        self.entropy_sum = 0.0
+        self.max_prob_sum = 0.0
+        self.n = 0
+
+    def add(self, probs: Tensor) -> Tensor:
+        """Accumulate a chunk ``[n, K]``; returns its rows' arg-max ``[n]``."""
+        p = _as_probs(probs)
+        if p.shape[1] != self.k:
+            raise ValueError(f"probs must have {self.k} columns, got {p.shape[1]}")
+        picks = p.argmax(dim=1)
+        self.mass += p.sum(dim=0, dtype=torch.float64).cpu()
+        self.argmax_counts += torch.bincount(picks.cpu(), minlength=self.k)
+        self.entropy_sum += float(_entropy(p).double().sum())
+        self.max_prob_sum += float(p.amax(dim=1).double().sum())
+        self.n += int(p.shape[0])
+        return picks
+
+    def stats(self, mass_threshold: float | None = None) -> dict[str, float | int]:
+        if self.n == 0:
+            raise ValueError("no assignments were added")
+        threshold = 0.1 / self.k if mass_threshold is None else float(mass_threshold)
+        if not threshold >= 0:
+            raise ValueError(f"mass_threshold must be >= 0, got {mass_threshold}")
+        p_bar = self.mass / self.mass.sum()
+        entropy_of_mean = float(_entropy(p_bar))
+        argmax_used = int((self.argmax_counts > 0).sum())
+        return {
+            "mean_entropy": self.entropy_sum / self.n,
+            "entropy_of_mean": entropy_of_mean,
+            "effective_prototypes": math.exp(entropy_of_mean),
+            "argmax_used": argmax_used,
+            "mass_used": int((p_bar > threshold).sum()),
+            "max_prob": self.max_prob_sum / self.n,
+            "prototype_utilization": argmax_used / self.k,
+            "num_samples": self.n,
+            "num_prototypes": self.k,
+        }
 
 
 def teacher_student_kl(teacher_probs: Tensor, student_scores: Tensor) -> float:

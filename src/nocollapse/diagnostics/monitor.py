@@ -7,7 +7,8 @@ step it turns the step's teacher assignments and bottleneck embeddings into chea
 the alarms. At the end of every epoch it measures the prototype geometry (unique prototypes at
 each standard epsilon, pairwise cosine), the epoch's prototype utilisation, the effective rank of
 the queued features (``effective_rank``) and, for mixture prototypes, the weights' perplexity
-and the idle components.
+and the idle components. Fixed prototypes (``fixed_prototypes``: a random codebook) have no
+geometry to watch; their usage is.
 
 It reads the method only through the hooks of :class:`~nocollapse.methods.base.SSLMethod`
 (``num_prototypes``, ``embedding_dim``, ``uniform_loss``, ``prototype_vectors``,
@@ -97,7 +98,7 @@ class TrainingMonitor:
         if not self.enabled:
             return {}
         metrics: dict[str, Any] = {}
-        prototypes = method.prototype_vectors()
+        prototypes = None if getattr(method, "fixed_prototypes", False) else method.prototype_vectors()
         if prototypes is not None:
             counts = unique_prototypes(prototypes.detach().float().cpu(), STANDARD_EPS)
             for eps, n in counts.items():

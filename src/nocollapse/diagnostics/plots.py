@@ -213,6 +213,7 @@ def plot_spectrum(
     path: str | Path,
     normalize: bool = True,
     title: str = "Singular value spectrum of the embeddings",
+    effective_rank_in_legend: bool = True,
 ) -> Path:
     """``log10`` singular values against their index (1 = largest), one line per run.
 
@@ -234,7 +235,8 @@ def plot_spectrum(
         scaled = s / top if normalize else s
         floor = 1e-16 * (1.0 if normalize else top)
         y = torch.log10(scaled.clamp_min(floor)).numpy()
-        ax.plot(np.arange(1, len(y) + 1), y, label=f"{label} (effective rank {erank:.1f})")
+        legend = f"{label} (effective rank {erank:.1f})" if effective_rank_in_legend else label
+        ax.plot(np.arange(1, len(y) + 1), y, label=legend)
     ax.set_xlabel("singular value index (descending)")
     ax.set_ylabel("log10 σ / σ_max" if normalize else "log10 σ")
     ax.set_title(title)

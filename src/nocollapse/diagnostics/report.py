@@ -41,6 +41,8 @@ def prototype_report(
     idle: Tensor | None = None,
     nearest: Tensor | None = None,
     *,
+    assignments: Mapping[str, Any] | None = None,
+    fixed: bool = False,
     eps: Iterable[float] = STANDARD_EPS,
     eps_grid: Iterable[float] | None = None,
     block_size: int = 1024,
@@ -69,20 +71,35 @@ def prototype_report(
     do not use scores high on ``unique_prototypes`` and low here.
     With ``mixture_weights [K]``: ``mixture`` (:func:`mixture_stats`; ``idle``, the mixture's
     boolean ``[K]`` idle mask, counts its dead components by usage).
+
+    ``assignments`` passes the :func:`assignment_stats` of a set too large for one ``probs``
+    matrix (see :class:`~nocollapse.diagnostics.assignments.AssignmentAccumulator`) instead.
+    ``fixed`` marks prototypes that are distinct by construction and never trained (a random
+    codebook, orthonormal class prototypes): the uniqueness keys are left out
+    (``prototypes_fixed: True``), the usage keys are kept.
     """
     _check_matrix(prototypes)
     k, d = int(prototypes.shape[0]), int(prototypes.shape[1])
     eps_std = sorted({float(e) for e in eps})
     grid = sorted({float(e) for e in (default_eps_grid() if eps_grid is None else eps_grid)})
-    counts = unique_prototypes(prototypes, sorted(set(eps_std) | set(grid)), block_size)
-    report: dict[str, Any] = {
-        "num_prototypes": k,
-        "dim": d,
-        "unique_prototypes": {_eps_key(e): counts[e] / k for e in eps_std},
-        "unique_counts": {_eps_key(e): counts[e] for e in eps_std},
-        "unique_curve": {"eps": grid, "fraction": [counts[e] / k for e in grid]},
-        "pairwise_cosine": pairwise_cosine_stats(prototypes, pairwise_sample, seed=seed),
-    }
+    report: dict[str, Any] = {"num_prototypes": k, "dim": d}
+    if fixed:
+        report["prototypes_fixed"] = True
+    else:
+        counts = unique_prototypes(prototypes, sorted(set(eps_std) | set(grid)), block_size)
+        report.update({
+            "unique_prototypes": {_eps_key(e): counts[e] / k for e in eps_std},
+            "unique_counts": {_eps_key(e): counts[e] for e in eps_std},
+            "unique_curve": {"eps": grid, "fraction": [counts[e] / k for e in grid]},
+        })
+    report["pairwise_cosine"] = pairwise_cosine_stats(prototypes, pairwise_sample, seed=seed)
+    if assignments is not None:
+        if probs is not None:
+            raise ValueError("pass probs or assignments, not both")
+        if int(assignments.get("num_prototypes", k)) != k:
+            raise ValueError(f"assignments were computed for {assignments.get('num_prototypes')} "
+                             f"prototypes, not {k}")
+        report.update(assignments)
     if probs is not None:
         if probs.ndim != 2 or probs.shape[1] != k:
             raise ValueError(
@@ -110,13 +127,16 @@ def prototype_report(
         report["nearest_used"] = n_used
         report["nearest_utilization"] = n_used / k
         report["nearest_utilization_capped"] = n_used / max(1, min(k, n_samples))
-        if n_used:
+        if fixed:
+            pass
+        elif n_used:
             used_counts = unique_prototypes(prototypes[used], sorted(set(eps_std) | set(grid)), block_size)
             frac = {e: used_counts[e] / n_used for e in used_counts}
         else:
             frac = {e: 0.0 for e in sorted(set(eps_std) | set(grid))}
-        report["unique_prototypes_used"] = {_eps_key(e): frac[e] for e in eps_std}
-        report["unique_used_curve"] = {"eps": grid, "fraction": [frac[e] for e in grid]}
+        if not fixed:
+            report["unique_prototypes_used"] = {_eps_key(e): frac[e] for e in eps_std}
+            report["unique_used_curve"] = {"eps": grid, "fraction": [frac[e] for e in grid]}
     if mixture_weights is not None:
         if mixture_weights.numel() != k:
             raise ValueError(f"mixture_weights must have {k} entries, got {mixture_weights.numel()}")
@@ -159,7 +179,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         "nocollapse diagnostics",
         _row("prototypes", f"K = {k}, D = {report['dim']}"),
         "",
-        "unique prototypes (greedy cover, cosine distance < eps)",
+        "unique prototypes (greedy cover, cosine distance < eps)" if not report.get("prototypes_fixed")
+        else "prototypes fixed by construction: uniqueness not measured",
     ]
     used_unique = report.get("unique_prototypes_used", {})
     for eps, frac in report.get("unique_prototypes", {}).items():
@@ -230,18 +251,18 @@ def write_plots(
     out.mkdir(parents=True, exist_ok=True)
     if report is None:
         report = prototype_report(prototypes, embeddings=embeddings)
-    curve = report["unique_curve"]
-    curves = {f"{label}, all": (curve["eps"], curve["fraction"])}
-    if "unique_used_curve" in report:
-        used = report["unique_used_curve"]
-        curves[f"{label}, used by the data ({report['nearest_used']})"] = (used["eps"], used["fraction"])
-    else:
-        curves = {label: curves[f"{label}, all"]}
-    paths = [
-        plot_unique_vs_eps(curves, out / "unique_vs_eps.png"),
-        plot_prototype_uniformity({label: prototypes}, out / "prototype_uniformity.png",
-                                  projection=projection),
-    ]
+    paths = []
+    if "unique_curve" in report:
+        curve = report["unique_curve"]
+        curves = {f"{label}, all": (curve["eps"], curve["fraction"])}
+        if "unique_used_curve" in report:
+            used = report["unique_used_curve"]
+            curves[f"{label}, used by the data ({report['nearest_used']})"] = (used["eps"], used["fraction"])
+        else:
+            curves = {label: curves[f"{label}, all"]}
+        paths.append(plot_unique_vs_eps(curves, out / "unique_vs_eps.png"))
+    paths.append(plot_prototype_uniformity({label: prototypes}, out / "prototype_uniformity.png",
+                                           projection=projection))
     if "spectrum" in report:
         paths.append(plot_spectrum({label: list(report["spectrum"])}, out / "spectrum.png"))
     elif embeddings is not None:

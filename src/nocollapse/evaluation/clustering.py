@@ -7,8 +7,17 @@ classes:
   :func:`hungarian_accuracy`;
 * ``nmi``: normalised mutual information with arithmetic-mean normalisation,
   ``NMI = I(Y; C) / ((H(Y) + H(C)) / 2)`` (scikit-learn's default);
+* ``ami``: adjusted mutual information (Vinh et al., 2010), NMI corrected for chance,
+  ``AMI = (I - E[I]) / (mean(H(Y), H(C)) - E[I])``: 0 for a random partition with any number of
+  clusters, whereas NMI grows with the number of clusters even for random ones (10,000 samples
+  spread at random over 16,384 clusters score NMI about 0.35), so AMI is the score to compare
+  partitions with different numbers of clusters by;
 * ``ari``: adjusted Rand index (Hubert & Arabie, 1985), the pair-counting
   agreement corrected for chance, ``ARI = (RI - E[RI]) / (max RI - E[RI])``.
+
+Hungarian accuracy is reported only where the partition has as many possible clusters as there
+are classes (k-means with k = classes); with more clusters it counts the samples of unmatched
+clusters as wrong and says little.
 
 Cluster ids and class ids may be any integers; only the partition matters.
 """
@@ -19,7 +28,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
 from torch import Tensor
 
 __all__ = [
@@ -87,19 +96,23 @@ def hungarian_accuracy(pred_clusters: Tensor | np.ndarray, labels: Tensor | np.n
     return float(matrix[rows, cols].sum() / matrix.sum())
 
 
-def cluster_metrics(pred_clusters: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> dict[str, float]:
-    """Hungarian accuracy, NMI and ARI of a partition against the labels.
+def cluster_metrics(pred_clusters: Tensor | np.ndarray, labels: Tensor | np.ndarray,
+                    accuracy: bool = True) -> dict[str, float]:
+    """NMI, AMI, ARI and (with ``accuracy``) the Hungarian accuracy of a partition against the labels.
 
-    Returns ``{"acc", "nmi", "ari"}`` as Python floats. ``nmi`` uses
-    arithmetic-mean normalisation (scikit-learn's ``normalized_mutual_info_score``
-    default); ``ari`` is scikit-learn's ``adjusted_rand_score``.
+    Returns ``{"nmi", "ami", "ari"[, "acc"]}`` as Python floats. ``nmi`` and ``ami`` use
+    arithmetic-mean normalisation (scikit-learn's defaults); ``ari`` is scikit-learn's
+    ``adjusted_rand_score``.
     """
     clusters, classes = _check_pair(pred_clusters, labels)
-    return {
-        "acc": hungarian_accuracy(clusters, classes),
+    out = {
         "nmi": float(normalized_mutual_info_score(classes, clusters)),
+        "ami": float(adjusted_mutual_info_score(classes, clusters)),
         "ari": float(adjusted_rand_score(classes, clusters)),
     }
+    if accuracy:
+        out["acc"] = hungarian_accuracy(clusters, classes)
+    return out
 
 
 def kmeans_clustering(
@@ -118,7 +131,7 @@ def kmeans_clustering(
     ``n_clusters`` equal to the number of distinct labels unless given.
 
     Returns:
-        ``{"acc", "nmi", "ari", "n_clusters"}`` (see :func:`cluster_metrics`).
+        ``{"acc", "nmi", "ami", "ari", "n_clusters"}`` (see :func:`cluster_metrics`).
     """
     if not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point():
         shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
@@ -142,15 +155,18 @@ def kmeans_clustering(
     return {**cluster_metrics(clusters.astype(np.int64), classes), "n_clusters": k}
 
 
-def assignment_clustering(assignments_or_logits: Tensor, labels: Tensor) -> dict[str, float | int]:
+def assignment_clustering(assignments_or_logits: Tensor, labels: Tensor,
+                          num_clusters: int | None = None) -> dict[str, float | int]:
     """Clustering scores of prototype assignments.
 
     Each sample's cluster is its assigned prototype: either given directly as
     an integer tensor ``[N]``, or the arg-max over prototypes of a float
-    ``[N, K]`` tensor of logits, similarities or probabilities.
+    ``[N, K]`` tensor of logits, similarities or probabilities. ``num_clusters``
+    is K (taken from the ``[N, K]`` shape when not given); the Hungarian
+    accuracy is included only when K equals the number of classes.
 
     Returns:
-        ``{"acc", "nmi", "ari", "clusters_used"}`` where ``clusters_used`` is
+        ``{"nmi", "ami", "ari", "clusters_used"[, "acc"]}`` where ``clusters_used`` is
         the number of distinct prototypes that received at least one sample
         (a collapse symptom when much smaller than ``K``).
     """
@@ -167,7 +183,10 @@ def assignment_clustering(assignments_or_logits: Tensor, labels: Tensor) -> dict
         if assignments_or_logits.shape[1] == 0:
             raise ValueError("assignments_or_logits has zero prototypes (K == 0)")
         clusters = assignments_or_logits.argmax(dim=1)
+        num_clusters = int(assignments_or_logits.shape[1]) if num_clusters is None else num_clusters
     else:
         clusters = assignments_or_logits
-    cluster_ids, _ = _check_pair(clusters, labels)
-    return {**cluster_metrics(cluster_ids, labels), "clusters_used": int(np.unique(cluster_ids).size)}
+    cluster_ids, classes = _check_pair(clusters, labels)
+    accuracy = num_clusters is not None and num_clusters == int(np.unique(classes).size)
+    return {**cluster_metrics(cluster_ids, classes, accuracy=accuracy),
+            "clusters_used": int(np.unique(cluster_ids).size)}
