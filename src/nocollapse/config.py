@@ -92,6 +92,12 @@ class DataConfig:
         1.0, "long-tail subsampling of the training split: n_max / n_min with an exponential "
         "per-class profile (CIFAR-LT convention); 1 keeps the balanced split", 1.0)
     long_tail_seed: int = setting(0, "seed of the long-tail subsampling")
+    label_fraction: float = setting(
+        1.0, "fraction of the training labels a label-using method sees (semi-supervised), drawn per "
+        "class; every other sample is labelled -1. Evaluation always uses all labels", 0.0, 1.0)
+    labels_per_class: Optional[int] = setting(
+        None, "instead of label_fraction: how many labelled training images per class", 0)
+    label_seed: int = setting(0, "seed of the labelled subset (independent of train.seed)")
     num_workers: int = setting(0, "DataLoader worker processes", 0)
     bad_images: str = choice("skip", ("skip", "fail"),
                               "a corrupt or unreadable image is skipped with a counted warning, or fails the run")
@@ -522,6 +528,7 @@ def validate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type: ig
         raise ConfigError(f"optim.betas: {cfg.optim.betas!r} must be two numbers in [0, 1)")
     _check_applicable(cfg, explicit)
     _check_dataset(cfg, explicit)
+    _check_labels(cfg, explicit)
     _run_settings_validators(cfg)
 
 
@@ -587,6 +594,19 @@ def _context(cfg: Config, condition: str) -> str:
             except AttributeError:
                 pass
     return "".join(", " + p for p in parts)
+
+
+LABEL_KEYS = ("data.label_fraction", "data.labels_per_class", "data.label_seed")
+
+
+def _check_labels(cfg: Config, explicit: Iterable[str]) -> None:
+    """Label-subset keys apply only to a method that uses labels, and one way of sizing it."""
+    keys = [k for k in sorted(explicit) if k in LABEL_KEYS]
+    if keys and not getattr(_method_class(cfg), "uses_labels", False):
+        raise ConfigError(f"{', '.join(keys)} only apply to a method that uses labels (such as supcon or "
+                          f"clop); method.name={cfg.method.name!r} trains without labels")
+    if cfg.data.labels_per_class is not None and cfg.data.label_fraction < 1.0:
+        raise ConfigError("set data.label_fraction or data.labels_per_class, not both")
 
 
 def _check_dataset(cfg: Config, explicit: Iterable[str]) -> None:

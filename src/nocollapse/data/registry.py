@@ -64,7 +64,8 @@ class DatasetSpec:
     """A registered dataset: its loader and the ``data.*`` keys it reads.
 
     ``reads_keys`` are the dataset-specific keys (the keys every dataset honours -- ``dataset``,
-    ``imbalance_ratio``, ``long_tail_seed``, ``num_workers``, ``bad_images`` -- are always read);
+    ``imbalance_ratio``, ``long_tail_seed``, ``num_workers``, ``bad_images`` and the label-subset
+    keys -- are always read);
     setting another one draws a warning. ``required`` lists keys that must be set, each with
     what to set it to."""
 
@@ -72,7 +73,8 @@ class DatasetSpec:
     reads_keys: frozenset[str] = frozenset()
     required: tuple[tuple[str, str], ...] = ()
 
-    ALWAYS_READ = frozenset({"dataset", "imbalance_ratio", "long_tail_seed", "num_workers", "bad_images"})
+    ALWAYS_READ = frozenset({"dataset", "imbalance_ratio", "long_tail_seed", "num_workers", "bad_images",
+                             "label_fraction", "labels_per_class", "label_seed"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reads_keys", frozenset(self.reads_keys) | self.ALWAYS_READ)

@@ -243,14 +243,15 @@ class AlarmMonitor:
         ref: float | None = None
         what = ""
         if self.uniform_loss_reference is not None:
-            ref, what = float(self.uniform_loss_reference), "the uniform-collapse loss"
+            ref, what = float(self.uniform_loss_reference), "the loss of a collapsed model"
         elif k is not None:
             ref, what = math.log(k), f"ln K = ln {k}"
         if loss is not None and ref is not None:
             if abs(loss - ref) < self.uniform_rel_tol * abs(ref):
                 return loss, (
-                    f"loss {loss:.4f} sits at {what} = {ref:.4f}: the assignments are "
-                    "uniform over the prototypes"
+                    f"loss {loss:.4f} sits at {what} = {ref:.4f}: every sample gets the same "
+                    "assignment (uniform over the prototypes, or for a loss with a flat collapse "
+                    "plateau such as CPLearn's, any shared one)"
                 )
             results.append(_HEALTHY)
         h = _number(m, "mean_entropy")

@@ -223,6 +223,25 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append(_row("std of normalised embeddings", f"{report['embedding_std']:.4f}", healthy))
         lines.append(_row("mean direction norm", f"{report['mean_direction_norm']:.4f}",
                           "-> 1 when all point the same way"))
+    clusters = report.get("clusters")
+    if clusters:
+        lines += ["", "arg-max clusters of the test embeddings"]
+        lines.append(_row("clusters used", f"{clusters['used']} / {clusters['num_clusters']}",
+                          f"{100.0 * clusters['used_fraction_capped']:.2f} % of min(K, N)"))
+        lines.append(_row("largest cluster", f"{100.0 * clusters['largest_fraction']:.2f} %", "of the samples"))
+        lines.append(_row("median size / singletons", f"{clusters['median_size']:g} / {clusters['singletons']}"))
+        lines.append(_row("size perplexity", f"{clusters['size_perplexity']:.1f}", "equally filled clusters"))
+        scores, ref = report.get("argmax_clustering"), report.get("kmeans_embedding")
+        if scores:
+            lines.append(_row("NMI / AMI / ARI", f"{scores['nmi']:.3f} / {scores['ami']:.3f} / {scores['ari']:.3f}",
+                              "AMI is 0 for random clusters"))
+        if ref:
+            lines.append(_row(f"k-means (k = {ref['n_clusters']}) AMI", f"{ref['ami']:.3f}", "on the same embeddings"))
+        if "intracluster_variance_ratio" in report:
+            lines.append(_row("within-cluster variance", f"{100.0 * report['intracluster_variance_ratio']:.2f} %",
+                              "-> 0 under intracluster collapse"))
+    if "embedding_rankme" in report:
+        lines.append(_row("head embedding RankMe", f"{report['embedding_rankme']:.2f}"))
     mix = report.get("mixture")
     if mix:
         lines += ["", "mixture weights"]

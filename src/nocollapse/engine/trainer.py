@@ -33,7 +33,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from ..analysis import encode_split, method_report, run_summary, write_run_plots
 from ..config import Config, to_dict, to_yaml
 from ..data import Batch, TrainBatches, build_view_spec, load_dataset
 from ..data.registry import image_size_of
+from ..data.semi_supervised import labelled_subset, masked_labels
 from ..diagnostics.monitor import TrainingMonitor
 from ..evaluation.knn import knn_accuracy
 from ..methods import SSLMethod, build_method
@@ -224,6 +225,7 @@ class Trainer:
         self.global_batch = cfg.train.batch_size * self.dist.world_size
         self.amp_dtype = _precision(cfg, self.device)
         resume_from = load_checkpoint(self.ckpt_dir / "last.pt", map_location=self.device) if self.resume else None
+        METHODS.get(cfg.method.name).configure_for_data(cfg, self.splits.num_classes)
         if self.main:
             if not self.resume:
                 self._clear_previous_run()
@@ -236,6 +238,19 @@ class Trainer:
 
         backbone = build_backbone(cfg.model, self.image_size)
         self.method: SSLMethod = build_method(cfg, backbone, self.steps_per_epoch).to(self.device)
+        # the labels a label-using method may see: a fixed subset (data.label_fraction), -1 elsewhere
+        self.visible_labels: torch.Tensor | None = None
+        if self.method.uses_labels:
+            labels = self.splits.ssl_train.labels
+            self.labelled = labelled_subset(labels, cfg.data.label_fraction, cfg.data.labels_per_class,
+                                            cfg.data.label_seed)
+            self.visible_labels = masked_labels(labels, self.labelled).to(self.device)
+            if self.main:
+                per_class = torch.bincount(labels[self.labelled], minlength=self.splits.num_classes)
+                (self.run_dir / "labelled_indices.json").write_text(json.dumps(
+                    {"label_fraction": cfg.data.label_fraction, "labels_per_class": cfg.data.labels_per_class,
+                     "label_seed": cfg.data.label_seed, "count": int(self.labelled.numel()),
+                     "per_class_counts": per_class.tolist(), "indices": self.labelled.tolist()}))
         if cfg.model.sync_batchnorm and self.dist.enabled:
             self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
         self.model: nn.Module = self.method
@@ -269,7 +284,7 @@ class Trainer:
                                     resume_step=self.position.step if self.resume else None)
 
     RUN_ARTIFACTS = ("checkpoints", "tensorboard", "plots", "features", "metrics.jsonl", "summary.json",
-                     "diagnosis.json", "eval.json", "class_counts.json")
+                     "diagnosis.json", "eval.json", "class_counts.json", "labelled_indices.json")
 
     def _clear_previous_run(self) -> None:
         """A fresh run in a directory that held one (``--force``) starts from a clean slate."""
@@ -389,14 +404,21 @@ class Trainer:
         finally:
             self.logger.close()
 
+    def labels_for_method(self, batch: Batch) -> Batch:
+        """No labels for a method that does not use them; the labelled subset's for one that does
+        (-1 for every other sample, and for an unreadable image replaced by another)."""
+        if self.visible_labels is None:
+            return batch.without_labels()
+        known = self.visible_labels[batch.indices]
+        return replace(batch, labels=torch.where(batch.labels >= 0, known, torch.full_like(known, -1)))
+
     def train_one_epoch(self) -> None:
         cfg, epoch = self.cfg, self.position.epoch
         progress = self._progress_bar(epoch)
         self.throughput.start_epoch()
         try:
             for batch in self.batches.epoch(epoch, self.position.batch):
-                if not self.method.uses_labels:
-                    batch = batch.without_labels()
+                batch = self.labels_for_method(batch)
                 step = self.position.step
                 loss, out = optimisation_step(
                     self.model, self.method, self.optimizer, batch, step, float(self.lr_schedule[step]),

@@ -23,6 +23,7 @@ Hooks (override what applies; the defaults fit a method without prototypes or te
                                            merges keys into ``method.*`` (see ``config.py``)
 ``inactive_settings(cfg)`` (classmethod)   own keys that do not apply under ``cfg``
 ``estimate_state_bytes(cfg, rows)``        memory of the method's state + scores (preflight)
+``configure_for_data(cfg, num_classes)``    resolve dataset-dependent settings before building
 ``run_name(cfg)`` (classmethod)            the default run directory's prefix
 ``uses_labels`` (class attribute)          the engine passes labels only when it is True
 ``fixed_prototypes`` (class attribute)     prototypes never change and are distinct by construction
@@ -161,6 +162,12 @@ class SSLMethod(nn.Module):
     def estimate_state_bytes(cls, cfg: Config, rows: int) -> int:
         """Memory the method needs beyond the backbone for ``rows`` crops per step (preflight)."""
         return 0
+
+    @classmethod
+    def configure_for_data(cls, cfg: Config, num_classes: int) -> None:
+        """Resolve settings that depend on the dataset (e.g. the number of class prototypes) in
+        ``cfg`` before the method is built; the resolved config is what the run saves."""
+        return None
 
     @classmethod
     def run_name(cls, cfg: Config) -> str:
