@@ -29,6 +29,7 @@ from .data.sources import ImageSource
 from .diagnostics.assignments import AssignmentAccumulator
 from .diagnostics.clusters import cluster_size_stats, intracluster_variance_ratio, minmax_moment_spectrum
 from .diagnostics.embeddings import (
+    alpha_req,
     effective_rank,
     effective_rank_from_singular_values,
     embedding_std,
@@ -124,7 +125,8 @@ def method_report(method, test: SplitOutputs, seed: int = 0) -> dict[str, Any]:
     (``kmeans_embedding``, the reference a clustering method must beat), the within-cluster share
     of the embeddings' variance (``intracluster_variance_ratio``), RankMe of the embeddings
     (``embedding_rankme``) and the eigenvalues of their min-max scaled second moment
-    (``embedding_spectrum``)."""
+    (``embedding_spectrum``). For every method, ``alpha_req``: the power-law decay of the backbone
+    features' eigenspectrum (None when they have too few dimensions for the fit)."""
     prototypes = method.prototype_vectors()
     if prototypes is not None:
         report = prototype_report(prototypes.detach().float().cpu(), assignments=test.assignment,
@@ -135,6 +137,10 @@ def method_report(method, test: SplitOutputs, seed: int = 0) -> dict[str, Any]:
         sigma = singular_values(test.features)
         report = {"effective_rank": effective_rank_from_singular_values(sigma),
                   "embedding_std": embedding_std(test.features), "spectrum": [float(s) for s in sigma]}
+    try:
+        report["alpha_req"] = alpha_req(test.features)["alpha"]
+    except ValueError:  # too few dimensions or samples for the fit
+        report["alpha_req"] = None
     if test.embeddings is not None:
         report["bottleneck_embedding_std"] = embedding_std(test.embeddings)
         report["embedding_rankme"] = effective_rank(test.embeddings)
@@ -190,7 +196,7 @@ def cached_outputs(run, device: torch.device, use_cache: bool = True,
 
 
 SUMMARY_KEYS = ("prototypes_fixed", "unique_prototypes", "unique_prototypes_used", "prototype_utilization", "nearest_used",
-                "nearest_utilization", "nearest_utilization_capped", "effective_prototypes", "effective_rank",
+                "nearest_utilization", "nearest_utilization_capped", "effective_prototypes", "effective_rank", "alpha_req",
                 "embedding_std", "embedding_rankme", "clusters", "argmax_clustering", "kmeans_embedding",
                 "intracluster_variance_ratio")
 
@@ -290,7 +296,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                        ("unique_prototypes_used", "unique among used"),
                        ("prototype_utilization", "prototype utilisation"),
                        ("nearest_utilization_capped", "nearest-used / min(K, N)"),
-                       ("effective_rank", "effective rank")):
+                       ("effective_rank", "effective rank"),
+                       ("alpha_req", "alpha-ReQ (spectrum decay)")):
         if summary.get(key) is not None:
             value = summary[key]
             if isinstance(value, dict):

@@ -22,9 +22,11 @@ Example::
 from .alarms import ALARM_NAMES, Alarm, AlarmMonitor
 from .assignments import assignment_stats, mixture_stats, prototype_utilization, teacher_student_kl
 from .embeddings import (
+    alpha_req,
     effective_rank,
     effective_rank_from_singular_values,
     embedding_std,
+    lidar,
     mean_direction_norm,
     singular_values,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "CheckpointError",
     "PrototypeKeyError",
     "STANDARD_EPS",
+    "alpha_req",
     "assignment_stats",
     "default_eps_grid",
     "effective_rank",
@@ -60,6 +63,7 @@ __all__ = [
     "embedding_std",
     "flat_metrics",
     "format_report",
+    "lidar",
     "list_candidates",
     "load_prototypes",
     "mean_direction_norm",

@@ -7,7 +7,14 @@ dimensions), detach it, compute in float64 on the CPU and return Python numbers
 * Representation collapse: all embeddings point the same way. ``embedding_std -> 0``
   and ``mean_direction_norm -> 1``.
 * Dimensional collapse: embeddings span only a few directions. ``effective_rank`` is
-  far below ``min(N, D)``.
+  far below ``min(N, D)``; ``alpha_req`` (the power-law decay of the spectrum) is large.
+* ``lidar`` needs several views per sample: the effective rank of the directions that separate
+  samples more than their augmentations move them.
+
+``effective_rank`` follows RankMe's paper (Garrido et al. 2023): the entropy of the normalised
+*singular values* of the uncentred ``Z``. Some implementations (the ``reptrix`` package among
+them) use the eigenvalues of the centred covariance instead, i.e. squared singular values of the
+centred matrix, which gives a smaller number for the same embeddings.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "alpha_req",
+    "lidar",
     "singular_values",
     "effective_rank",
     "effective_rank_from_singular_values",
@@ -113,3 +122,75 @@ def mean_direction_norm(embeddings: Tensor) -> float:
     """
     z = _as_matrix(embeddings)
     return float(torch.linalg.vector_norm(_unit_rows(z).mean(dim=0)))
+
+
+def alpha_req(embeddings: Tensor, fit_range: tuple[int, int] = (10, 100)) -> dict[str, float]:
+    """alpha-ReQ (Agrawal et al., NeurIPS 2022): the power-law decay of the eigenspectrum.
+
+    With ``lambda_1 >= lambda_2 >= ...`` the eigenvalues of the centred covariance of ``Z``
+    (normalised to sum to 1; the decay does not depend on the scale), fit
+
+        ln lambda_i = -alpha ln i + b       for ranks i in [lo, hi)
+
+    by least squares. ``alpha`` near 1 is the range the paper finds best; a large ``alpha`` means
+    a few directions carry the embeddings (dimensional collapse), a small one a flat, noise-like
+    spectrum. Returns ``{"alpha", "r2", "fit_lo", "fit_hi"}`` (``r2`` of the fit in log-log).
+
+    Failure modes: the centred covariance has rank at most ``min(N - 1, D)``, so ranks beyond it
+    are zeros; the fit range is clipped to the non-zero eigenvalues and needs at least 3 of them
+    (use ``N`` well above ``D``, and skip the first few eigenvalues, which rarely follow the law).
+    """
+    z = _as_matrix(embeddings)
+    z = z - z.mean(dim=0, keepdim=True)
+    eig = torch.linalg.eigvalsh(z.t() @ z / max(1, z.shape[0] - 1)).flip(0)
+    eig = eig / eig.sum() if float(eig.sum()) > 0 else eig
+    positive = int((eig > 1e-12 * float(eig[0])).sum()) if float(eig[0]) > 0 else 0
+    lo, hi = int(fit_range[0]), min(int(fit_range[1]), positive)
+    if lo < 0 or hi - lo < 3:
+        raise ValueError(f"alpha-ReQ needs at least 3 non-zero eigenvalues in ranks [{fit_range[0]}, "
+                         f"{fit_range[1]}); this matrix has {positive} (N = {z.shape[0]}, D = {z.shape[1]})")
+    ranks = torch.arange(lo + 1, hi + 1, dtype=torch.float64)   # rank i of eigenvalue index i - 1
+    x, y = torch.log(ranks), torch.log(eig[lo:hi])
+    design = torch.stack([-x, torch.ones_like(x)], dim=1)
+    solution = torch.linalg.lstsq(design, y[:, None]).solution.flatten()
+    residual = y - design @ solution
+    total = ((y - y.mean()) ** 2).sum()
+    r2 = 1.0 - float((residual ** 2).sum() / total) if float(total) > 0 else 1.0
+    return {"alpha": float(solution[0]), "r2": r2, "fit_lo": lo, "fit_hi": hi}
+
+
+def lidar(views: Tensor, delta: float = 1e-6, eps: float = 1e-7) -> float:
+    """LiDAR (Thilak et al., ICLR 2024): the effective rank of the linear discriminant of samples
+    against their augmentations.
+
+    ``views`` is ``[N, q, D]``: q augmented views of each of N samples (q >= 2), each sample its own
+    class. With ``mu_i`` the mean of sample i's views and ``mu`` the mean of those,
+
+        S_b = (1/N) sum_i (mu_i - mu)(mu_i - mu)^T
+        S_w = (1/(N q)) sum_i sum_j (z_ij - mu_i)(z_ij - mu_i)^T + delta I
+        S   = S_w^(-1/2) S_b S_w^(-1/2)
+
+    and LiDAR ``= exp(-sum_k p_k ln p_k)``, ``p_k = lambda_k / sum lambda + eps``, over the
+    eigenvalues of ``S``: how many directions separate samples more than augmentations move them.
+    It lies between 1 and ``min(N - 1, D)``.
+
+    Failure modes: with ``N - 1 < D`` the between-sample scatter has rank at most ``N - 1``, which
+    caps LiDAR; with ``N q`` small against D the within scatter is singular and ``delta`` sets the
+    result in the directions the views never vary in (raise N or q rather than delta).
+    """
+    if not isinstance(views, Tensor) or views.ndim != 3 or views.shape[1] < 2:
+        raise ValueError("views must be [N, q, D] with q >= 2 views per sample")
+    z = views.detach().to(device="cpu", dtype=torch.float64)
+    n, q, d = z.shape
+    if n < 2:
+        raise ValueError("LiDAR needs at least 2 samples")
+    mu_i = z.mean(dim=1)
+    centred_means = mu_i - mu_i.mean(dim=0, keepdim=True)
+    between = centred_means.t() @ centred_means / n
+    spread = (z - mu_i[:, None, :]).reshape(n * q, d)
+    within = spread.t() @ spread / (n * q) + delta * torch.eye(d, dtype=torch.float64)
+    values, vectors = torch.linalg.eigh(within)
+    inv_sqrt = vectors @ torch.diag(values.clamp_min(1e-300).rsqrt()) @ vectors.t()
+    lam = torch.linalg.eigvalsh(inv_sqrt @ between @ inv_sqrt).clamp_min(0.0)
+    p = lam / lam.sum() + eps
+    return math.exp(float(-(p * p.log()).sum()))
