@@ -227,6 +227,17 @@ def format_eval(result: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """The trained backbone of a run as a plain state dict."""
+    from .runs import export_backbone, load_run
+
+    run = load_run(args.target, data_root=args.data_root)
+    info = export_backbone(run, args.out)
+    print(f"wrote {args.out} ({info['tensors']} tensors of the {info['network']}, {info['backbone']} "
+          f"x{info['width_multiplier']:g}, {info['feature_dim']}-d features) and {args.out}.json")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from .config import reference_table, to_yaml
 
@@ -295,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
                                "pre-training class counts); writes eval_balanced.json")
     evaluate.add_argument("--data-root", help="override the run's data.root")
     evaluate.set_defaults(func=cmd_eval)
+
+    export = sub.add_parser(
+        "export", help="write a run's trained backbone as a plain state dict",
+        description="Writes the backbone evaluation uses (the teacher's for EMA methods) as a state dict "
+                    "that torch.load(..., weights_only=True) reads without nocollapse; ResNets keep "
+                    "torchvision's key names. A JSON description goes next to it.")
+    export.add_argument("target", help="run directory or checkpoint file")
+    export.add_argument("--out", required=True, help="output file, e.g. backbone.pt")
+    export.add_argument("--data-root", help="override the run's data.root (the data give the image size)")
+    export.set_defaults(func=cmd_export)
 
     config = sub.add_parser("config", help="print the resolved config (or the key reference)")
     config.add_argument("--config", help="YAML config file or bundled config name")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch
 from .config import Config, config_from_dict
 from .data import load_dataset
 from .data.registry import DatasetSplits, image_size_of
-from .utils.checkpoint import CheckpointError, load_checkpoint
+from .utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .methods import SSLMethod, build_method
 from .models.backbones import build_backbone
 
@@ -57,3 +59,23 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", data_root: st
     method.load_state_dict(ckpt["method"])
     method.to(device).eval()
     return LoadedRun(cfg, method, splits, size, ckpt_path, run_dir, int(ckpt.get("step", 0)))
+
+
+def export_backbone(run: LoadedRun, out: str | Path) -> dict:
+    """Write the run's evaluation backbone as a plain state dict to ``out`` (``torch.load``-able
+    with ``weights_only=True``, no nocollapse needed) and its description to ``out`` + ``.json``.
+
+    A ResNet backbone keeps torchvision's key names (``conv1``, ``bn1``, ``layer1.0.conv1``, ...,
+    no ``fc``): at width 1 with the ImageNet stem it loads into ``torchvision.models.resnet18()``
+    with ``strict=False``, only ``fc`` missing."""
+    backbone = run.method.eval_backbone()
+    state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    out = Path(out)
+    atomic_save(state, out)
+    m = run.cfg.model
+    info = {"backbone": m.backbone, "width_multiplier": m.width_multiplier, "stem": m.stem,
+            "image_size": run.image_size, "feature_dim": int(getattr(backbone, "feature_dim", 0)),
+            "network": run.method.eval_network_name, "method": run.cfg.method.name,
+            "checkpoint": str(run.checkpoint), "step": run.step, "tensors": len(state)}
+    out.with_name(out.name + ".json").write_text(json.dumps(info, indent=1))
+    return info
