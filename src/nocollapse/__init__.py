@@ -2,9 +2,12 @@
 
 Importing the package registers the built-in datasets, backbones and methods in the registries
 of :mod:`nocollapse.utils.registry`, so that every configuration sees them.
+
+:class:`CollapseMonitor` watches any training loop for collapse (see ``examples/``).
 """
 
 from . import data, methods, models  # noqa: F401  (register the built-in plugins)
+from .diagnostics.monitor import CollapseMonitor
 from .version import __version__
 
-__all__ = ["__version__"]
+__all__ = ["CollapseMonitor", "__version__"]

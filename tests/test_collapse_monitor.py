@@ -1,0 +1,105 @@
+"""CollapseMonitor fed from a loop of our own: metrics, alarms, warm-up, files, state, and the
+plain-loop example."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nocollapse import CollapseMonitor
+from nocollapse.diagnostics.monitor import TrainingMonitor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _collapsed(batch=32, k=16):
+    probs = torch.zeros(batch, k)
+    probs[:, 3] = 1.0
+    return probs
+
+
+def _healthy(batch=32, k=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.softmax(5 * torch.randn(batch, k, generator=gen), dim=1)
+
+
+def test_every_argument_is_optional_and_metrics_come_back_as_a_dict():
+    monitor = CollapseMonitor()
+    assert monitor.update(0) == {}
+    out = monitor.update(1, probs=_healthy(), embeddings=torch.randn(32, 8), loss=2.0)
+    assert {"mean_entropy", "effective_prototypes", "max_prob", "embedding_std"} <= set(out)
+    assert monitor.num_prototypes == 16 and monitor.embedding_dim == 8
+    epoch = monitor.end_epoch(prototypes=torch.randn(16, 8))
+    assert "unique_0.1" in epoch and epoch["prototype_utilization_train"] > 0
+
+
+def test_alarms_wait_for_the_warm_up_and_fire_once():
+    monitor = CollapseMonitor(warmup_steps=10, patience=3)
+    for step in range(10):
+        monitor.update(step, probs=_collapsed(), loss=0.0)
+    assert monitor.alarms == []
+    for step in range(10, 20):
+        monitor.update(step, probs=_collapsed(), loss=0.0)
+    names = [a.name for a in monitor.alarms]
+    assert "one_hot_collapse" in names and names.count("one_hot_collapse") == 1
+    assert min(a.step for a in monitor.alarms) == 12
+
+
+def test_a_healthy_stream_raises_nothing():
+    monitor = CollapseMonitor(num_prototypes=16, warmup_steps=0, patience=2)
+    for step in range(20):
+        monitor.update(step, probs=_healthy(seed=step), embeddings=torch.randn(32, 8), loss=1.0)
+    monitor.end_epoch(prototypes=torch.randn(16, 8))
+    assert monitor.alarms == []
+
+
+def test_log_dir_gets_jsonl_and_a_plot_and_log_every_thins_the_records(tmp_path):
+    monitor = CollapseMonitor(log_every=4, log_dir=tmp_path, tensorboard=False)
+    for step in range(12):
+        monitor.update(step, probs=_healthy(seed=step), loss=float(step))
+    monitor.end_epoch(12, prototypes=torch.randn(16, 4))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 4, 8, 12] and "unique_0.1" in records[-1]
+    assert [p.name for p in monitor.plot(tmp_path)] == ["training_curves.png"]
+
+
+def test_fixed_prototypes_get_no_geometry_but_their_use_is_counted():
+    monitor = CollapseMonitor(num_prototypes=16, fixed_prototypes=True)
+    monitor.update(0, probs=_healthy())
+    epoch = monitor.end_epoch(prototypes=torch.randn(16, 4))
+    assert "unique_0.1" not in epoch and "prototype_utilization_train" in epoch
+
+
+def test_state_round_trip_keeps_fired_alarms_and_counts():
+    monitor = CollapseMonitor(num_prototypes=16, warmup_steps=0, patience=1)
+    monitor.update(0, probs=_collapsed())
+    state = monitor.state_dict()
+    again = CollapseMonitor(num_prototypes=16, warmup_steps=0, patience=1)
+    again.load_state_dict(state)
+    assert [a.name for a in again.alarms] == [a.name for a in monitor.alarms]
+    assert torch.equal(again.argmax_counts, monitor.argmax_counts)
+    again.update(1, probs=_collapsed())
+    assert len(again.alarms) == len(monitor.alarms)       # each alarm fires once
+
+
+def test_our_trainer_uses_the_same_monitor():
+    assert issubclass(TrainingMonitor, CollapseMonitor)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("collapse", [False, True])
+def test_plain_loop_example_runs_and_its_collapse_variant_raises_alarms(tmp_path, collapse):
+    args = [sys.executable, str(ROOT / "examples" / "plain_loop.py"), "--out", str(tmp_path), "--epochs", "12"]
+    result = subprocess.run(args + (["--collapse"] if collapse else []), capture_output=True, text=True,
+                            timeout=600, check=True)
+    assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "training_curves.png").is_file()
+    alarms = result.stdout.strip().splitlines()[-1]
+    if collapse:
+        assert "one_hot_collapse" in alarms
+    else:
+        assert alarms == "alarms: none"
