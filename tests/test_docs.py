@@ -69,3 +69,12 @@ def test_the_documented_method_registers_validates_and_trains(documented_toy, tm
     crops = [torch.randn(32, 3, 8, 8) for _ in range(2)]
     losses = [float(optimisation_step(method, method, optimizer, crops, s, 1e-3, 0.0)[0]) for s in range(2)]
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+API_DOC = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+
+
+@pytest.mark.parametrize("index", range(len(re.findall(r"```python\n(.*?)```", API_DOC, re.S))))
+def test_every_api_example_runs(index, capsys):
+    block = re.findall(r"```python\n(.*?)```", API_DOC, re.S)[index]
+    exec(compile(block, f"api.md block {index}", "exec"), {})
