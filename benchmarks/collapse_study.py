@@ -30,6 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import cli as _cli, train_once
+
 RECIPES = ("dino", "dino_decoupled", "dino_koleo", "carp", "carp_decoupled")
 # CIFAR-10-LT with imbalance 100 keeps 5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50 images per
 # class; the ImageNet-LT thresholds (100 / 20) would put 8 classes in the head and none in the tail,
@@ -39,20 +41,6 @@ LT_THRESHOLDS = {"many_threshold": 1000, "few_threshold": 200}
 DATASETS = {"cifar10": [], "cifar10_lt": [f"data.imbalance_ratio={LT_IMBALANCE}",
                                           *(f"eval.{key}={value}" for key, value in LT_THRESHOLDS.items())]}
 STANDARD_EPS = ("0.025", "0.1", "0.25", "0.5")
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "nocollapse.cli", *args]
-
-
-def train_once(run_dir: Path, train_args: list[str]) -> None:
-    """``nocollapse train`` into ``run_dir`` unless it finished; an interrupted run is resumed."""
-    if (run_dir / "summary.json").is_file():
-        return
-    if (run_dir / "checkpoints" / "last.pt").is_file():
-        subprocess.run(_cli("train", "--out", str(run_dir), "--resume"), check=True)
-    else:
-        subprocess.run(_cli("train", "--out", str(run_dir), "--force", *train_args), check=True)
 
 
 def epoch_records(run_dir: Path, keys: tuple[str, ...]) -> list[dict]:

@@ -1,11 +1,13 @@
-"""Helpers shared by the benchmark scripts: memory readings and timing."""
+"""Helpers shared by the benchmark scripts: memory readings, timing and resumable training runs."""
 
 from __future__ import annotations
 
 import os
 import resource
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 MIB = 1024 * 1024
@@ -38,3 +40,18 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
         times.append(time.perf_counter() - start)
     times.sort()
     return times[len(times) // 2]
+
+
+def cli(*args: str) -> list[str]:
+    """The command line of ``nocollapse ARGS`` in this interpreter."""
+    return [sys.executable, "-m", "nocollapse.cli", *args]
+
+
+def train_once(run_dir: Path, train_args: list[str]) -> None:
+    """``nocollapse train`` into ``run_dir`` unless it finished; an interrupted run is resumed."""
+    if (run_dir / "summary.json").is_file():
+        return
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        subprocess.run(cli("train", "--out", str(run_dir), "--resume"), check=True)
+    else:
+        subprocess.run(cli("train", "--out", str(run_dir), "--force", *train_args), check=True)
