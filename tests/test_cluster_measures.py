@@ -109,14 +109,14 @@ def test_scores_are_computed_in_chunks_without_an_n_by_k_matrix(monkeypatch):
     h = torch.tanh(torch.randn(50, 16))
     whole = analysis.score_split(method, h, torch.device("cpu"))
     rows_seen = []
-    original = method.assignment_probs
+    original = method.scores
 
     def spy(x):
         rows_seen.append(x.shape[0])
         return original(x)
 
     monkeypatch.setattr(analysis, "SCORE_CHUNK_ENTRIES", 64 * 8)
-    monkeypatch.setattr(method, "assignment_probs", spy)
+    monkeypatch.setattr(method, "scores", spy)
     assigned, stats, nearest = analysis.score_split(method, h, torch.device("cpu"))
     assert max(rows_seen) == 8 and sum(rows_seen) == 50
     assert torch.equal(assigned, whole[0]) and torch.equal(nearest, whole[2])

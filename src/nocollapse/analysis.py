@@ -61,7 +61,8 @@ CACHE_FORMAT = 2
 def score_split(method, embeddings: torch.Tensor, device: torch.device) -> tuple:
     """Assignments of a split's embeddings in row chunks, so no ``[N, K]`` matrix is held: the
     arg-max of the method's assignment probabilities ``[N]``, their statistics and the
-    highest-scoring prototype ``[N]`` (None for each when the method has no prototypes)."""
+    highest-scoring prototype ``[N]`` (None for each when the method has no prototypes). Each
+    chunk is scored once; the probabilities come from those scores."""
     k = method.num_prototypes
     if k is None:
         return None, None, None
@@ -70,16 +71,16 @@ def score_split(method, embeddings: torch.Tensor, device: torch.device) -> tuple
     assigned, nearest = [], []
     with torch.no_grad():
         for chunk in embeddings.split(rows):
-            chunk = chunk.to(device)
-            probs = method.assignment_probs(chunk)
-            scores = method.scores(chunk)
+            scores = method.scores(chunk.to(device))
+            if scores is None:
+                return None, None, None
+            nearest.append(scores.argmax(dim=1).cpu())
+            probs = method.probs_from_scores(scores)
             if probs is not None:
                 assigned.append(accumulator.add(probs.float()).cpu())
-            if scores is not None:
-                nearest.append(scores.argmax(dim=1).cpu())
     if not assigned:
-        return None, None, torch.cat(nearest) if nearest else None
-    return torch.cat(assigned), accumulator.stats(), torch.cat(nearest) if nearest else None
+        return None, None, torch.cat(nearest)
+    return torch.cat(assigned), accumulator.stats(), torch.cat(nearest)
 
 
 class _EvalNetwork(nn.Module):

@@ -61,6 +61,6 @@ def clop_loss(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None, p
         else:
             per_sample = 0.5 * ((u1 - target).norm(dim=1) + (u2 - target).norm(dim=1))
         local_sum = (per_sample * labelled.float()).sum()
-        count = dist_utils.all_reduce_sum(labelled.float().sum().detach().clone())
+        count = dist_utils.all_reduce_sum(labelled.float().sum())
         total = dist_utils.all_reduce_sum_with_grad(local_sum)
         return total / count.clamp_min(1.0)

@@ -35,7 +35,8 @@ Hooks (override what applies; the defaults fit a method without prototypes or te
 ``eval_network_name``                      what evaluation encodes with, for reports
 ``num_prototypes`` / ``embedding_dim``     sizes the monitor needs (None without prototypes)
 ``prototype_vectors()``                    ``[K, D]`` prototypes (None without prototypes)
-``assignment_probs(embeddings)``           the method's ``[N, K]`` assignment distribution
+``probs_from_scores(scores)``              the method's ``[N, K]`` assignment distribution, from
+                                           its scores (``assignment_probs(embeddings)`` composes both)
 ``mixture_weights()`` / ``idle_prototypes()``  mixture weights and the idle mask, if any
 ``uniform_loss()``                         the loss of a collapsed model (for the alarm)
 ``summary_fields()``                       method facts for ``summary.json``
@@ -222,9 +223,14 @@ class SSLMethod(nn.Module):
         """Prototype scores ``[N, K]`` of evaluation-time embeddings (None without prototypes)."""
         return None
 
+    def probs_from_scores(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """The method's assignment distribution ``[N, K]`` given its prototype scores ``[N, K]``."""
+        return None
+
     def assignment_probs(self, embeddings: torch.Tensor) -> torch.Tensor | None:
         """The method's assignment distribution ``[N, K]`` of evaluation-time embeddings."""
-        return None
+        scores = self.scores(embeddings)
+        return None if scores is None else self.probs_from_scores(scores)
 
     def mixture_weights(self) -> torch.Tensor | None:
         """The weights ``pi`` ``[K]`` of a mixture-model prototype set (None otherwise)."""

@@ -97,8 +97,8 @@ class CLOP(SupCon):
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(embeddings.float(), dim=-1) @ self.prototypes.t()
 
-    def assignment_probs(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.scores(embeddings) / self.temperature, dim=-1)
+    def probs_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(scores / self.temperature, dim=-1)
 
     def summary_fields(self) -> dict:
         s = self.cfg.clop

@@ -92,7 +92,6 @@ class CPLearn(SSLMethod):
     def __init__(self, cfg: Config, backbone: nn.Module, steps_per_epoch: int) -> None:
         super().__init__(cfg, backbone, steps_per_epoch)
         s = cfg.cplearn
-        self.settings_ = s
         self.f, self.c = s.embedding_dim, s.codes()
         self.encoder = Encoder(backbone, HyperdimensionalProjector(
             self.feature_dim, self.f, s.embedding, cfg.train.batch_size), normalize=False)
@@ -111,7 +110,7 @@ class CPLearn(SSLMethod):
         feat_a, h_a = self.encoder([view_a])
         _, h_b = self.encoder([view_b])
         z_a, z_b = self.code_logits(h_a), self.code_logits(h_b)
-        s = self.settings_
+        s = self.cfg.cplearn
         loss = cplearn_loss(z_a, z_b, s.beta, s.prior, s.all_reduce_marginal)
         with torch.no_grad():
             p_a, p_b = torch.softmax(z_a, dim=-1), torch.softmax(z_b, dim=-1)
@@ -142,19 +141,19 @@ class CPLearn(SSLMethod):
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.code_logits(embeddings)
 
-    def assignment_probs(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.code_logits(embeddings), dim=-1)
+    def probs_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(scores, dim=-1)
 
     def uniform_loss(self) -> float:
         """The loss when every sample and view shares the uniform assignment: ``beta ln c`` with
         the reverse-KL prior (``ln c`` for any shared assignment at ``beta = 1``), ``(1 + beta) ln c``
         with the cross-entropy prior."""
-        s = self.settings_
+        s = self.cfg.cplearn
         extra = 1.0 if s.prior == "cross_entropy" else 0.0
         return (s.beta + extra) * math.log(self.c)
 
     def summary_fields(self) -> dict[str, Any]:
-        s = self.settings_
+        s = self.cfg.cplearn
         return {"num_prototypes": self.c, "embedding_dim": self.f, "codebook": "fixed random +-1",
                 "temperature": self.temperature, "beta": s.beta, "prior": s.prior, "embedding": s.embedding}
 

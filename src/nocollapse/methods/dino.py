@@ -63,9 +63,9 @@ class DINO(PrototypeMethod):
             d.warmup_teacher_temp, d.teacher_temp, self.epochs_to_steps(d.warmup_teacher_temp_epochs),
             self.total_steps)
 
-    def assignment_probs(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def probs_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """The teacher's targets: softmax((scores - centre) / final teacher temperature)."""
-        return teacher_probabilities(self.scores(embeddings).float(), float(self.teacher_temp[-1]),
+        return teacher_probabilities(scores.float(), float(self.teacher_temp[-1]),
                                      self.center if self.centering else None)
 
     def teacher_targets(self, t_logits: torch.Tensor, gamma: torch.Tensor | None, temp: float) -> torch.Tensor:

@@ -196,9 +196,9 @@ class PrototypeMethod(SSLMethod):
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.teacher_scores(embeddings)
 
-    def assignment_probs(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def probs_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Softmax over all K scores without temperature (CARP's assignment; DINO overrides)."""
-        return torch.softmax(self.scores(embeddings).float(), dim=-1)
+        return torch.softmax(scores.float(), dim=-1)
 
     def update_mixture(self, teacher_embeddings: torch.Tensor, step: int, views: int = 2) -> torch.Tensor:
         """(i) of the decoupled scheme: the EM step on the detached teacher embeddings.
