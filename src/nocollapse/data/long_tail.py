@@ -36,10 +36,17 @@ def long_tail_indices(labels: torch.Tensor, num_classes: int, imbalance_ratio: f
                       seed: int = 0) -> torch.Tensor:
     """Indices (sorted) of a seeded long-tailed subset of ``labels``."""
     sizes = torch.bincount(labels, minlength=num_classes).tolist()
-    counts = long_tail_counts(sizes, imbalance_ratio)
-    gen = torch.Generator().manual_seed(seed)
+    return sample_per_class(labels, dict(enumerate(long_tail_counts(sizes, imbalance_ratio))), seed)
+
+
+def sample_per_class(labels: torch.Tensor, counts: dict[int, int], seed: int) -> torch.Tensor:
+    """Sorted indices of ``counts[c]`` samples of each class ``c`` (in ascending class order), chosen
+    by one generator seeded by ``seed`` that draws a permutation of every listed class."""
+    gen = torch.Generator().manual_seed(int(seed))
     keep = []
-    for c, n in enumerate(counts):
+    for c in sorted(counts):
         members = torch.nonzero(labels == c, as_tuple=True)[0]
-        keep.append(members[torch.randperm(len(members), generator=gen)[:n]])
+        keep.append(members[torch.randperm(len(members), generator=gen)[:counts[c]]])
+    if not keep:
+        return torch.zeros(0, dtype=torch.long)
     return torch.cat(keep).sort().values

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config import LABEL_KEYS, DataConfig
 from ..utils.registry import DATASETS
 from .sources import ImageFiles, ImageSource, InMemoryImages, decode_files
 
@@ -74,7 +74,7 @@ class DatasetSpec:
     required: tuple[tuple[str, str], ...] = ()
 
     ALWAYS_READ = frozenset({"dataset", "imbalance_ratio", "long_tail_seed", "num_workers", "bad_images",
-                             "label_fraction", "labels_per_class", "label_seed"})
+                             *(key.split(".", 1)[1] for key in LABEL_KEYS)})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reads_keys", frozenset(self.reads_keys) | self.ALWAYS_READ)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .long_tail import sample_per_class
+
 
 def labelled_subset(labels: torch.Tensor, fraction: float = 1.0, per_class: int | None = None,
                     seed: int = 0) -> torch.Tensor:
@@ -19,19 +21,13 @@ def labelled_subset(labels: torch.Tensor, fraction: float = 1.0, per_class: int 
         raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
     if per_class is not None and per_class < 0:
         raise ValueError(f"per_class must be >= 0, got {per_class}")
-    gen = torch.Generator().manual_seed(int(seed))
-    keep = []
-    for c in torch.unique(labels[labels >= 0]).tolist():
-        members = torch.nonzero(labels == c, as_tuple=True)[0]
+    counts = {}
+    for c, size in zip(*(t.tolist() for t in torch.unique(labels[labels >= 0], return_counts=True))):
         if per_class is not None:
-            n = min(per_class, len(members))
+            counts[c] = min(per_class, size)
         else:
-            n = int(round(fraction * len(members)))
-            n = max(n, 1) if fraction > 0 else 0
-        keep.append(members[torch.randperm(len(members), generator=gen)[:n]])
-    if not keep:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.cat(keep).sort().values
+            counts[c] = max(int(round(fraction * size)), 1) if fraction > 0 else 0
+    return sample_per_class(labels, counts, seed)
 
 
 def masked_labels(labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

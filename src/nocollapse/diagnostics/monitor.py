@@ -90,6 +90,7 @@ class CollapseMonitor:
         self.features: deque[torch.Tensor] = deque()
         self.queued = 0
         self.argmax_counts: torch.Tensor | None = None
+        self.last_prototypes: torch.Tensor | None = None   # the latest given to update()
         self.alarms: list[Alarm] = []
         self.records: list[dict[str, Any]] = []
         self.updates = 0
@@ -106,14 +107,14 @@ class CollapseMonitor:
     # ---- set-up ------------------------------------------------------------------------
     def _build_alarms(self) -> None:
         step_names = tuple(n for n in ALARM_NAMES if n != "prototype_collapse") if self.alarms_enabled else ()
+        k = self.num_prototypes if self.num_prototypes and self.num_prototypes >= 2 else None
         self.step_alarms = AlarmMonitor(
-            self.num_prototypes if self.num_prototypes and self.num_prototypes >= 2 else None, self.embedding_dim,
+            k, self.embedding_dim,
             warmup_steps=self.warmup_steps, patience=self.patience, uniform_loss_reference=self.uniform_loss,
             enabled=step_names)
         # geometry is measured once per epoch, so one bad epoch is enough
         self.epoch_alarms = AlarmMonitor(
-            self.num_prototypes if self.num_prototypes and self.num_prototypes >= 2 else None,
-            warmup_steps=self.warmup_steps, patience=1, unique_fraction_threshold=self.prototype_collapse_threshold,
+            k, warmup_steps=self.warmup_steps, patience=1, unique_fraction_threshold=self.prototype_collapse_threshold,
             unique_eps=self.prototype_collapse_eps,
             enabled=("prototype_collapse",) if self.alarms_enabled and not self.fixed_prototypes else ())
         if self.num_prototypes and self.argmax_counts is None:
@@ -180,7 +181,7 @@ class CollapseMonitor:
         effective rank; ``prototypes`` ``[K, D]``: kept for :meth:`end_epoch`. Returns the step
         metrics on every ``log_every``-th update, ``{}`` otherwise."""
         if prototypes is not None:
-            self._prototypes = prototypes.detach()
+            self.last_prototypes = prototypes.detach()
             if self.num_prototypes is None:
                 self.num_prototypes = int(prototypes.shape[0])
         self.observe(probs, features)
@@ -205,7 +206,7 @@ class CollapseMonitor:
         step = self.updates if step is None else int(step)
         metrics: dict[str, Any] = {}
         if prototypes is None:
-            prototypes = getattr(self, "_prototypes", None)
+            prototypes = self.last_prototypes
         if prototypes is not None and not self.fixed_prototypes:
             p = prototypes.detach().float().cpu()
             for eps, n in unique_prototypes(p, STANDARD_EPS).items():

@@ -127,14 +127,12 @@ def prototype_report(
         report["nearest_used"] = n_used
         report["nearest_utilization"] = n_used / k
         report["nearest_utilization_capped"] = n_used / max(1, min(k, n_samples))
-        if fixed:
-            pass
-        elif n_used:
-            used_counts = unique_prototypes(prototypes[used], sorted(set(eps_std) | set(grid)), block_size)
-            frac = {e: used_counts[e] / n_used for e in used_counts}
-        else:
-            frac = {e: 0.0 for e in sorted(set(eps_std) | set(grid))}
         if not fixed:
+            if n_used:
+                used_counts = unique_prototypes(prototypes[used], sorted(set(eps_std) | set(grid)), block_size)
+                frac = {e: used_counts[e] / n_used for e in used_counts}
+            else:
+                frac = {e: 0.0 for e in sorted(set(eps_std) | set(grid))}
             report["unique_prototypes_used"] = {_eps_key(e): frac[e] for e in eps_std}
             report["unique_used_curve"] = {"eps": grid, "fraction": [frac[e] for e in grid]}
     if mixture_weights is not None:
