@@ -34,7 +34,7 @@ def update_case(k: int, dim: int, batch: int, repeats: int, threads: int) -> dic
     x = F.normalize(torch.randn(batch, dim, generator=gen), dim=1)
     gmm = OnlineGMM(k, dim, init="random")
     before = current_rss_bytes()
-    seconds = time_call(lambda: gmm.update(x, beta=0.5), repeats)
+    seconds = time_call(lambda: gmm.em_step(x, beta=0.5), repeats)
     return {"K": k, "D": dim, "batch": batch, "seconds_per_update": round(seconds, 4),
             "peak_rss_mib": round(peak_rss_bytes() / MIB, 1),
             "rss_before_update_mib": round(before / MIB, 1) if before else None,

@@ -37,7 +37,7 @@ def test_online_em_recovers_a_known_mixture_on_the_sphere(seed, covariance):
     for step in range(300):
         x, _ = _sphere_mixture(256, centers, 0.08, gen)
         beta = min(1.0, 0.1 + 0.9 * step / 100)
-        gmm.update(x, beta=beta)
+        gmm.em_step(x, beta=beta)
     cos = _matched_cosines(gmm.means, centers)
     assert cos.min() > 0.99, cos
     assert torch.allclose(gmm.weights, torch.full((k,), 1 / k), atol=0.06)
@@ -58,7 +58,7 @@ def test_forgetting_leaves_an_unused_component_in_place(forgetting):
     before_mean, before_var = gmm.means[1].clone(), gmm.variances[1].clone()
     for _ in range(100):
         x = F.normalize(target + 0.05 * torch.randn(64, d, generator=gen), dim=1)
-        gamma = gmm.update(x)
+        gamma = gmm.em_step(x)
         assert gamma[:, 1].max() < 1e-6  # the far component receives nothing
     assert torch.allclose(gmm.means[1], before_mean, atol=1e-5)
     assert torch.allclose(gmm.variances[1], before_var, atol=1e-6)
@@ -106,8 +106,8 @@ def test_chunking_over_k_does_not_change_the_update():
     x = F.normalize(torch.randn(50, 8, generator=gen), dim=1)
     a, b = OnlineGMM(40, 8, chunk_size=40, init="random"), OnlineGMM(40, 8, chunk_size=7, init="random")
     for _ in range(3):
-        a.update(x, 0.5)
-        b.update(x, 0.5)
+        a.em_step(x, 0.5)
+        b.em_step(x, 0.5)
     for name, buf in a.state_dict().items():
         assert torch.allclose(buf.float(), b.state_dict()[name].float(), atol=1e-6), name
 
@@ -116,10 +116,10 @@ def test_data_initialisation_seeds_components_in_order_from_embeddings():
     gen = torch.Generator().manual_seed(0)
     gmm = OnlineGMM(10, 4, init="data")
     first = F.normalize(torch.randn(6, 4, generator=gen), dim=1)
-    gmm.update(first)
+    gmm.em_step(first)
     assert gmm.seeded == 6
     second = F.normalize(torch.randn(6, 4, generator=gen), dim=1)
-    gmm.update(second)
+    gmm.em_step(second)
     assert gmm.seeded == 10
 
 
@@ -128,7 +128,7 @@ def test_dead_component_reseeding_is_counted():
     gmm = OnlineGMM(4, 4, init="random", reseed_dead=True, dead_threshold=0.5, forgetting="global", eta=0.5)
     x = F.normalize(torch.randn(1, 4, generator=gen), dim=1).repeat(32, 1)
     for _ in range(5):
-        gmm.update(x)
+        gmm.em_step(x)
     assert int(gmm.num_reseeds) > 0
 
 
@@ -148,9 +148,9 @@ def test_stale_seeds_are_detected_by_usage_and_moved_onto_the_data():
     def run(reseed: bool) -> OnlineGMM:
         torch.manual_seed(0)
         gmm = OnlineGMM(k, dim, init="data", eta=0.1, reseed_dead=reseed, dead_threshold=0.2)
-        gmm.update(cone)                      # seeds: the "random encoder" embeddings
+        gmm.em_step(cone)                      # seeds: the "random encoder" embeddings
         for _ in range(40):
-            gmm.update(batch())
+            gmm.em_step(batch())
         return gmm
 
     stale, fresh = run(False), run(True)
@@ -183,12 +183,12 @@ def test_mixture_state_survives_a_checkpoint_round_trip(tmp_path):
     gen = torch.Generator().manual_seed(0)
     a = OnlineGMM(16, 8, init="data")
     for _ in range(3):
-        a.update(F.normalize(torch.randn(8, 8, generator=gen), dim=1), 0.5)
+        a.em_step(F.normalize(torch.randn(8, 8, generator=gen), dim=1), 0.5)
     atomic_save({"gmm": a.state_dict()}, tmp_path / "g.pt")
     b = OnlineGMM(16, 8, init="data", seed=123)
     b.load_state_dict(torch.load(tmp_path / "g.pt", weights_only=True)["gmm"])
     x = F.normalize(torch.randn(8, 8, generator=gen), dim=1)
-    assert torch.equal(a.update(x, 0.7), b.update(x, 0.7))
+    assert torch.equal(a.em_step(x, 0.7), b.em_step(x, 0.7))
     for name, buf in a.state_dict().items():
         assert torch.equal(buf, b.state_dict()[name]), name
 
@@ -199,7 +199,7 @@ def test_invalid_settings_are_rejected():
     with pytest.raises(ValueError, match="eta"):
         OnlineGMM(4, 4, eta=0.0)
     with pytest.raises(ValueError, match=r"\[N, 4\]"):
-        OnlineGMM(4, 4).update(torch.randn(3, 5))
+        OnlineGMM(4, 4).em_step(torch.randn(3, 5))
 
 
 # ---- distributed parity -------------------------------------------------------------------
@@ -214,7 +214,7 @@ def _gmm_ranked(rank, world_size, init):
     gammas = []
     for x in _batches(0, 4, 20, 8):
         part = x.chunk(world_size)[rank]
-        gammas.append(gmm.update(part, 0.5))
+        gammas.append(gmm.em_step(part, 0.5))
     return {"state": gmm.state_dict(), "gammas": gammas}
 
 
@@ -234,10 +234,10 @@ def test_two_processes_hold_the_mixture_of_one_process_on_the_joined_batch(init)
 def _gmm_with_buffer(rank, world_size):
     gmm = OnlineGMM(12, 8, init="data", eta=0.2, buffer_size=24, dead_threshold=0.5)
     for x in _batches(3, 4, 12, 8):
-        gmm.update(x.chunk(world_size)[rank], 0.5)
+        gmm.em_step(x.chunk(world_size)[rank], 0.5)
     placed = [gmm.reseed_from_buffer("all")]
     for x in _batches(4, 3, 12, 8):
-        gmm.update(x.chunk(world_size)[rank], 1.0)
+        gmm.em_step(x.chunk(world_size)[rank], 1.0)
     placed.append(gmm.reseed_from_buffer("idle"))
     return {"state": gmm.state_dict(), "placed": placed}
 
@@ -266,7 +266,7 @@ def test_idle_components_lose_their_weight():
     gmm._m_step()
     for _ in range(300):
         x, _ = _sphere_mixture(128, centres, 0.05, gen)
-        gmm.update(x)
+        gmm.em_step(x)
     live = torch.zeros(k, dtype=torch.bool)
     live[:4] = True
     assert float(torch.exp(gmm.log_weights)[~live].sum()) > 0.3       # the statistics keep a share
@@ -288,17 +288,17 @@ def test_estep_can_use_the_occupancy():
 def test_propose_changes_nothing_until_commit():
     gen = torch.Generator().manual_seed(0)
     gmm = OnlineGMM(8, 4, init="data", eta=0.2, buffer_size=16)
-    gmm.update(F.normalize(torch.randn(16, 4, generator=gen), dim=1))
+    gmm.em_step(F.normalize(torch.randn(16, 4, generator=gen), dim=1))
     before = {k: v.clone() for k, v in gmm.state_dict().items()}
     x = F.normalize(torch.randn(16, 4, generator=gen), dim=1)
     gamma, means, update = gmm.propose(x)
     assert torch.equal(means, before["means"])                      # targets against the current means
     assert all(torch.equal(v, before[k]) for k, v in gmm.state_dict().items())
-    gmm.commit(update)
+    gmm.apply(update)
     assert not torch.equal(gmm.means, before["means"]) and int(gmm.num_updates) == 2
     twin = OnlineGMM(8, 4, init="data", eta=0.2, buffer_size=16)
     twin.load_state_dict(before)
-    assert torch.allclose(twin.update(x), gamma)
+    assert torch.allclose(twin.em_step(x), gamma)
     assert all(torch.allclose(v.float(), gmm.state_dict()[k].float()) for k, v in twin.state_dict().items())
 
 
@@ -311,9 +311,9 @@ def test_the_update_under_cpu_bf16_autocast_equals_fp32():
     ref = OnlineGMM(6, 32, init="data", eta=0.5, var_floor=1e-4)
     amp = OnlineGMM(6, 32, init="data", eta=0.5, var_floor=1e-4)
     for x in batches:
-        g_ref = ref.update(x)
+        g_ref = ref.em_step(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            g_amp = amp.update(x)
+            g_amp = amp.em_step(x)
         assert g_amp.dtype == torch.float32 and torch.allclose(g_amp, g_ref, atol=1e-5)
     assert float(ref.variances.min()) <= 2e-4                         # at the floor
     for name, value in ref.state_dict().items():
@@ -330,13 +330,13 @@ def test_buffer_seeding_follows_the_data_after_a_drift():
 
     def run(buffer: bool) -> OnlineGMM:
         gmm = OnlineGMM(k, d, init="data", eta=0.1, buffer_size=4 * k if buffer else 0, seed=3)
-        gmm.update(cone)
+        gmm.em_step(cone)
         for _ in range(20):
-            gmm.update(_sphere_mixture(64, centres, 0.1, gen)[0])
+            gmm.em_step(_sphere_mixture(64, centres, 0.1, gen)[0])
         if buffer:
             assert gmm.reseed_from_buffer("all") == k and int(gmm.num_buffer_seedings) == 1
         for _ in range(10):
-            gmm.update(_sphere_mixture(64, centres, 0.1, gen)[0])
+            gmm.em_step(_sphere_mixture(64, centres, 0.1, gen)[0])
         return gmm
 
     test, labels = _sphere_mixture(2000, centres, 0.1, gen)
@@ -357,7 +357,7 @@ def test_refresh_replaces_only_idle_components():
     centres = F.normalize(torch.randn(4, d, generator=gen), dim=1)
     gmm = OnlineGMM(k, d, init="data", eta=0.2, buffer_size=64, dead_threshold=0.3, seed=0)
     for _ in range(30):
-        gmm.update(_sphere_mixture(32, centres, 0.05, gen)[0])
+        gmm.em_step(_sphere_mixture(32, centres, 0.05, gen)[0])
     idle = gmm.idle_mask()
     assert 0 < int(idle.sum()) < k
     live_means = gmm.means[~idle].clone()

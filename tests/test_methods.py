@@ -139,6 +139,18 @@ def test_multicrop_forward_with_resnet_and_vit(backbone):
 
 
 @pytest.mark.parametrize("name", ["dino", "carp"])
+def test_decoupled_methods_hold_the_public_module(name):
+    from nocollapse import DecoupledPrototypes
+
+    extra = ["carp.block_size=8"] if name == "carp" else []
+    _, method = _method(f"method.name={name}", "method.prototypes=decoupled", *extra)
+    assert type(method.gmm) is DecoupledPrototypes
+    z = torch.nn.functional.normalize(torch.randn(3, method.embedding_dim), dim=1)
+    assert torch.equal(method.student_scores(z), method.gmm(z))
+    assert torch.equal(method.teacher_scores(z), method.gmm(z))
+
+
+@pytest.mark.parametrize("name", ["dino", "carp"])
 def test_decoupled_targets_and_student_scores_use_the_same_means(name):
     """The student is scored against the means its targets came from; the EM update of the step is
     written only after the optimiser step."""
@@ -149,7 +161,7 @@ def test_decoupled_targets_and_student_scores_use_the_same_means(name):
     before = method.gmm.means.clone()
     seen = []
     original = method.student_scores
-    method.student_scores = lambda z: (seen.append(method._means().clone()), original(z))[1]
+    method.student_scores = lambda z: (seen.append(method.gmm.step_means.clone()), original(z))[1]
     method(_crops(batch=16), step=1)
     assert seen and all(torch.equal(m, before) for m in seen)
     assert torch.equal(method.gmm.means, before)
@@ -178,6 +190,7 @@ def test_a_skipped_step_changes_neither_the_mixture_nor_the_centre():
     finally:
         DINO.training_step = original
     assert out is None and not torch.isfinite(loss)
+    assert not method.gmm.pending        # the proposal of the skipped step is dropped
     for key, value in method.state_dict().items():
         if key.startswith("gmm.") or key == "center":
             assert torch.equal(value, state[key]), key
@@ -190,7 +203,7 @@ def test_a_skipped_step_changes_neither_the_mixture_nor_the_centre():
 def test_buffer_seeding_runs_after_the_warm_up():
     cfg, method = _method("method.prototypes=decoupled", "gmm.buffer_factor=2", "gmm.seed_after_epochs=0.75",
                           "gmm.refresh_every_epochs=0.25")
-    assert method.buffer_seed_step == 3 and method.refresh_steps == 1
+    assert method.gmm.seed_after_steps == 3 and method.gmm.refresh_every_steps == 1
     for step in range(5):
         method(_crops(batch=16), step=step)
         method.on_after_optimizer_step(step)

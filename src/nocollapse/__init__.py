@@ -3,11 +3,13 @@
 Importing the package registers the built-in datasets, backbones and methods in the registries
 of :mod:`nocollapse.utils.registry`, so that every configuration sees them.
 
-:class:`CollapseMonitor` watches any training loop for collapse (see ``examples/``).
+:class:`CollapseMonitor` watches any training loop for collapse, and :class:`DecoupledPrototypes`
+puts the online-EM prototypes into it (see ``examples/``).
 """
 
 from . import data, methods, models  # noqa: F401  (register the built-in plugins)
 from .diagnostics.monitor import CollapseMonitor
+from .prototypes.decoupled import DecoupledPrototypes
 from .version import __version__
 
-__all__ = ["CollapseMonitor", "__version__"]
+__all__ = ["CollapseMonitor", "DecoupledPrototypes", "__version__"]

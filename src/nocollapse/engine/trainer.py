@@ -147,6 +147,7 @@ def optimisation_step(model: nn.Module, method: SSLMethod, optimizer: torch.opti
     dist_utils.all_reduce_sum(finite)  # every rank takes the same decision
     optimizer.zero_grad(set_to_none=True)
     if int(finite.item()) != dist_utils.world_size():
+        method.on_skipped_step(step)
         return loss.detach(), None
     (scaler.scale(loss) if scaler is not None else loss).backward()
     method.on_after_backward(step)

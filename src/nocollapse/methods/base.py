@@ -199,6 +199,11 @@ class SSLMethod(nn.Module):
     def on_after_optimizer_step(self, step: int) -> None:
         return None
 
+    def on_skipped_step(self, step: int) -> None:
+        """Called instead of the backward pass and the optimiser step when the step's loss was
+        not finite: drop whatever the step prepared to write."""
+        return None
+
     # ---- evaluation ----------------------------------------------------------------------
     def eval_backbone(self) -> nn.Module:  # pragma: no cover
         raise NotImplementedError

@@ -25,8 +25,8 @@ from ..config import Config, ConfigError, choice, setting
 from ..diagnostics.assignments import mixture_stats
 from ..losses.koleo import koleo_loss
 from ..models.heads import LearnedPrototypes
-from ..prototypes.gmm import OnlineGMM
-from ..utils.schedules import cosine_schedule, warmup_constant_schedule
+from ..prototypes.decoupled import DecoupledPrototypes
+from ..utils.schedules import cosine_schedule
 from .base import SSLMethod, build_encoder, ema_update, frozen_copy
 
 
@@ -103,14 +103,23 @@ class GmmSettings:
             raise ConfigError("gmm.refresh_every_epochs needs a buffer: set gmm.buffer_factor (e.g. 4)")
 
 
-def build_gmm(cfg: Config, dim: int) -> OnlineGMM:
+def build_decoupled_prototypes(cfg: Config, dim: int, steps_per_epoch: int) -> DecoupledPrototypes:
+    """The mixture of ``gmm.*``, with its epoch-based schedules converted to steps."""
     g = cfg.gmm
-    return OnlineGMM(cfg.method.num_prototypes, dim, covariance=g.covariance, eta=g.eta,
-                     forgetting=g.forgetting, var_floor=g.var_floor, init=g.init,
-                     reseed_dead=g.reseed_dead, dead_threshold=g.dead_threshold,
-                     chunk_size=g.chunk_size, seed=cfg.train.seed, estep_weights=g.estep_weights,
-                     buffer_size=int(round(g.buffer_factor * cfg.method.num_prototypes)),
-                     seeding=g.seeding, lloyd_iterations=g.lloyd_iterations)
+
+    def steps(epochs: float) -> int:
+        return int(round(epochs * steps_per_epoch))
+
+    buffered = g.buffer_factor > 0
+    return DecoupledPrototypes(
+        cfg.method.num_prototypes, dim, beta0=g.beta0, anneal_steps=steps(g.anneal_epochs),
+        seed_after_steps=steps(g.seed_after_epochs) if buffered else 0,
+        refresh_every_steps=steps(g.refresh_every_epochs) if buffered else 0,
+        covariance=g.covariance, eta=g.eta, forgetting=g.forgetting, var_floor=g.var_floor, init=g.init,
+        reseed_dead=g.reseed_dead, dead_threshold=g.dead_threshold, chunk_size=g.chunk_size,
+        seed=cfg.train.seed, estep_weights=g.estep_weights,
+        buffer_size=int(round(g.buffer_factor * cfg.method.num_prototypes)),
+        seeding=g.seeding, lloyd_iterations=g.lloyd_iterations)
 
 
 class PrototypeMethod(SSLMethod):
@@ -150,15 +159,8 @@ class PrototypeMethod(SSLMethod):
         self.teacher = frozen_copy(self.student)
         self.decoupled = m.prototypes == "decoupled"
         dim = m.head.bottleneck_dim
-        self._pending_mixture = None        # the EM update of the running step, committed after it
-        self._step_means: torch.Tensor | None = None   # the means this step's targets came from
         if self.decoupled:
-            g = cfg.gmm
-            self.gmm = build_gmm(cfg, dim)
-            self.beta = warmup_constant_schedule(g.beta0, 1.0, self.epochs_to_steps(g.anneal_epochs),
-                                                 self.total_steps)
-            self.buffer_seed_step = self.epochs_to_steps(g.seed_after_epochs) if g.buffer_factor else -1
-            self.refresh_steps = self.epochs_to_steps(g.refresh_every_epochs) if g.buffer_factor else 0
+            self.gmm = build_decoupled_prototypes(cfg, dim, steps_per_epoch)
         else:
             self.student_prototypes = LearnedPrototypes(dim, m.num_prototypes, m.head.norm_last_layer)
             self.teacher_prototypes = frozen_copy(self.student_prototypes)
@@ -180,18 +182,11 @@ class PrototypeMethod(SSLMethod):
             return self.gmm.means
         return self.teacher_prototypes.vectors().detach()
 
-    def _means(self) -> torch.Tensor:
-        return self._step_means if self._step_means is not None else self.gmm.means
-
     def student_scores(self, z: torch.Tensor) -> torch.Tensor:
-        if self.decoupled:
-            return z @ self._means().t().to(z.dtype)
-        return self.student_prototypes(z)
+        return self.gmm(z) if self.decoupled else self.student_prototypes(z)
 
     def teacher_scores(self, z: torch.Tensor) -> torch.Tensor:
-        if self.decoupled:
-            return z @ self._means().t().to(z.dtype)
-        return self.teacher_prototypes(z)
+        return self.gmm(z) if self.decoupled else self.teacher_prototypes(z)
 
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.teacher_scores(embeddings)
@@ -201,30 +196,11 @@ class PrototypeMethod(SSLMethod):
         return torch.softmax(scores.float(), dim=-1)
 
     def update_mixture(self, teacher_embeddings: torch.Tensor, step: int, views: int = 2) -> torch.Tensor:
-        """(i) of the decoupled scheme: the EM step on the detached teacher embeddings.
-
-        The update is proposed here and committed by :meth:`on_after_optimizer_step`, that is,
-        only once the step's loss was finite; until then the step scores student and teacher
-        against the means its targets came from. ``teacher_embeddings`` holds ``views`` blocks of
-        one batch (view-major). The mixture sees them sample-major, so that the rows gathered from
-        several processes come in the same order as in one process holding the joined batch (the
-        seeding depends on the order); the responsibilities are returned view-major again."""
-        n, dim = teacher_embeddings.shape
-        batch = n // views
-        h = teacher_embeddings.detach().view(views, batch, dim).transpose(0, 1).reshape(n, dim)
-        gamma, self._step_means, self._pending_mixture = self.gmm.propose(h, beta=self.at_step(self.beta, step))
-        return gamma.view(batch, views, -1).transpose(0, 1).reshape(n, -1)
-
-    def commit_mixture(self, step: int) -> None:
-        """Write the step's EM update, then seed or refresh from the buffer when it is due."""
-        if self._pending_mixture is not None:
-            self.gmm.commit(self._pending_mixture)
-        self._pending_mixture, self._step_means = None, None
-        done = step + 1
-        if done == self.buffer_seed_step:
-            self.gmm.reseed_from_buffer("all")
-        elif self.refresh_steps and done > self.buffer_seed_step and (done - self.buffer_seed_step) % self.refresh_steps == 0:
-            self.gmm.reseed_from_buffer("idle")
+        """(i) of the decoupled scheme: the EM step on the detached teacher embeddings (``views``
+        blocks of one batch, view-major), proposed by :meth:`DecoupledPrototypes.update` and
+        committed by :meth:`on_after_optimizer_step`, that is, only once the step's loss was
+        finite; until then student and teacher score against the means its targets came from."""
+        return self.gmm.update(teacher_embeddings, step, views=views)
 
     def mixture_weights(self) -> torch.Tensor | None:
         return self.gmm.weights if self.decoupled else None
@@ -266,11 +242,15 @@ class PrototypeMethod(SSLMethod):
 
     def on_after_optimizer_step(self, step: int) -> None:
         if self.decoupled:
-            self.commit_mixture(step)
+            self.gmm.commit()
         m = self.at_step(self.momentum, step)
         ema_update(self.teacher, self.student, m)
         if not self.decoupled:
             ema_update(self.teacher_prototypes, self.student_prototypes, m)
+
+    def on_skipped_step(self, step: int) -> None:
+        if self.decoupled:
+            self.gmm.discard()
 
     def eval_backbone(self) -> nn.Module:
         return self.teacher.backbone

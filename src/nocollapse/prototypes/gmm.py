@@ -66,9 +66,11 @@ counts are buffers of the module, so they are saved and restored with it.
 
 **Two-phase update.** :meth:`propose` runs the E-step and the statistics (with their all-reduces)
 and returns the responsibilities, the means they were computed against and a
-:class:`MixtureUpdate`; :meth:`commit` writes it. A host commits after the loss of the step is
+:class:`MixtureUpdate`; :meth:`apply` writes it. A host commits after the loss of the step is
 known to be finite, so a skipped step leaves the mixture as it was, and scores its student against
-the same means its targets came from. :meth:`update` does both at once. All of it runs in fp32
+the same means its targets came from. :meth:`em_step` does both at once; the module a host
+uses, with the annealing, the seeding schedule and the commit, is
+:class:`~nocollapse.prototypes.decoupled.DecoupledPrototypes`. All of it runs in fp32
 with autocast disabled: at the variance floor the log-likelihoods differ by tens of nats and bf16
 cannot hold them.
 
@@ -242,7 +244,7 @@ class OnlineGMM(nn.Module):
 
         Returns this process's responsibilities ``[N, K]``, the means ``[K, D]`` they were
         computed against (the current ones, or the first seeds) and the update to
-        :meth:`commit`. Every process must call it (it all-reduces)."""
+        :meth:`apply`. Every process must call it (it all-reduces)."""
         if h.dim() != 2 or h.shape[1] != self.dim:
             raise ValueError(f"expected embeddings [N, {self.dim}], got {tuple(h.shape)}")
         with torch.autocast(h.device.type, enabled=False):
@@ -277,7 +279,7 @@ class OnlineGMM(nn.Module):
         return gamma, scoring_means, update
 
     @torch.no_grad()
-    def commit(self, update: MixtureUpdate, em_step: bool = True) -> None:
+    def apply(self, update: MixtureUpdate, em_step: bool = True) -> None:
         """Write an update returned by :meth:`propose` (``em_step=False``: a re-seeding, which
         :attr:`num_updates` does not count)."""
         for name, value in update.tensors.items():
@@ -290,12 +292,12 @@ class OnlineGMM(nn.Module):
             self.num_updates += 1
 
     @torch.no_grad()
-    def update(self, h: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-        """One online-EM step on embeddings ``h`` ``[N, D]``: :meth:`propose` then :meth:`commit`.
+    def em_step(self, h: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+        """One online-EM step on embeddings ``h`` ``[N, D]``: :meth:`propose` then :meth:`apply`.
 
         Returns this process's responsibilities ``[N, K]`` (computed before the M-step)."""
         gamma, _, update = self.propose(h, beta)
-        self.commit(update)
+        self.apply(update)
         return gamma
 
     def _chunked_t_matmul(self, gamma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -454,7 +456,7 @@ class OnlineGMM(nn.Module):
                 moved = self._seed_all_by_clustering(state, data)
             update = MixtureUpdate({name: getattr(state, name) for name in _STATE}, state.num_seeded,
                                    state.num_reseeds, None)
-        self.commit(update, em_step=False)
+        self.apply(update, em_step=False)
         self.num_buffer_seedings += 1
         return moved
 
