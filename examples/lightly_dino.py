@@ -22,9 +22,10 @@ import torch
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
+
+from digits_data import augment, digit_images
 
 from nocollapse import CollapseMonitor, DecoupledPrototypes
 
@@ -42,13 +43,6 @@ class Student(nn.Module):
         return F.normalize(self.head.layers(self.backbone(x)), dim=-1)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random pixel noise and masking on flattened 8x8 images."""
-    noise = 0.3 * torch.randn(x.shape, generator=gen)
-    keep = (torch.rand(x.shape, generator=gen) > 0.2).float()
-    return (x + noise) * keep
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/lightly_dino")
@@ -57,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    images = torch.tensor(load_digits().data, dtype=torch.float32) / 16.0
+    images = digit_images()
     batch_size, dim, k = 128, 32, args.prototypes
     steps_per_epoch = len(images) // batch_size
 

@@ -15,19 +15,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
 
+from digits_data import augment, digit_images
+
 from nocollapse import CollapseMonitor
 from nocollapse.losses.dino import sinkhorn_knopp
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random pixel noise and masking on flattened 8x8 images."""
-    noise = 0.3 * torch.randn(x.shape, generator=gen)
-    keep = (torch.rand(x.shape, generator=gen) > 0.2).float()
-    return (x + noise) * keep
 
 
 def main() -> None:
@@ -38,8 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    digits = load_digits()
-    images = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    images = digit_images()
 
     encoder = nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 32))
     prototypes = nn.Linear(32, 64, bias=False)
