@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -103,13 +103,10 @@ class GmmSettings:
             raise ConfigError("gmm.refresh_every_epochs needs a buffer: set gmm.buffer_factor (e.g. 4)")
 
 
-def build_decoupled_prototypes(cfg: Config, dim: int, steps_per_epoch: int) -> DecoupledPrototypes:
-    """The mixture of ``gmm.*``, with its epoch-based schedules converted to steps."""
+def build_decoupled_prototypes(cfg: Config, dim: int, steps: Callable[[float], int]) -> DecoupledPrototypes:
+    """The mixture of ``gmm.*``, with its epoch-based schedules converted to steps by ``steps``
+    (the method's :meth:`~nocollapse.methods.base.SSLMethod.epochs_to_steps`)."""
     g = cfg.gmm
-
-    def steps(epochs: float) -> int:
-        return int(round(epochs * steps_per_epoch))
-
     buffered = g.buffer_factor > 0
     return DecoupledPrototypes(
         cfg.method.num_prototypes, dim, beta0=g.beta0, anneal_steps=steps(g.anneal_epochs),
@@ -160,7 +157,7 @@ class PrototypeMethod(SSLMethod):
         self.decoupled = m.prototypes == "decoupled"
         dim = m.head.bottleneck_dim
         if self.decoupled:
-            self.gmm = build_decoupled_prototypes(cfg, dim, steps_per_epoch)
+            self.gmm = build_decoupled_prototypes(cfg, dim, self.epochs_to_steps)
         else:
             self.student_prototypes = LearnedPrototypes(dim, m.num_prototypes, m.head.norm_last_layer)
             self.teacher_prototypes = frozen_copy(self.student_prototypes)

@@ -110,7 +110,7 @@ class DecoupledPrototypes(OnlineGMM):
             self.apply(self._pending)
         done = self._pending_step + 1
         self.discard()
-        if done <= 0 or not self.buffer.shape[0]:
+        if done <= 0:        # nothing was pending (seeding and refresh need a buffer: checked at init)
             return
         if self.seed_after_steps and done == self.seed_after_steps:
             self.reseed_from_buffer("all")
