@@ -205,6 +205,10 @@ class DiagnosticsConfig:
     prototype_collapse_threshold: float = setting(
         0.5, "prototype_collapse fires when fewer than this fraction of prototypes are unique", 0.0, 1.0)
     queue_size: int = setting(4096, "recent training features kept for the per-epoch effective rank", 16)
+    online_probe: bool = setting(False, "an online k-NN and linear probe on the detached backbone features, fed "
+                                 "every step with the training labels (all of them: an evaluation, never seen "
+                                 "by the method); reports online_knn_top1 / online_linear_top1")
+    online_probe_bank: int = setting(4096, "labelled feature rows in the online k-NN bank", 1)
     plots: bool = setting(True, "write PNG plots to RUN_DIR/plots at the end of training")
 
 

@@ -14,6 +14,12 @@ a dict; given ``log_dir`` the monitor also writes them to ``log_dir/metrics.json
 TensorBoard and :meth:`CollapseMonitor.plot` draws the training curves. Under
 ``torch.distributed`` only rank 0 writes and raises alarms (every rank computes on its own shard).
 
+Given a ``probe`` (an :class:`~nocollapse.evaluation.online.OnlineProbe`, or any object with its
+``update`` / ``end_epoch`` / ``evaluate`` / ``state_dict`` methods) and ``labels`` in
+:meth:`CollapseMonitor.update`, the monitor also runs an online k-NN and linear probe on the
+detached features (the embeddings when no features are given) and reports their accuracies with
+the step and epoch metrics.
+
 :class:`TrainingMonitor` builds one from a run's config and method and reads the method only
 through the hooks of :class:`~nocollapse.methods.base.SSLMethod` (``num_prototypes``,
 ``embedding_dim``, ``uniform_loss``, ``fixed_prototypes``, ``prototype_vectors``,
@@ -66,13 +72,15 @@ class CollapseMonitor:
         prototype_collapse_eps / prototype_collapse_threshold: the epoch alarm on unique prototypes.
         queue_size: recent features kept for the per-epoch effective rank.
         log_dir: write every returned dict to ``log_dir/metrics.jsonl`` (and TensorBoard).
+        probe: an online probe fed by the ``labels`` of :meth:`update` (see the module doc).
     """
 
     def __init__(self, num_prototypes: int | None = None, embedding_dim: int | None = None, *,
                  warmup_steps: int = 0, log_every: int = 1, patience: int = 5, alarms: bool = True,
                  uniform_loss: float | None = None, fixed_prototypes: bool = False,
                  prototype_collapse_eps: str = "0.1", prototype_collapse_threshold: float = 0.5,
-                 queue_size: int = 4096, log_dir: str | Path | None = None, tensorboard: bool = True) -> None:
+                 queue_size: int = 4096, log_dir: str | Path | None = None, tensorboard: bool = True,
+                 probe: Any = None) -> None:
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
         self.num_prototypes = num_prototypes
@@ -86,6 +94,7 @@ class CollapseMonitor:
         self.prototype_collapse_eps = prototype_collapse_eps
         self.prototype_collapse_threshold = prototype_collapse_threshold
         self.queue_size = queue_size
+        self.probe = probe
         self.main = dist_utils.rank() == 0
         self.features: deque[torch.Tensor] = deque()
         self.queued = 0
@@ -172,18 +181,21 @@ class CollapseMonitor:
 
     def update(self, step: int, *, prototypes: torch.Tensor | None = None, probs: torch.Tensor | None = None,
                student_probs: torch.Tensor | None = None, embeddings: torch.Tensor | None = None,
-               features: torch.Tensor | None = None, loss: float | torch.Tensor | None = None) -> dict[str, Any]:
+               features: torch.Tensor | None = None, loss: float | torch.Tensor | None = None,
+               labels: torch.Tensor | None = None) -> dict[str, Any]:
         """Feed one training step; every argument is optional.
 
         ``probs`` ``[B, K]``: the (teacher) assignment probabilities; ``student_probs``: the
         student's, for the teacher-student KL; ``embeddings`` ``[B, D]``: the (normalised)
         bottleneck embeddings; ``features`` ``[B, F]``: backbone features for the epoch's
-        effective rank; ``prototypes`` ``[K, D]``: kept for :meth:`end_epoch`. Returns the step
-        metrics on every ``log_every``-th update, ``{}`` otherwise."""
+        effective rank; ``prototypes`` ``[K, D]``: kept for :meth:`end_epoch`; ``labels``
+        ``[B]`` (``-1`` = unlabelled): fed with the features to the monitor's ``probe``, every
+        update. Returns the step metrics on every ``log_every``-th update, ``{}`` otherwise."""
         if prototypes is not None:
             self.last_prototypes = prototypes.detach()
             if self.num_prototypes is None:
                 self.num_prototypes = int(prototypes.shape[0])
+        probe_metrics = self._probe_update(labels, features if features is not None else embeddings)
         self.observe(probs, features)
         self.updates += 1
         if (self.updates - 1) % self.log_every:
@@ -191,9 +203,29 @@ class CollapseMonitor:
         loss_value = float(loss) if loss is not None else None
         metrics = self.step_metrics(step, probs=probs, student_probs=student_probs, embeddings=embeddings,
                                     loss=loss_value)
+        metrics.update(probe_metrics)
         record = {"step": int(step), "epoch": self.epoch, **({"loss": loss_value} if loss is not None else {}),
                   **metrics}
         self._write(record)
+        return metrics
+
+    def _probe_update(self, labels: torch.Tensor | None, features: torch.Tensor | None) -> dict[str, Any]:
+        if labels is None:
+            return {}
+        if self.probe is None:
+            raise ValueError("labels were given but the monitor has no probe: build it with "
+                             "CollapseMonitor(..., probe=OnlineProbe(num_classes))")
+        if features is None:
+            raise ValueError("labels need features (or embeddings) for the online probe")
+        return self.probe.update(features.detach(), labels)
+
+    def evaluate(self, step: int, features: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        """The probe's accuracy on held-out labelled features (a validation split), without
+        learning from them; written like the other metrics."""
+        if self.probe is None:
+            raise ValueError("evaluate needs a probe: CollapseMonitor(..., probe=OnlineProbe(num_classes))")
+        metrics = self.probe.evaluate(features.detach(), labels)
+        self._write({"step": int(step), "epoch": self.epoch, **metrics})
         return metrics
 
     # ---- every epoch ---------------------------------------------------------------------
@@ -222,6 +254,8 @@ class CollapseMonitor:
             mix = mixture_stats(mixture_weights.detach().cpu(), idle=_cpu(idle))
             metrics["mixture_perplexity"] = mix["perplexity"]
             metrics["mixture_dead"] = mix["dead"]
+        if self.probe is not None:
+            metrics.update(self.probe.end_epoch())
         if self.argmax_counts is not None:
             self.argmax_counts.zero_()
         self._raise(self.epoch_alarms.update(step, metrics))
@@ -261,7 +295,8 @@ class CollapseMonitor:
         return {"step_alarms": self.step_alarms.state_dict(), "epoch_alarms": self.epoch_alarms.state_dict(),
                 "argmax_counts": self.argmax_counts.clone() if self.argmax_counts is not None
                 else torch.zeros(0, dtype=torch.long),
-                "updates": self.updates, "epoch": self.epoch}
+                "updates": self.updates, "epoch": self.epoch,
+                **({"probe": self.probe.state_dict()} if self.probe is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._ensure(None, None)
@@ -271,6 +306,8 @@ class CollapseMonitor:
             self.argmax_counts.copy_(state["argmax_counts"])
         self.updates = int(state.get("updates", self.updates))
         self.epoch = int(state.get("epoch", self.epoch))
+        if self.probe is not None and "probe" in state:
+            self.probe.load_state_dict(state["probe"])
         self.alarms = sorted([*self.step_alarms.fired.values(), *self.epoch_alarms.fired.values()],
                              key=lambda a: a.step)
 
@@ -279,26 +316,33 @@ class TrainingMonitor(CollapseMonitor):
     """The :class:`CollapseMonitor` of a ``nocollapse train`` run, built from its config and method;
     the trainer logs the returned dicts itself."""
 
-    def __init__(self, cfg: Config, method, steps_per_epoch: int) -> None:
+    def __init__(self, cfg: Config, method, steps_per_epoch: int, probe: Any = None) -> None:
         d = cfg.diagnostics
         self.enabled = d.enabled
+        self.probe_metrics: dict[str, Any] = {}
         super().__init__(
             method.num_prototypes, method.embedding_dim,
             warmup_steps=int(round(d.alarm_warmup_epochs * steps_per_epoch)), patience=d.alarm_patience,
             alarms=d.alarms, uniform_loss=method.uniform_loss(),
             fixed_prototypes=bool(getattr(method, "fixed_prototypes", False)),
             prototype_collapse_eps=d.prototype_collapse_eps,
-            prototype_collapse_threshold=d.prototype_collapse_threshold, queue_size=d.queue_size)
+            prototype_collapse_threshold=d.prototype_collapse_threshold, queue_size=d.queue_size,
+            probe=probe if d.enabled else None)
 
-    def observe(self, out) -> None:  # type: ignore[override]
+    def observe(self, out, labels: torch.Tensor | None = None) -> None:  # type: ignore[override]
+        """Per-step bookkeeping; ``labels`` (all the batch's training labels) feed the probe."""
         if self.enabled:
+            if self.probe is not None:
+                self.probe_metrics = self._probe_update(
+                    labels, out.features if out.features is not None else out.embeddings)
             super().observe(out.teacher_probs if self.num_prototypes else None, out.features)
 
     def step_metrics(self, step: int, loss: float, out) -> dict[str, Any]:  # type: ignore[override]
         if not self.enabled or out is None:
             return {}
-        return super().step_metrics(step, probs=out.teacher_probs, student_probs=out.student_probs,
-                                    embeddings=out.embeddings, loss=loss)
+        metrics = super().step_metrics(step, probs=out.teacher_probs, student_probs=out.student_probs,
+                                       embeddings=out.embeddings, loss=loss)
+        return {**metrics, **self.probe_metrics}
 
     def epoch_metrics(self, step: int, method) -> dict[str, Any]:
         if not self.enabled:

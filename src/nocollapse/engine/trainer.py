@@ -47,6 +47,7 @@ from ..data.registry import image_size_of
 from ..data.semi_supervised import labelled_subset, masked_labels
 from ..diagnostics.monitor import TrainingMonitor
 from ..evaluation.knn import knn_accuracy
+from ..evaluation.online import OnlineProbe
 from ..methods import SSLMethod, build_method
 from ..models.backbones import build_backbone
 from ..utils import distributed as dist_utils
@@ -278,7 +279,10 @@ class Trainer:
             # Each rank draws different augmentations; rank 0 keeps the seed's stream.
             torch.manual_seed(cfg.train.seed + 1000 * self.dist.rank)
         self.throughput = Throughput(float(self.state.get("train_seconds", 0.0)))
-        self.monitor = TrainingMonitor(cfg, self.method, self.steps_per_epoch)
+        probe = (OnlineProbe(self.splits.num_classes, bank_size=cfg.diagnostics.online_probe_bank,
+                             seed=cfg.train.seed)
+                 if cfg.diagnostics.online_probe else None)
+        self.monitor = TrainingMonitor(cfg, self.method, self.steps_per_epoch, probe=probe)
         if "monitor" in self.state:
             self.monitor.load_state_dict(self.state["monitor"])
         self.logger = MetricsLogger(self.run_dir, enabled=self.main,
@@ -419,6 +423,7 @@ class Trainer:
         self.throughput.start_epoch()
         try:
             for batch in self.batches.epoch(epoch, self.position.batch):
+                all_labels = batch.labels                  # for the online probe only, never the method
                 batch = self.labels_for_method(batch)
                 step = self.position.step
                 loss, out = optimisation_step(
@@ -427,7 +432,7 @@ class Trainer:
                 if out is None:
                     self._nonfinite(step, loss)
                 else:
-                    self.monitor.observe(out)
+                    self.monitor.observe(out, all_labels)
                 self.position.step += 1
                 self.position.batch += 1
                 self.throughput.count(self.global_batch)
