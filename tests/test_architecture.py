@@ -1,5 +1,5 @@
-"""Imports run one way: cli -> engine -> analysis -> methods -> losses / prototypes / models /
-data / diagnostics -> config -> utils. Every import statement of the package is read (those
+"""Imports run one way: cli -> engine / runs / integrations -> analysis -> methods -> losses /
+prototypes / models / data / diagnostics -> config -> utils. Every import statement of the package is read (those
 inside functions too), so a lazy import cannot hide an import that runs back up."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ RANKS = {
     "evaluation": 3,
     "methods": 4,
     "analysis": 5,
-    "engine": 6, "runs": 6,
+    "engine": 6, "runs": 6, "integrations": 6,
     "cli": 7,
 }
 # The package's __init__ is the public facade: it imports the built-in plugins to register them.
