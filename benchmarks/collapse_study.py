@@ -1,46 +1,54 @@
-"""The collapse study: learned vs decoupled prototypes on CIFAR-10 and long-tailed CIFAR-10.
+"""The collapse study: every method of nocollapse on CIFAR-10 and long-tailed CIFAR-10, on equal terms.
 
-For every recipe of ``configs/cifar10/`` (DINO, DINO + decoupled, DINO + KoLeo-proto, CARP,
-CARP + decoupled) and every dataset (CIFAR-10 and CIFAR-10-LT with imbalance 100), it trains the
-recipe (``nocollapse train``; an interrupted run is resumed), evaluates it (``nocollapse eval``:
-k-NN, linear probe, clustering, head / medium / tail accuracy) and gathers:
+Each entry of ``STUDY`` is a recipe of ``configs/cifar10/`` plus overrides: DINO, DINO + KoLeo,
+DINO + decoupled (twice: ``*_paper`` is the mixture as published, with no buffer or refresh, on
+the host's own balancing -- DINO's centering, CARP's marginal weight 1 -- and the plain name is our
+recipe), CARP, CARP + decoupled (both settings), CPLearn, SimCLR, SupCon and CLOP (SupCon and CLOP
+see the same fixed 10 % of the labels). Every run gets the same number of epochs (``--epochs``,
+default 5) and ``train.seed``; for each (dataset, method, seed) it trains the recipe
+(``nocollapse train``; an interrupted run is resumed), evaluates it (``nocollapse eval``: k-NN,
+linear probe, clustering, head / medium / tail accuracy; CIFAR-10-LT runs a second time with
+``--balanced-train``) and writes one small JSON **record** per run into ``--records``
+(default ``docs/study``). A run whose record exists is not trained again, so the queue can span
+several sittings on several machines as long as the records are kept (they are committed; the run
+directories with their checkpoints are not needed once a record exists).
 
-* per epoch: unique prototypes at every standard epsilon, prototype utilisation (fraction of
-  prototypes that were some training image's arg-max during the epoch) and k-NN top-1;
-* at the end: the unique-vs-epsilon curve, utilisation on the test split, k-NN, linear probe,
-  k-means and arg-max-prototype clustering, long-tail groups, alarms and throughput. CIFAR-10-LT
-  runs are evaluated twice: k-NN and probe fitted on the long-tailed split they were trained on,
-  and on the balanced CIFAR-10 train split (``nocollapse eval --balanced-train``), which measures
-  how well the features separate rare classes without the probe's own imbalance.
+A record holds: k-NN per epoch, final k-NN / linear / clustering / long-tail groups, unique
+prototypes at every epsilon over all prototypes and among the used ones (n/a for the fixed
+codebook and class prototypes, which are distinct by construction), utilisation (nearest-used
+/ min(K, N) and training arg-max), effective rank and the singular values of the backbone
+features, embedding std, alarms and wall time.
 
-Writes ``OUT/study.json`` and figures (all recipes on one axis): ``unique_vs_eps_<dataset>.png``,
-``unique_by_epoch_eps<e>_<dataset>.png``, ``utilization_by_epoch_<dataset>.png``; prints the JSON.
+Writes ``OUT/study.json`` (records aggregated: mean and std over seeds) and figures, every method
+on one axis: ``unique_vs_eps_<dataset>.png``, ``spectra_<dataset>.png``, ``knn_by_epoch_<dataset>.png``
+(seed 0 where it exists); prints the JSON, or markdown tables with ``--markdown``.
 
-    python benchmarks/collapse_study.py --data ../shared/datasets/cifar10 --out runs/collapse_study
-    python benchmarks/collapse_study.py --data $CIFAR --recipes dino --datasets cifar10 \\
-        --tag lr10x --set optim.lr=3.0 train.epochs=20        # another regime, in its own folder
+    # one method per command, so that two queues (one thread each) can share a 2-core machine
+    python benchmarks/collapse_study.py --data $CIFAR --methods carp --seeds 0 1 2 --set train.threads=1
+    python benchmarks/collapse_study.py --data $CIFAR --collect --markdown     # tables of every record
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
-import sys
+import time
 from pathlib import Path
 
-from common import cli as _cli, train_once
+from common import STUDY, cli as _cli, train_once
 
-RECIPES = ("dino", "dino_decoupled", "dino_koleo", "carp", "carp_decoupled")
 # CIFAR-10-LT with imbalance 100 keeps 5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50 images per
 # class; the ImageNet-LT thresholds (100 / 20) would put 8 classes in the head and none in the tail,
 # so the groups here are thirds by frequency: head > 1000 (4 classes), tail < 200 (3 classes).
 LT_IMBALANCE = 100
 LT_THRESHOLDS = {"many_threshold": 1000, "few_threshold": 200}
-DATASETS = {"cifar10": [], "cifar10_lt": [f"data.imbalance_ratio={LT_IMBALANCE}",
-                                          *(f"eval.{key}={value}" for key, value in LT_THRESHOLDS.items())]}
+DATASETS = {"cifar10": (), "cifar10_lt": (f"data.imbalance_ratio={LT_IMBALANCE}",
+                                          *(f"eval.{key}={value}" for key, value in LT_THRESHOLDS.items()))}
 STANDARD_EPS = ("0.025", "0.1", "0.25", "0.5")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def epoch_records(run_dir: Path, keys: tuple[str, ...]) -> list[dict]:
@@ -55,8 +63,12 @@ def epoch_records(run_dir: Path, keys: tuple[str, ...]) -> list[dict]:
     return [{"epoch": e, **v} for e, v in sorted(per_epoch.items())]
 
 
-def train_and_evaluate(recipe: str, dataset: str, run_dir: Path, data: str, extra: list[str]) -> None:
-    overrides = [f"data.root={data}", *DATASETS[dataset], *extra]
+def run_overrides(name: str, dataset: str, data: str, seed: int, epochs: int, extra: list[str]) -> list[str]:
+    return [f"data.root={data}", *DATASETS[dataset], *STUDY[name][1], f"train.epochs={epochs}",
+            f"train.seed={seed}", *extra]
+
+
+def train_and_evaluate(run_dir: Path, recipe: str, overrides: list[str], dataset: str) -> None:
     train_once(run_dir, ["--config", f"cifar10/{recipe}", "--set", *overrides])
     if not (run_dir / "eval.json").is_file():
         subprocess.run(_cli("eval", str(run_dir), "--json"), check=True, stdout=subprocess.DEVNULL)
@@ -64,6 +76,18 @@ def train_and_evaluate(recipe: str, dataset: str, run_dir: Path, data: str, extr
         # the second protocol: k-NN and probe fitted on all of CIFAR-10's training images
         subprocess.run(_cli("eval", str(run_dir), "--json", "--balanced-train"), check=True,
                        stdout=subprocess.DEVNULL)
+
+
+def _cached_features(run_dir: Path):
+    """The train / test features `nocollapse eval` cached for the checkpoint it evaluated."""
+    import torch
+
+    source = json.loads((run_dir / "eval.json").read_text())["source"]
+    cache = run_dir / "features" / f"{Path(source['checkpoint']).stem}-step{source['step']}.pt"
+    if not cache.is_file():
+        return None
+    cached = torch.load(cache, map_location="cpu", weights_only=True)
+    return cached["train"], cached["test"]
 
 
 def knn_on_long_tail_groups(run_dir: Path) -> dict | None:
@@ -77,13 +101,10 @@ def knn_on_long_tail_groups(run_dir: Path) -> dict | None:
     from nocollapse.evaluation.knn import KNN_PROTOCOLS, weighted_knn_predict
     from nocollapse.evaluation.longtail import grouped_accuracy
 
-    # the features `nocollapse eval` cached for the checkpoint it evaluated
-    source = json.loads((run_dir / "eval.json").read_text())["source"]
-    cache = run_dir / "features" / f"{Path(source['checkpoint']).stem}-step{source['step']}.pt"
-    if not cache.is_file():
+    cached = _cached_features(run_dir)
+    if cached is None:
         return None
-    cached = torch.load(cache, map_location="cpu", weights_only=True)
-    train, test = cached["train"], cached["test"]
+    train, test = cached
     num_classes = int(train["labels"].max()) + 1
     sizes = torch.bincount(train["labels"], minlength=num_classes).tolist()
     scores = weighted_knn_predict(train["features"], train["labels"], test["features"], num_classes,
@@ -92,19 +113,32 @@ def knn_on_long_tail_groups(run_dir: Path) -> dict | None:
                             **LT_THRESHOLDS)
 
 
+def backbone_spectrum(run_dir: Path) -> list[float] | None:
+    """Singular values of the test split's centred backbone features (what RankMe reads), largest first."""
+    import torch
+
+    cached = _cached_features(run_dir)
+    if cached is None:
+        return None
+    features = cached[1]["features"].double()
+    return torch.linalg.svdvals(features - features.mean(0)).tolist()
+
+
 def collect(run_dir: Path) -> dict:
+    """The record of one finished run (JSON-serialisable, a few kB)."""
     from nocollapse.evaluation.knn import KNN_PROTOCOLS, knn_protocol_key
 
     dino_knn = knn_protocol_key(*KNN_PROTOCOLS["dino"])  # eval.json key of the k = 20, T = 0.07 protocol
     summary = json.loads((run_dir / "summary.json").read_text())
     evaluation = json.loads((run_dir / "eval.json").read_text())
-    diagnosis = json.loads((run_dir / "diagnosis.json").read_text())
+    diagnosis_path = run_dir / "diagnosis.json"
+    diagnosis = json.loads(diagnosis_path.read_text()) if diagnosis_path.is_file() else {}
     lin, clus = evaluation.get("linear", {}), evaluation.get("clustering", {})
     balanced_path = run_dir / "eval_balanced.json"
     balanced = json.loads(balanced_path.read_text()) if balanced_path.is_file() else {}
     balanced_knn = balanced.get("knn", {}).get(dino_knn, {})
+    fixed = bool(summary.get("prototypes_fixed"))
     return {
-        "run_dir": str(run_dir),
         "epochs": summary["epochs"],
         "train_images": summary["train_images"],
         "train_seconds": summary["train_seconds"],
@@ -120,95 +154,162 @@ def collect(run_dir: Path) -> dict:
         "balanced_knn_long_tail": balanced_knn.get("long_tail"),
         "balanced_linear_top1": balanced.get("linear", {}).get("top1"),
         "balanced_linear_long_tail": balanced.get("linear", {}).get("long_tail"),
-        "kmeans": clus.get("kmeans"),
-        "prototype_argmax_clustering": clus.get("prototype_argmax"),
-        "unique_prototypes": summary.get("unique_prototypes"),
-        "unique_curve": diagnosis.get("unique_curve"),
+        "kmeans": {k: v for k, v in (clus.get("kmeans") or {}).items() if k != "sizes"} or None,
+        "prototype_argmax_clustering": {k: v for k, v in (clus.get("prototype_argmax") or {}).items()
+                                        if k != "sizes"} or None,
+        "prototypes_fixed": fixed,
+        # distinct by construction for a fixed codebook or fixed class prototypes: not measured
+        "unique_prototypes": None if fixed else summary.get("unique_prototypes"),
+        "unique_prototypes_used": None if fixed else summary.get("unique_prototypes_used"),
+        "unique_curve": None if fixed else diagnosis.get("unique_curve"),
+        "nearest_used": summary.get("nearest_used"),
+        "nearest_utilization": summary.get("nearest_utilization"),
+        "nearest_utilization_capped": summary.get("nearest_utilization_capped"),
         "prototype_utilization": summary.get("prototype_utilization"),
         "effective_prototypes": summary.get("effective_prototypes"),
         "effective_rank": summary.get("effective_rank"),
-        "alarms": [a["name"] for a in summary.get("alarms", [])],
+        "alpha_req": summary.get("alpha_req"),
+        "embedding_std": summary.get("embedding_std"),
+        "spectrum": backbone_spectrum(run_dir),
+        "alarms": sorted({a["name"] for a in summary.get("alarms", [])}),
         "per_epoch": epoch_records(run_dir, ("prototype_utilization_train", "knn_top1", "effective_rank",
                                              "mixture_perplexity")),
+        "nocollapse_version": summary.get("nocollapse_version"),
+        "torch_version": summary.get("torch_version"),
     }
 
 
-def figures(results: dict, out: Path) -> list[str]:
-    from nocollapse.diagnostics.plots import plot_runs_by_epoch, plot_unique_vs_eps
+def study_run(name: str, dataset: str, seed: int, args) -> dict:
+    """Train, evaluate and record one run, or load its record if it exists."""
+    record_path = Path(args.records) / dataset / f"{name}-seed{seed}.json"
+    if record_path.is_file() and not args.redo:
+        return json.loads(record_path.read_text())
+    if args.collect:
+        return {}
+    recipe = STUDY[name][0]
+    overrides = run_overrides(name, dataset, args.data, seed, args.epochs, args.set)
+    run_dir = Path(args.out) / dataset / name / f"seed{seed}"
+    started = time.time()
+    train_and_evaluate(run_dir, recipe, overrides, dataset)
+    record = {"method": name, "dataset": dataset, "seed": seed, "recipe": f"cifar10/{recipe}",
+              "overrides": [o for o in overrides if not o.startswith("data.root=")],
+              "command": f"nocollapse train --config cifar10/{recipe} --set "
+                         + " ".join(o if not o.startswith("data.root=") else "data.root=$CIFAR" for o in overrides),
+              "finished": time.strftime("%Y-%m-%d"), "wall_seconds_this_sitting": round(time.time() - started),
+              **collect(run_dir)}
+    if dataset == "cifar10":  # the difficulty control for the CIFAR-10-LT groups
+        record["knn_on_lt_groups"] = knn_on_long_tail_groups(run_dir)
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, record_path)
+    return record
+
+
+# ---- aggregation over seeds -----------------------------------------------------------------------
+def _get(record: dict, path: str):
+    value = record
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def mean_std(values: list) -> tuple[float, float, int] | None:
+    """Mean, sample standard deviation (0 for one value) and count of the non-missing values."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, std, len(xs)
+
+
+AGGREGATED = {"knn_top1": "knn_top1", "linear_top1": "linear_top1", "kmeans_ami": "kmeans.ami",
+              "argmax_ami": "prototype_argmax_clustering.ami", "unique_0.1": "unique_prototypes.0.1",
+              "unique_used_0.1": "unique_prototypes_used.0.1", "utilization": "nearest_utilization_capped",
+              "effective_rank": "effective_rank", "embedding_std": "embedding_std",
+              "samples_per_second": "samples_per_second", "train_seconds": "train_seconds",
+              "balanced_knn_top1": "balanced_knn_top1", "balanced_linear_top1": "balanced_linear_top1"}
+
+
+def aggregate(records: list[dict]) -> dict:
+    out = {key: mean_std([_get(r, path) for r in records]) for key, path in AGGREGATED.items()}
+    out["seeds"] = [r["seed"] for r in records]
+    out["alarms"] = sorted({a for r in records for a in r["alarms"]})
+    out["prototypes_fixed"] = any(r.get("prototypes_fixed") for r in records)
+    return out
+
+
+def figures(records: dict, out: Path) -> list[str]:
+    """Every method on one axis, from its lowest seed: unique vs epsilon (methods with learned or
+    fitted prototypes), backbone spectra, k-NN per epoch."""
+    from nocollapse.diagnostics.plots import plot_runs_by_epoch, plot_spectrum, plot_unique_vs_eps
 
     paths = []
-    for dataset, runs in results.items():
+    for dataset, methods in records.items():
+        first = {name: min(runs, key=lambda r: r["seed"]) for name, runs in methods.items() if runs}
         curves = {name: (r["unique_curve"]["eps"], r["unique_curve"]["fraction"])
-                  for name, r in runs.items() if r.get("unique_curve")}
+                  for name, r in first.items() if r.get("unique_curve")}
         if curves:
             paths.append(plot_unique_vs_eps(curves, out / f"unique_vs_eps_{dataset}.png",
                                             title=f"Unique prototypes vs ε after training ({dataset})"))
-        for key, fname, label, title in (
-                *((f"unique_{eps}", f"unique_by_epoch_eps{eps}", f"unique prototypes at ε = {eps} (% of K)",
-                   "Unique prototypes per epoch") for eps in STANDARD_EPS),
-                ("prototype_utilization_train", "utilization_by_epoch",
-                 "prototypes that are some image's arg-max (% of K)", "Prototype utilisation per epoch")):
-            series = {}
-            for name, r in runs.items():
-                points = [(p["epoch"], p[key]) for p in r["per_epoch"] if key in p]
-                if points:
-                    series[name] = ([e for e, _ in points], [v for _, v in points])
-            if series:
-                paths.append(plot_runs_by_epoch(series, out / f"{fname}_{dataset}.png", label,
-                                                f"{title} ({dataset})", percent=True))
+        spectra = {name: r["spectrum"] for name, r in first.items() if r.get("spectrum")}
+        if spectra:
+            paths.append(plot_spectrum(spectra, out / f"spectra_{dataset}.png",
+                                       title=f"Singular values of the test split's backbone features ({dataset})"))
+        series = {}
+        for name, r in first.items():
+            points = [(p["epoch"], p["knn_top1"]) for p in r["per_epoch"] if p.get("knn_top1") is not None]
+            if points:
+                series[name] = ([e for e, _ in points], [v for _, v in points])
+        if series:
+            paths.append(plot_runs_by_epoch(series, out / f"knn_by_epoch_{dataset}.png", "k-NN top-1 (test)",
+                                            f"k-NN top-1 per epoch ({dataset})"))
     return [str(p) for p in paths]
 
 
-def _fmt(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+def _cell(stat, percent: bool = False, digits: int = 3) -> str:
+    if stat is None:
+        return "–"
+    mean, std, n = stat
+    scale = 100.0 if percent else 1.0
+    d = 1 if percent else digits
+    return f"{scale * mean:.{d}f}" + (f" ± {scale * std:.{d}f}" if n > 1 else "")
 
 
-def _percent(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
-def _groups(accuracy: dict | None) -> str:
-    return " / ".join(_fmt((accuracy or {}).get(g)) for g in ("head", "medium", "tail"))
-
-
-def markdown_tables(results: dict) -> str:
-    """The study as markdown tables: one for the final numbers, one for k-NN and uniqueness per epoch."""
+def markdown_tables(records: dict) -> str:
+    """The user's table (mean ± std over seeds where there are several) and k-NN per epoch."""
     lines = []
-    for dataset, runs in results.items():
-        long_tail = any(r.get("linear_long_tail") for r in runs.values()) and dataset.endswith("_lt")
-        head = ["recipe", "k-NN init", "k-NN", "linear", "k-means NMI / ACC", "arg-max NMI / ACC (clusters)",
-                "unique % @ " + " / ".join(STANDARD_EPS), "utilisation %", "alarms", "train s"]
-        if long_tail:
-            head[4:4] = ["linear head / medium / tail", "balanced k-NN (head / medium / tail)",
-                         "balanced linear (head / medium / tail)"]
-        control = any(r.get("knn_on_lt_groups") for r in runs.values())
-        if control:
-            head[4:4] = ["k-NN on the LT groups: head / medium / tail"]
+    for dataset, methods in records.items():
+        head = ["method", "seeds", "k-NN", "linear", "k-means AMI", "arg-max AMI", "unique % @ 0.1 (all / used)",
+                "utilisation %", "effective rank", "alarms", "train img/s"]
+        if dataset.endswith("_lt"):
+            head[4:4] = ["balanced k-NN", "balanced linear"]
         lines += [f"**{dataset}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for name, r in runs.items():
-            km, am = r.get("kmeans") or {}, r.get("prototype_argmax_clustering") or {}
-            unique = r.get("unique_prototypes") or {}
-            row = [name, _fmt(r["knn_top1_init"]), _fmt(r["knn_top1"]), _fmt(r.get("linear_top1")),
-                   f"{_fmt(km.get('nmi'))} / {_fmt(km.get('acc'))}",
-                   f"{_fmt(am.get('nmi'))} / {_fmt(am.get('acc'))} ({am.get('clusters_used', '–')})",
-                   " / ".join(_percent(unique.get(e)) for e in STANDARD_EPS),
-                   _percent(r.get("prototype_utilization")), ", ".join(r["alarms"]) or "none",
-                   f"{r['train_seconds']:.0f}"]
-            if long_tail:
-                row[4:4] = [_groups(r.get("linear_long_tail")),
-                            f"{_fmt(r.get('balanced_knn_top1'))} ({_groups(r.get('balanced_knn_long_tail'))})",
-                            f"{_fmt(r.get('balanced_linear_top1'))} ({_groups(r.get('balanced_linear_long_tail'))})"]
-            if control:
-                row[4:4] = [_groups(r.get("knn_on_lt_groups"))]
+        for name, runs in methods.items():
+            if not runs:
+                continue
+            a = aggregate(runs)
+            unique = ("n/a (fixed)" if a["prototypes_fixed"]
+                      else f"{_cell(a['unique_0.1'], True)} / {_cell(a['unique_used_0.1'], True)}")
+            row = [name, ", ".join(map(str, a["seeds"])), _cell(a["knn_top1"]), _cell(a["linear_top1"]),
+                   _cell(a["kmeans_ami"]), _cell(a["argmax_ami"]), unique, _cell(a["utilization"], True),
+                   _cell(a["effective_rank"], digits=1), ", ".join(a["alarms"]) or "none",
+                   _cell(a["samples_per_second"], digits=0)]
+            if dataset.endswith("_lt"):
+                row[4:4] = [_cell(a["balanced_knn_top1"]), _cell(a["balanced_linear_top1"])]
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", f"Per epoch on {dataset}: k-NN top-1, unique % at ε = 0.025 / 0.25, utilisation %", "",
-                  "| recipe | " + " | ".join(f"epoch {p['epoch']:g}" for p in next(iter(runs.values()))["per_epoch"])
-                  + " |", "|---|" + "---|" * len(next(iter(runs.values()))["per_epoch"])]
-        for name, r in runs.items():
-            cells = [f"{_fmt(p.get('knn_top1'))}, {_percent(p.get('unique_0.025'))} / "
-                     f"{_percent(p.get('unique_0.25'))}, {_percent(p.get('prototype_utilization_train'))}"
-                     for p in r["per_epoch"]]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        epochs = max((len(r["per_epoch"]) for runs in methods.values() for r in runs), default=0)
+        lines += ["", f"k-NN top-1 per epoch on {dataset} (lowest seed)", "",
+                  "| method | " + " | ".join(f"epoch {e}" for e in range(epochs)) + " |",
+                  "|---|" + "---|" * epochs]
+        for name, runs in methods.items():
+            if runs:
+                r = min(runs, key=lambda r: r["seed"])
+                cells = [f"{p['knn_top1']:.3f}" if p.get("knn_top1") is not None else "–" for p in r["per_epoch"]]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -217,27 +318,34 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=os.environ.get("NOCOLLAPSE_CIFAR10"),
                         help="CIFAR-10 ImageFolder root (train/ and test/); default $NOCOLLAPSE_CIFAR10")
-    parser.add_argument("--out", default="runs/collapse_study")
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    parser.add_argument("--out", default="runs/collapse_study", help="run directories (checkpoints, logs)")
+    parser.add_argument("--records", default=str(REPO / "docs" / "study"),
+                        help="one JSON record per finished run; an existing record is not trained again")
+    parser.add_argument("--methods", nargs="+", default=list(STUDY), choices=list(STUDY))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
-    parser.add_argument("--tag", default="", help="sub-folder for a variant regime (with --set)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=5, help="the same number of epochs for every method")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="extra overrides for every run (train.threads=1, say; they go into the records)")
+    parser.add_argument("--collect", action="store_true", help="train nothing: gather the existing records")
+    parser.add_argument("--redo", action="store_true", help="train and record again even where a record exists")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables instead of JSON")
     args = parser.parse_args(argv)
-    if not args.data:
-        parser.error("give --data (or set NOCOLLAPSE_CIFAR10) to the CIFAR-10 ImageFolder root")
-    out = Path(args.out) / args.tag if args.tag else Path(args.out)
-    results: dict[str, dict] = {}
+    if not args.data and not args.collect:
+        parser.error("give --data (or set NOCOLLAPSE_CIFAR10) to the CIFAR-10 ImageFolder root, or --collect")
+    out = Path(args.out)
+    if args.collect:  # every record there is, whatever --methods / --seeds say
+        args.seeds = sorted({int(p.stem.rsplit("-seed", 1)[1]) for p in Path(args.records).glob("*/*-seed*.json")})
+    records: dict[str, dict[str, list[dict]]] = {}
     for dataset in args.datasets:
-        for recipe in args.recipes:
-            run_dir = out / dataset / recipe
-            train_and_evaluate(recipe, dataset, run_dir, args.data, args.set)
-            results.setdefault(dataset, {})[recipe] = collect(run_dir)
-            if dataset == "cifar10":  # the difficulty control for the CIFAR-10-LT groups
-                results[dataset][recipe]["knn_on_lt_groups"] = knn_on_long_tail_groups(run_dir)
-    report = {"overrides": args.set, "results": results, "figures": figures(results, out)}
+        for name in (STUDY if args.collect else args.methods):
+            runs = [study_run(name, dataset, seed, args) for seed in args.seeds]
+            records.setdefault(dataset, {})[name] = [r for r in runs if r]
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"aggregated": {d: {n: aggregate(rs) for n, rs in m.items() if rs} for d, m in records.items()},
+              "figures": figures(records, out)}
     (out / "study.json").write_text(json.dumps(report, indent=1))
-    print(markdown_tables(results) if args.markdown else json.dumps(report, indent=1))
+    print(markdown_tables(records) if args.markdown else json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

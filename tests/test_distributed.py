@@ -65,6 +65,8 @@ CASES = {
     "dino-learned-sinkhorn": ["method.name=dino", "dino.teacher_norm=sinkhorn"],
     "carp-learned": ["method.name=carp", "carp.block_size=8"],
     "carp-decoupled": ["method.name=carp", "carp.block_size=8", "method.prototypes=decoupled"],
+    "carp-decoupled-embedding-koleo": ["method.name=carp", "carp.block_size=8", "method.prototypes=decoupled",
+                                       "method.embedding_koleo_weight=0.5"],
     # buffer seeding after step 2 (10 steps per epoch) and a refresh of idle components after step 3
     "dino-decoupled-buffer": ["method.name=dino", "method.prototypes=decoupled", "gmm.buffer_factor=1",
                               "gmm.seed_after_epochs=0.2", "gmm.refresh_every_epochs=0.1",

@@ -111,6 +111,41 @@ def test_koleo_weight_adds_the_regulariser_to_the_loss():
     assert b.loss.item() == pytest.approx(a.loss.item() + 0.5 * b.logs["loss_koleo"], rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["dino", "carp"])
+@pytest.mark.parametrize("prototypes", ["learned", "decoupled"])
+def test_embedding_koleo_adds_koleo_of_each_global_crop_of_the_student_embeddings(name, prototypes):
+    extra = [f"method.name={name}", f"method.prototypes={prototypes}"] + (["carp.block_size=8"] if name == "carp" else [])
+    _, plain = _method(*extra)
+    _, spread = _method(*extra, "method.embedding_koleo_weight=0.5")
+    crops = _crops(n=2, batch=6, local=2 if name == "dino" else 0)
+    a, b = plain(crops, 0), spread(crops, 0)
+    with torch.no_grad():   # the same student (same seed): the KoLeo of crop 1 and crop 2, local crops left out
+        _, emb = spread.student(crops)
+    by_hand = 0.5 * (koleo_loss(emb[:6]) + koleo_loss(emb[6:12])).item()
+    assert b.logs["loss_embedding_koleo"] == pytest.approx(by_hand, rel=1e-5)
+    assert b.loss.item() == pytest.approx(a.loss.item() + 0.5 * by_hand, rel=1e-5)
+    b.loss.backward()    # the term reaches the encoder
+    assert all(p.grad is not None for p in spread.student.projector.parameters() if p.requires_grad)
+
+
+def test_embedding_koleo_pushes_clumped_embeddings_apart():
+    # two tight clumps of three: the nearest neighbour of every row is inside its clump, so one
+    # gradient step on the KoLeo term must raise every nearest-neighbour distance
+    base = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    x = (base.repeat_interleave(3, 0) + 0.01 * torch.randn(6, 3, generator=torch.Generator().manual_seed(0)))
+    x.requires_grad_(True)
+
+    def nearest_distances(v):
+        u = torch.nn.functional.normalize(v, dim=1)
+        d = torch.cdist(u, u) + 10 * torch.eye(len(u))
+        return d.min(1).values
+
+    before = nearest_distances(x.detach())
+    koleo_loss(x).backward()
+    after = nearest_distances((x - 1e-3 * x.grad).detach())
+    assert torch.all(after > before)
+
+
 def test_dino_centering_is_on_by_default_and_can_be_dropped():
     _, learned = _method()
     _, decoupled = _method("method.prototypes=decoupled")

@@ -86,7 +86,7 @@ class CARP(PrototypeMethod):
         everything = torch.cat([s_probs, t_probs], dim=1).transpose(0, 1)   # [M, blocks, N_B]
         kl = marginal_kl_to_uniform(dist_utils.all_gather_cat(everything.contiguous()))
         logs = {"loss_consistency": float(consistency.detach()), "loss_marginal_kl": float(kl.detach())}
-        loss = self.koleo_term(c.consistency_weight * consistency + c.entropy_weight * kl, logs)
+        loss = self.koleo_term(c.consistency_weight * consistency + c.entropy_weight * kl, logs, s_emb, n)
         logs.update(self.mixture_logs())
         with torch.no_grad():
             teacher_full = torch.softmax(self.teacher_scores(t_emb[:n]), dim=-1)

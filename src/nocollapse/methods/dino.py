@@ -104,7 +104,7 @@ class DINO(PrototypeMethod):
         s_logits = self.student_scores(s_emb).float()
         ce = dino_loss(s_logits.split(n), q.split(n), self.cfg.dino.student_temp)
         logs: dict[str, float] = {"loss_ce": float(ce.detach()), "teacher_temp": temp}
-        loss = self.koleo_term(ce, logs)
+        loss = self.koleo_term(ce, logs, s_emb, n)
         if self.centering:
             self.propose_center(t_logits)
         logs.update(self.mixture_logs())

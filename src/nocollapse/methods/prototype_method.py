@@ -26,6 +26,7 @@ from ..diagnostics.assignments import mixture_stats
 from ..losses.koleo import koleo_loss
 from ..models.heads import LearnedPrototypes
 from ..prototypes.decoupled import DecoupledPrototypes
+from ..utils import distributed as dist_utils
 from ..utils.schedules import cosine_schedule
 from .base import SSLMethod, build_encoder, ema_update, frozen_copy
 
@@ -52,6 +53,10 @@ class PrototypeSettings:
     teacher_momentum_end: float = setting(1.0, "EMA momentum of the teacher at the end", 0.0, 1.0)
     freeze_last_layer_epochs: float = setting(1.0, "epochs during which learned prototypes get no update", 0.0)
     koleo_weight: float = setting(0.0, "weight of the KoLeo regulariser on learned prototypes (DINO + KP)", 0.0)
+    embedding_koleo_weight: float = setting(
+        0.0, "weight of the KoLeo regulariser on the student's L2-normalised bottleneck embeddings, per "
+        "global crop over the (gathered) batch, as DINOv2 spreads its features; it keeps the encoder from "
+        "packing the images into a few tight clumps around a few prototypes", 0.0)
 
     def validate(self, cfg: Config) -> None:
         if self.teacher_momentum_end < self.teacher_momentum:
@@ -213,13 +218,24 @@ class PrototypeMethod(SSLMethod):
                 "gmm_buffer_seedings": float(self.gmm.num_buffer_seedings), "gmm_dead": float(mix["dead"]),
                 "gmm_mean_variance": float(self.gmm.variances.mean())}
 
-    def koleo_term(self, loss: torch.Tensor, logs: dict[str, float]) -> torch.Tensor:
-        """``loss + koleo_weight * KoLeo(learned prototypes)`` (DINO + KP), logged."""
-        if self.koleo_weight <= 0:
-            return loss
-        kp = koleo_loss(self.student_prototypes.vectors())
-        logs["loss_koleo"] = float(kp.detach())
-        return loss + self.koleo_weight * kp
+    def koleo_term(self, loss: torch.Tensor, logs: dict[str, float],
+                   student_embeddings: torch.Tensor | None = None, batch: int = 0) -> torch.Tensor:
+        """``loss + koleo_weight * KoLeo(learned prototypes)`` (DINO + KP) ``+ embedding_koleo_weight
+        * mean_c KoLeo(global crop c's embeddings)``, each logged. ``student_embeddings`` are the
+        view-major student bottleneck rows (``batch`` per crop); the first two crops are the global
+        ones, and each is gathered over processes (with gradients) so that the nearest neighbours
+        are those of the global batch."""
+        if self.koleo_weight > 0:
+            kp = koleo_loss(self.student_prototypes.vectors())
+            logs["loss_koleo"] = float(kp.detach())
+            loss = loss + self.koleo_weight * kp
+        weight = self.cfg.method.embedding_koleo_weight
+        if weight > 0 and student_embeddings is not None:
+            crops = student_embeddings[:2 * batch].float().split(batch)
+            ke = sum(koleo_loss(dist_utils.all_gather_cat(c)) for c in crops) / len(crops)
+            logs["loss_embedding_koleo"] = float(ke.detach())
+            loss = loss + weight * ke
+        return loss
 
     def uniform_loss(self) -> float:
         """The loss of a fully collapsed (uniform-assignment) model: log K."""
