@@ -207,9 +207,9 @@ def study_run(name: str, dataset: str, seed: int, args) -> dict:
 
 
 # ---- aggregation over seeds -----------------------------------------------------------------------
-def _get(record: dict, path: str):
+def _get(record: dict, path: tuple[str, ...]):
     value = record
-    for part in path.split("."):
+    for part in path:
         if not isinstance(value, dict) or part not in value:
             return None
         value = value[part]
@@ -226,12 +226,12 @@ def mean_std(values: list) -> tuple[float, float, int] | None:
     return mean, std, len(xs)
 
 
-AGGREGATED = {"knn_top1": "knn_top1", "linear_top1": "linear_top1", "kmeans_ami": "kmeans.ami",
-              "argmax_ami": "prototype_argmax_clustering.ami", "unique_0.1": "unique_prototypes.0.1",
-              "unique_used_0.1": "unique_prototypes_used.0.1", "utilization": "nearest_utilization_capped",
-              "effective_rank": "effective_rank", "embedding_std": "embedding_std",
-              "samples_per_second": "samples_per_second", "train_seconds": "train_seconds",
-              "balanced_knn_top1": "balanced_knn_top1", "balanced_linear_top1": "balanced_linear_top1"}
+AGGREGATED = {"knn_top1": ("knn_top1",), "linear_top1": ("linear_top1",), "kmeans_ami": ("kmeans", "ami"),
+              "argmax_ami": ("prototype_argmax_clustering", "ami"), "unique_0.1": ("unique_prototypes", "0.1"),
+              "unique_used_0.1": ("unique_prototypes_used", "0.1"), "utilization": ("nearest_utilization_capped",),
+              "effective_rank": ("effective_rank",), "embedding_std": ("embedding_std",),
+              "samples_per_second": ("samples_per_second",), "train_seconds": ("train_seconds",),
+              "balanced_knn_top1": ("balanced_knn_top1",), "balanced_linear_top1": ("balanced_linear_top1",)}
 
 
 def aggregate(records: list[dict]) -> dict:

@@ -1,0 +1,80 @@
+"""benchmarks/collapse_study.py: records, aggregation over seeds and tables (no training here)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import collapse_study
+        yield collapse_study
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _record(method: str, seed: int, knn: float, fixed: bool = False) -> dict:
+    return {"method": method, "dataset": "cifar10", "seed": seed, "knn_top1": knn, "linear_top1": knn + 0.02,
+            "kmeans": {"ami": 0.2}, "prototype_argmax_clustering": None if fixed else {"ami": 0.1},
+            "prototypes_fixed": fixed, "unique_prototypes": None if fixed else {"0.1": 1.0},
+            "unique_prototypes_used": None if fixed else {"0.1": 0.5}, "nearest_utilization_capped": 0.25,
+            "effective_rank": 40.0, "embedding_std": 0.05, "samples_per_second": 100.0, "train_seconds": 10.0,
+            "alarms": ["unused_prototypes"] if seed == 1 else [], "spectrum": [3.0, 2.0, 1.0],
+            "unique_curve": None if fixed else {"eps": [0.1, 0.5], "fraction": [1.0, 0.5]},
+            "per_epoch": [{"epoch": 0.0, "knn_top1": 0.3}, {"epoch": 1.0, "knn_top1": knn}]}
+
+
+def test_mean_std_is_the_sample_statistic_and_skips_missing_values(study):
+    mean, std, n = study.mean_std([0.4, None, 0.5, 0.6])
+    assert (mean, n) == (pytest.approx(0.5), 3)
+    assert std == pytest.approx(0.1)          # sqrt(((0.1)^2 + 0 + (0.1)^2) / 2)
+    assert study.mean_std([0.7]) == (0.7, 0.0, 1)
+    assert study.mean_std([None]) is None
+
+
+def test_aggregate_over_seeds_and_table_marks_fixed_prototypes_na(study):
+    records = {"cifar10": {"carp": [_record("carp", s, k) for s, k in ((0, 0.50), (1, 0.52), (2, 0.54))],
+                           "cplearn": [_record("cplearn", 0, 0.45, fixed=True)]}}
+    agg = study.aggregate(records["cifar10"]["carp"])
+    assert agg["seeds"] == [0, 1, 2] and agg["alarms"] == ["unused_prototypes"]
+    assert agg["knn_top1"][0] == pytest.approx(0.52) and agg["knn_top1"][1] == pytest.approx(0.02)
+    table = study.markdown_tables(records)
+    carp_row = next(line for line in table.splitlines() if line.startswith("| carp |"))
+    assert "0.520 ± 0.020" in carp_row and "100.0 ± 0.0 / 50.0 ± 0.0" in carp_row and "25.0 ± 0.0" in carp_row
+    cplearn_row = next(line for line in table.splitlines() if line.startswith("| cplearn |"))
+    assert "n/a (fixed)" in cplearn_row and "± " not in cplearn_row   # one seed: no spread
+
+
+def test_existing_records_are_not_trained_again_and_collect_reads_them_all(study, tmp_path, capsys):
+    records = tmp_path / "records"
+    for seed in (0, 3):
+        path = records / "cifar10" / f"carp-seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_record("carp", seed, 0.5 + seed / 100)))
+    # --data points nowhere: a run that had to be trained would fail
+    study.main(["--data", str(tmp_path / "missing"), "--records", str(records), "--out", str(tmp_path / "out"),
+                "--methods", "carp", "--datasets", "cifar10", "--seeds", "0"])
+    report = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert report["aggregated"]["cifar10"]["carp"]["seeds"] == [0]
+    capsys.readouterr()
+    study.main(["--collect", "--records", str(records), "--out", str(tmp_path / "out"), "--datasets", "cifar10"])
+    report = json.loads(capsys.readouterr().out)
+    knn = report["aggregated"]["cifar10"]["carp"]["knn_top1"]
+    assert knn[2] == 2 and knn[0] == pytest.approx(0.515) and knn[1] == pytest.approx(0.03 / math.sqrt(2))
+    assert any(p.endswith("spectra_cifar10.png") for p in report["figures"])
+    assert any(p.endswith("knn_by_epoch_cifar10.png") for p in report["figures"])
+
+
+def test_every_study_method_names_a_bundled_recipe(study):
+    configs = Path(__file__).resolve().parent.parent / "src" / "nocollapse" / "configs" / "cifar10"
+    for name, (recipe, _) in study.STUDY.items():
+        assert (configs / f"{recipe}.yaml").is_file(), name
