@@ -1,4 +1,4 @@
-"""The KoLeo spreading regulariser (Sablayrolles et al. 2019), used on learned prototypes."""
+"""The KoLeo spreading regulariser (Sablayrolles et al. 2019), on prototypes or embeddings."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ def koleo_loss(vectors: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
         L = -1/K sum_i log( min_{j != i} ||u_i - u_j||_2 + eps ),   u_i = v_i / ||v_i||.
 
-    Minimising it pushes every prototype away from its nearest neighbour (the "DINO + KP"
-    baseline of Govindarajan et al.). Cost O(K^2 D).
+    Minimising it pushes every row away from its nearest neighbour (the "DINO + KP" baseline of
+    Govindarajan et al. on prototypes; DINOv2's regulariser on embeddings). The neighbour is
+    found from the cosine similarities, but its distance is the norm of the difference: the
+    closed form sqrt(2 - 2 cos) cancels catastrophically for near neighbours, where the log
+    and its 1/d gradient are steepest. Cost O(K^2 D).
     """
     u = F.normalize(vectors.float(), dim=1)
-    sim = u @ u.t()
-    sim.fill_diagonal_(-2.0)
-    nearest = sim.max(dim=1).values
-    dist = torch.sqrt(torch.clamp(2.0 - 2.0 * nearest, min=0.0) + eps)
+    with torch.no_grad():
+        sim = u @ u.t()
+        sim.fill_diagonal_(-2.0)
+        nearest = sim.argmax(dim=1)
+    dist = (u - u[nearest]).norm(dim=1)
     return -torch.log(dist + eps).mean()
