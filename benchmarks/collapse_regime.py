@@ -10,6 +10,9 @@ prototypes, utilisation, and the k-NN top-1 every ``--knn-every`` epochs; it wri
 each epsilon (both runs on one axis). Needs nothing on disk; about 10 minutes per 100 epochs and run on 2 CPU cores.
 
     python benchmarks/collapse_regime.py --out runs/collapse_regime --epochs 200
+    # or two queues side by side, then the line above collects them
+    python benchmarks/collapse_regime.py --train-only learned --set train.threads=1
+    python benchmarks/collapse_regime.py --train-only decoupled --set train.threads=1
 
 An interrupted run is resumed; a finished one is only collected.
 """
@@ -36,11 +39,18 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--knn-every", type=int, default=10)
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra overrides for both runs")
+    parser.add_argument("--train-only", choices=list(PROTOTYPE_SETTINGS),
+                        help="train (or resume) this one run and stop, so that two queues can share the machine; "
+                             "a later call without it collects both")
     args = parser.parse_args(argv)
     out = Path(args.out)
     common = [f"optim.lr={args.lr}", f"train.epochs={args.epochs}", f"eval.knn_every={args.knn_every}",
               "train.progress=false", *args.set]
     results = {}
+    if args.train_only:
+        train_once(out / f"{args.train_only}_lr{args.lr:g}_e{args.epochs}",
+                   ["--set", *PROTOTYPE_SETTINGS[args.train_only], *common])
+        return
     for name, settings in PROTOTYPE_SETTINGS.items():
         run_dir = out / f"{name}_lr{args.lr:g}_e{args.epochs}"
         train_once(run_dir, ["--set", *settings, *common])

@@ -17,7 +17,9 @@ noise hits every part alike (median of ``--repeats`` calls per round, median ove
 
 ``method_overhead`` is what the step spends beyond augmentation, teacher, encoder and optimiser:
 the loss itself (the codebook product, the gathered similarity matrix, the block softmaxes), the
-mixture update, EMA and bookkeeping. Writes one JSON per method (``OUT/<method>.json``) and prints them.
+mixture update, EMA and bookkeeping. Writes one JSON per method (``OUT/<method>.json``) and prints them;
+where a decoupled recipe and its learned twin are both measured, also their step ratio
+(``OUT/<decoupled>-vs-<learned>.json``).
 
     python benchmarks/throughput.py --methods dino dino_decoupled --out runs/throughput
     python benchmarks/throughput.py --methods carp carp_decoupled --set method.num_prototypes=65536 --tag k65536
@@ -44,6 +46,7 @@ from nocollapse.utils.registry import METHODS
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 SIZE = 32
+DECOUPLED_PAIRS = (("dino", "dino_decoupled"), ("carp", "carp_decoupled"))
 
 
 def build(name: str, extra: list[str]):
@@ -116,11 +119,17 @@ def measure(name: str, args) -> dict:
     parts = ("augmentation", "teacher_forward", "student_forward_backward", "optimizer")
     overhead = med["step"] - sum(med.get(p, 0.0) for p in parts)
     ratio = med["step"] / med["backbone"]
+    settings = {"method": cfg.method.name}
+    if cfg.method.name in ("dino", "carp"):
+        settings.update(prototypes=cfg.method.prototypes, num_prototypes=cfg.method.num_prototypes)
+    if cfg.method.name == "cplearn":
+        f = cfg.cplearn.embedding_dim
+        settings.update(f=f, num_codes=cfg.cplearn.num_codes or 8 * f)
     return {
         "method": name, "recipe": f"cifar10/{STUDY[name][0]}", "overrides": [*STUDY[name][1], *args.set],
         "config": {"backbone": cfg.model.backbone, "width_multiplier": cfg.model.width_multiplier,
                    "batch": batch, "crops": [list(c.shape[-2:]) for c in crops],
-                   "threads": torch.get_num_threads(), "torch": torch.__version__},
+                   "threads": torch.get_num_threads(), "torch": torch.__version__, **settings},
         "images_per_second_step": round(batch / med["step"], 1),
         "images_per_second_backbone_fwd_bwd": round(batch / med["backbone"], 1),
         "seconds": {k: round(v, 4) for k, v in med.items()},
@@ -147,11 +156,23 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    suffix = f"-{args.tag}" if args.tag else ""
     for name in args.methods:
         result = measure(name, args)
-        suffix = f"-{args.tag}" if args.tag else ""
         (out / f"{name}{suffix}.json").write_text(json.dumps(result, indent=1))
         print(json.dumps(result, indent=1), flush=True)
+        results[name] = result
+    # decoupled prototypes against their learned twin, measured in this same invocation
+    for learned, decoupled in DECOUPLED_PAIRS:
+        if learned in results and decoupled in results:
+            k = results[decoupled]["config"]["num_prototypes"]
+            ratio = results[decoupled]["seconds"]["step"] / results[learned]["seconds"]["step"]
+            goal = 1.05 if k <= 4096 else 1.3
+            pair = {"learned": learned, "decoupled": decoupled, "num_prototypes": k,
+                    "ratio_decoupled_to_learned_step": round(ratio, 3), "goal": goal, "goal_met": ratio <= goal}
+            (out / f"{decoupled}-vs-{learned}{suffix}.json").write_text(json.dumps(pair, indent=1))
+            print(json.dumps(pair), flush=True)
 
 
 if __name__ == "__main__":
