@@ -14,14 +14,15 @@ MIB = 1024 * 1024
 
 # The methods of the collapse study and of the throughput benchmark: name -> (recipe in
 # configs/cifar10/, overrides that make the variant). The ``*_paper`` variants are the mixture as
-# published (no buffer, no refresh) on the host's own balancing: DINO's centering, CARP's weight 1.
+# published (no buffer, no refresh, no KoLeo on the embeddings) on the host's own balancing: DINO's
+# centering, CARP's weight 1.
 STUDY: dict[str, tuple[str, tuple[str, ...]]] = {
     "dino": ("dino", ()),
     "dino_koleo": ("dino_koleo", ()),
     "dino_decoupled_paper": ("dino_decoupled", ("dino.teacher_norm=centering",)),
     "dino_decoupled": ("dino_decoupled", ()),
     "carp": ("carp", ()),
-    "carp_decoupled_paper": ("carp_decoupled", ("carp.entropy_weight=1",)),
+    "carp_decoupled_paper": ("carp_decoupled", ("carp.entropy_weight=1", "method.embedding_koleo_weight=0")),
     "carp_decoupled": ("carp_decoupled", ()),
     "cplearn": ("cplearn", ()),
     "simclr": ("simclr", ()),
