@@ -47,13 +47,17 @@ def main(argv=None) -> None:
     common = [f"optim.lr={args.lr}", f"train.epochs={args.epochs}", f"eval.knn_every={args.knn_every}",
               "train.progress=false", *args.set]
     results = {}
-    if args.train_only:
-        train_once(out / f"{args.train_only}_lr{args.lr:g}_e{args.epochs}",
-                   ["--set", *PROTOTYPE_SETTINGS[args.train_only], *common])
-        return
-    for name, settings in PROTOTYPE_SETTINGS.items():
+
+    def train(name: str) -> Path:
         run_dir = out / f"{name}_lr{args.lr:g}_e{args.epochs}"
-        train_once(run_dir, ["--set", *settings, *common])
+        train_once(run_dir, ["--set", *PROTOTYPE_SETTINGS[name], *common])
+        return run_dir
+
+    if args.train_only:
+        train(args.train_only)
+        return
+    for name in PROTOTYPE_SETTINGS:
+        run_dir = train(name)
         summary = json.loads((run_dir / "summary.json").read_text())
         results[name] = {
             "run_dir": str(run_dir),

@@ -3,14 +3,14 @@
 Each entry of ``STUDY`` is a recipe of ``configs/cifar10/`` plus overrides: DINO, DINO + KoLeo,
 DINO + decoupled (twice: ``*_paper`` is the mixture as published, with no buffer, refresh or
 embedding KoLeo, on the host's own balancing -- DINO's centering, CARP's marginal weight 1 -- and
-the plain name is our recipe), CARP, CARP + decoupled (both settings), CPLearn, SimCLR, SupCon
-and CLOP (SupCon and CLOP see the same fixed 10 % of the labels). Every run gets the same number
-of epochs (``--epochs``, default 5) and ``train.seed``; for each (dataset, method, seed) it trains the recipe
-(``nocollapse train``; an interrupted run is resumed), evaluates it (``nocollapse eval``: k-NN,
-linear probe, clustering, head / medium / tail accuracy; CIFAR-10-LT runs a second time with
-``--balanced-train``) and writes one small JSON **record** per run into ``--records``
-(default ``docs/study``). A run whose record exists is not trained again, so the queue can span
-several sittings on several machines as long as the records are kept (they are committed; the run
+the plain name is our recipe), CARP, CARP + decoupled (both settings), CPLearn, SimCLR, SupCon and
+CLOP (SupCon and CLOP see the same fixed 10 % of the labels). Every run gets the same number of
+epochs (``--epochs``, default 5) and ``train.seed``; for each (dataset, method, seed) it trains the
+recipe (``nocollapse train``; an interrupted run is resumed), evaluates it (``nocollapse eval``:
+k-NN, linear probe, clustering, head / medium / tail accuracy; CIFAR-10-LT runs a second time with
+``--balanced-train``) and writes one small JSON **record** per run into ``--records`` (default
+``docs/study``). A run whose record exists is not trained again, so the queue can span several
+sittings on several machines as long as the records are kept (they are committed; the run
 directories with their checkpoints are not needed once a record exists).
 
 A record holds: k-NN per epoch, final k-NN / linear / clustering / long-tail groups, unique

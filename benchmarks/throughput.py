@@ -119,12 +119,8 @@ def measure(name: str, args) -> dict:
     parts = ("augmentation", "teacher_forward", "student_forward_backward", "optimizer")
     overhead = med["step"] - sum(med.get(p, 0.0) for p in parts)
     ratio = med["step"] / med["backbone"]
-    settings = {"method": cfg.method.name}
-    if cfg.method.name in ("dino", "carp"):
-        settings.update(prototypes=cfg.method.prototypes, num_prototypes=cfg.method.num_prototypes)
-    if cfg.method.name == "cplearn":
-        f = cfg.cplearn.embedding_dim
-        settings.update(f=f, num_codes=cfg.cplearn.num_codes or 8 * f)
+    # what summary.json records of the method: prototypes and K, CPLearn's f and number of codes, ...
+    settings = {"method": cfg.method.name, **method.summary_fields()}
     return {
         "method": name, "recipe": f"cifar10/{STUDY[name][0]}", "overrides": [*STUDY[name][1], *args.set],
         "config": {"backbone": cfg.model.backbone, "width_multiplier": cfg.model.width_multiplier,
