@@ -21,11 +21,15 @@ features, embedding std, alarms and wall time.
 
 Writes ``OUT/study.json`` (records aggregated: mean and std over seeds) and figures, every method
 on one axis: ``unique_vs_eps_<dataset>.png``, ``spectra_<dataset>.png``, ``knn_by_epoch_<dataset>.png``
-(seed 0 where it exists); prints the JSON, or markdown tables with ``--markdown``.
+(seed 0 where it exists), and the claim pairs (DINO / DINO + decoupled, CARP / CARP + decoupled,
+SupCon / CLOP, the best prototype method / CPLearn) with their differences and whether each is
+inside the seed noise; prints the JSON, or markdown tables with ``--markdown``. ``--write-docs``
+refills the marked table blocks of the README and ``docs/results.md`` from the records.
 
     # one method per command, so that two queues (one thread each) can share a 2-core machine
     python benchmarks/collapse_study.py --data $CIFAR --methods carp --seeds 0 1 2 --set train.threads=1
     python benchmarks/collapse_study.py --data $CIFAR --collect --markdown     # tables of every record
+    python benchmarks/collapse_study.py --collect --out docs/study --write-docs README.md docs/results.md
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -279,30 +284,111 @@ def _cell(stat, percent: bool = False, digits: int = 3) -> str:
     return f"{scale * mean:.{d}f}" + (f" ± {scale * std:.{d}f}" if n > 1 else "")
 
 
-def markdown_tables(records: dict) -> str:
-    """The user's table (mean ± std over seeds where there are several) and k-NN per epoch."""
+# The pairs that the papers' claims rest on: (baseline, remedy). CPLearn is compared with the best
+# prototype method of the same dataset (the highest mean k-NN), found in the records.
+CLAIM_PAIRS = (("dino", "dino_decoupled"), ("carp", "carp_decoupled"), ("supcon", "clop"),
+               ("best_prototype_method", "cplearn"))
+PROTOTYPE_METHODS = ("dino", "dino_koleo", "dino_decoupled_paper", "dino_decoupled", "carp",
+                     "carp_decoupled_paper", "carp_decoupled")
+
+
+def load_throughput(directory: Path) -> dict[str, float]:
+    """Images/s of each method's training step from ``benchmarks/throughput.py``'s JSONs (one run
+    alone on the machine, at the recipe's settings), keyed by study name."""
+    speeds = {}
+    for name in STUDY:
+        path = directory / f"{name}.json"
+        if path.is_file():
+            speeds[name] = json.loads(path.read_text()).get("images_per_second_step")
+    return speeds
+
+
+def compare(baseline: list[dict], remedy: list[dict], path: tuple[str, ...]) -> dict | None:
+    """Difference of means (remedy - baseline) of one metric and whether it is inside the noise.
+
+    With at least two seeds on each side the standard error of the difference is
+    ``sqrt(s_a^2 / n_a + s_b^2 / n_b)`` and a difference is called *inside the noise* when it is
+    smaller than twice that; with one seed on either side there is no estimate of the spread."""
+    a, b = mean_std([_get(r, path) for r in baseline]), mean_std([_get(r, path) for r in remedy])
+    if a is None or b is None:
+        return None
+    diff = b[0] - a[0]
+    if a[2] < 2 or b[2] < 2:
+        return {"difference": diff, "standard_error": None, "inside_noise": None, "seeds": (a[2], b[2])}
+    se = math.sqrt(a[1] ** 2 / a[2] + b[1] ** 2 / b[2])
+    return {"difference": diff, "standard_error": se, "inside_noise": abs(diff) < 2 * se, "seeds": (a[2], b[2])}
+
+
+def claim_pairs(methods: dict[str, list[dict]]) -> list[dict]:
+    """The claim pairs of one dataset that have records on both sides, with k-NN and linear compared."""
+    present = {name: runs for name, runs in methods.items() if runs}
+    prototype = [n for n in PROTOTYPE_METHODS if n in present]
+    best = max(prototype, key=lambda n: mean_std([r["knn_top1"] for r in present[n]])[0], default=None)
+    rows = []
+    for baseline, remedy in CLAIM_PAIRS:
+        baseline = best if baseline == "best_prototype_method" else baseline
+        if baseline in present and remedy in present:
+            rows.append({"baseline": baseline, "remedy": remedy,
+                         **{metric: compare(present[baseline], present[remedy], (metric,))
+                            for metric in ("knn_top1", "linear_top1")}})
+    return rows
+
+
+def _difference_cell(comparison: dict | None) -> str:
+    if comparison is None:
+        return "–"
+    text = f"{comparison['difference']:+.3f}"
+    if comparison["standard_error"] is None:
+        return text + " (one seed: spread not estimated)"
+    verdict = "inside the noise" if comparison["inside_noise"] else "outside the noise"
+    return text + f" ± {comparison['standard_error']:.3f} ({verdict})"
+
+
+def summary_table(dataset: str, methods: dict[str, list[dict]], speeds: dict[str, float]) -> list[str]:
+    """The user's table of one dataset: mean ± std over seeds where there are several."""
+    head = ["method", "seeds", "k-NN", "linear", "k-means AMI", "arg-max AMI", "unique % @ 0.1 (all / used)",
+            "utilisation %", "effective rank", "alarms", "train s", "step img/s (alone)"]
+    if dataset.endswith("_lt"):
+        head[4:4] = ["balanced k-NN", "balanced linear"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, runs in methods.items():
+        if not runs:
+            continue
+        a = aggregate(runs)
+        unique = ("n/a (fixed)" if a["prototypes_fixed"]
+                  else f"{_cell(a['unique_0.1'], True)} / {_cell(a['unique_used_0.1'], True)}")
+        speed = speeds.get(name)
+        row = [name, ", ".join(map(str, a["seeds"])), _cell(a["knn_top1"]), _cell(a["linear_top1"]),
+               _cell(a["kmeans_ami"]), _cell(a["argmax_ami"]), unique, _cell(a["utilization"], True),
+               _cell(a["effective_rank"], digits=1), ", ".join(a["alarms"]) or "none",
+               _cell(a["train_seconds"], digits=0), f"{speed:.0f}" if speed else "–"]
+        if dataset.endswith("_lt"):
+            row[4:4] = [_cell(a["balanced_knn_top1"]), _cell(a["balanced_linear_top1"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def markdown_tables(records: dict, speeds: dict[str, float] | None = None, full: bool = True) -> str:
+    """Per dataset: the user's table; with ``full`` also the claim pairs and k-NN per epoch."""
     lines = []
     for dataset, methods in records.items():
-        head = ["method", "seeds", "k-NN", "linear", "k-means AMI", "arg-max AMI", "unique % @ 0.1 (all / used)",
-                "utilisation %", "effective rank", "alarms", "train img/s"]
-        if dataset.endswith("_lt"):
-            head[4:4] = ["balanced k-NN", "balanced linear"]
-        lines += [f"**{dataset}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for name, runs in methods.items():
-            if not runs:
-                continue
-            a = aggregate(runs)
-            unique = ("n/a (fixed)" if a["prototypes_fixed"]
-                      else f"{_cell(a['unique_0.1'], True)} / {_cell(a['unique_used_0.1'], True)}")
-            row = [name, ", ".join(map(str, a["seeds"])), _cell(a["knn_top1"]), _cell(a["linear_top1"]),
-                   _cell(a["kmeans_ami"]), _cell(a["argmax_ami"]), unique, _cell(a["utilization"], True),
-                   _cell(a["effective_rank"], digits=1), ", ".join(a["alarms"]) or "none",
-                   _cell(a["samples_per_second"], digits=0)]
-            if dataset.endswith("_lt"):
-                row[4:4] = [_cell(a["balanced_knn_top1"]), _cell(a["balanced_linear_top1"])]
-            lines.append("| " + " | ".join(row) + " |")
+        if not any(methods.values()):
+            continue
+        lines += [f"**{dataset}**", "", *summary_table(dataset, methods, speeds or {}), ""]
+        if not full:
+            continue
+        pairs = claim_pairs(methods)
+        if pairs:
+            lines += [f"The claim pairs on {dataset} (remedy minus baseline; inside the noise: smaller than "
+                      "twice the standard error of the difference)", "",
+                      "| baseline | remedy | seeds | k-NN difference | linear difference |", "|---|---|---|---|---|"]
+            for p in pairs:
+                seeds = " / ".join(map(str, p["knn_top1"]["seeds"])) if p["knn_top1"] else "–"
+                lines.append(f"| {p['baseline']} | {p['remedy']} | {seeds} | {_difference_cell(p['knn_top1'])} | "
+                             f"{_difference_cell(p['linear_top1'])} |")
+            lines.append("")
         epochs = max((len(r["per_epoch"]) for runs in methods.values() for r in runs), default=0)
-        lines += ["", f"k-NN top-1 per epoch on {dataset} (lowest seed)", "",
+        lines += [f"k-NN top-1 per epoch on {dataset} (lowest seed)", "",
                   "| method | " + " | ".join(f"epoch {e}" for e in range(epochs)) + " |",
                   "|---|" + "---|" * epochs]
         for name, runs in methods.items():
@@ -312,6 +398,20 @@ def markdown_tables(records: dict) -> str:
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+DOC_BLOCK = re.compile(r"(<!-- study-(summary|full):start -->\n).*?(<!-- study-\2:end -->)", re.S)
+
+
+def write_doc_blocks(path: Path, records: dict, speeds: dict[str, float]) -> bool:
+    """Replace every ``<!-- study-summary:start --> ... <!-- study-summary:end -->`` block of a
+    document with the user's tables, every ``study-full`` block with all tables; True if it changed."""
+    text = path.read_text()
+    new = DOC_BLOCK.sub(lambda m: m.group(1) + markdown_tables(records, speeds, full=m.group(2) == "full")
+                        + "\n" + m.group(3), text)
+    if new != text:
+        path.write_text(new)
+    return new != text
 
 
 def main(argv=None) -> None:
@@ -330,6 +430,10 @@ def main(argv=None) -> None:
     parser.add_argument("--collect", action="store_true", help="train nothing: gather the existing records")
     parser.add_argument("--redo", action="store_true", help="train and record again even where a record exists")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables instead of JSON")
+    parser.add_argument("--throughput", default=str(REPO / "docs" / "throughput"),
+                        help="benchmarks/throughput.py's JSONs: the images/s column")
+    parser.add_argument("--write-docs", nargs="+", default=[], metavar="FILE",
+                        help="refill the study-summary / study-full marker blocks of these documents")
     args = parser.parse_args(argv)
     if not args.data and not args.collect:
         parser.error("give --data (or set NOCOLLAPSE_CIFAR10) to the CIFAR-10 ImageFolder root, or --collect")
@@ -344,8 +448,12 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = {"aggregated": {d: {n: aggregate(rs) for n, rs in m.items() if rs} for d, m in records.items()},
               "figures": figures(records, out)}
+    speeds = load_throughput(Path(args.throughput))
+    report["claim_pairs"] = {d: claim_pairs(m) for d, m in records.items()}
     (out / "study.json").write_text(json.dumps(report, indent=1))
-    print(markdown_tables(records) if args.markdown else json.dumps(report, indent=1))
+    for doc in args.write_docs:
+        write_doc_blocks(Path(doc), records, speeds)
+    print(markdown_tables(records, speeds) if args.markdown else json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -78,3 +78,38 @@ def test_every_study_method_names_a_bundled_recipe(study):
     configs = Path(__file__).resolve().parent.parent / "src" / "nocollapse" / "configs" / "cifar10"
     for name, (recipe, _) in study.STUDY.items():
         assert (configs / f"{recipe}.yaml").is_file(), name
+
+
+def test_claim_pairs_say_whether_a_difference_is_inside_the_seed_noise(study):
+    dino = [_record("dino", s, k) for s, k in ((0, 0.50), (1, 0.52), (2, 0.54))]      # mean 0.52, std 0.02
+    close = [_record("dino_decoupled", s, k) for s, k in ((0, 0.51), (1, 0.53), (2, 0.55))]
+    far = [_record("dino_decoupled", s, k) for s, k in ((0, 0.60), (1, 0.61), (2, 0.62))]
+    se_close = math.sqrt(0.02 ** 2 / 3 + 0.02 ** 2 / 3)                              # 0.0163
+    near = study.compare(dino, close, ("knn_top1",))
+    assert near["difference"] == pytest.approx(0.01) and near["standard_error"] == pytest.approx(se_close)
+    assert near["inside_noise"] is True
+    assert study.compare(dino, far, ("knn_top1",))["inside_noise"] is False         # +0.09 vs 2 * 0.0129
+    single = study.compare(dino[:1], far[:1], ("knn_top1",))
+    assert single["standard_error"] is None and single["inside_noise"] is None
+
+
+def test_cplearn_is_compared_with_the_best_prototype_method(study):
+    methods = {"dino": [_record("dino", 0, 0.45)], "carp": [_record("carp", 0, 0.52)],
+               "cplearn": [_record("cplearn", 0, 0.47, fixed=True)], "supcon": []}
+    pairs = study.claim_pairs(methods)
+    assert [(p["baseline"], p["remedy"]) for p in pairs] == [("carp", "cplearn")]
+    assert pairs[0]["knn_top1"]["difference"] == pytest.approx(-0.05)
+
+
+def test_write_docs_refills_only_the_marked_blocks(study, tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- study-summary:start -->\nold\n<!-- study-summary:end -->\nmiddle\n"
+                   "<!-- study-full:start -->\nold\n<!-- study-full:end -->\nend\n")
+    records = {"cifar10": {"dino": [_record("dino", 0, 0.45)], "dino_decoupled": [_record("dino_decoupled", 0, 0.47)]}}
+    assert study.write_doc_blocks(doc, records, {"dino": 123.4})
+    text = doc.read_text()
+    summary, full = text.split("middle")
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert "| dino | 0 | 0.450 |" in summary and "| 123 |" in summary and "claim pairs" not in summary
+    assert "claim pairs" in full and "+0.020 (one seed: spread not estimated)" in full
+    assert not study.write_doc_blocks(doc, records, {"dino": 123.4})                  # idempotent
