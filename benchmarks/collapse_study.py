@@ -119,7 +119,8 @@ def knn_on_long_tail_groups(run_dir: Path) -> dict | None:
 
 
 def backbone_spectrum(run_dir: Path) -> list[float] | None:
-    """Singular values of the test split's centred backbone features (what RankMe reads), largest first."""
+    """Singular values of the test split's centred backbone features, largest first (the records'
+    ``effective_rank`` is RankMe on the same features uncentred, so the two differ)."""
     import torch
 
     cached = _cached_features(run_dir)
@@ -263,7 +264,7 @@ def figures(records: dict, out: Path) -> list[str]:
         spectra = {name: r["spectrum"] for name, r in first.items() if r.get("spectrum")}
         if spectra:
             paths.append(plot_spectrum(spectra, out / f"spectra_{dataset}.png",
-                                       title=f"Singular values of the test split's backbone features ({dataset})"))
+                                       title=f"Singular values of the test split's centred backbone features ({dataset})"))
         series = {}
         for name, r in first.items():
             points = [(p["epoch"], p["knn_top1"]) for p in r["per_epoch"] if p.get("knn_top1") is not None]
@@ -347,7 +348,7 @@ def _difference_cell(comparison: dict | None) -> str:
 def summary_table(dataset: str, methods: dict[str, list[dict]], speeds: dict[str, float]) -> list[str]:
     """The user's table of one dataset: mean ± std over seeds where there are several."""
     head = ["method", "seeds", "k-NN", "linear", "k-means AMI", "arg-max AMI", "unique % @ 0.1 (all / used)",
-            "utilisation %", "effective rank", "alarms", "train s", "step img/s (alone)"]
+            "utilisation %", "RankMe (uncentred)", "alarms", "train s", "step img/s (alone)"]
     if dataset.endswith("_lt"):
         head[4:4] = ["balanced k-NN", "balanced linear"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
