@@ -404,12 +404,17 @@ def markdown_tables(records: dict, speeds: dict[str, float] | None = None, full:
 DOC_BLOCK = re.compile(r"(<!-- study-(summary|full):start -->\n).*?(<!-- study-\2:end -->)", re.S)
 
 
+def render_doc_blocks(text: str, records: dict, speeds: dict[str, float]) -> str:
+    """``text`` with every ``<!-- study-summary:start --> ... <!-- study-summary:end -->`` block
+    refilled with the user's tables and every ``study-full`` block with all tables."""
+    return DOC_BLOCK.sub(lambda m: m.group(1) + markdown_tables(records, speeds, full=m.group(2) == "full")
+                         + "\n" + m.group(3), text)
+
+
 def write_doc_blocks(path: Path, records: dict, speeds: dict[str, float]) -> bool:
-    """Replace every ``<!-- study-summary:start --> ... <!-- study-summary:end -->`` block of a
-    document with the user's tables, every ``study-full`` block with all tables; True if it changed."""
+    """Refill the study blocks of the document at ``path``; True if it changed."""
     text = path.read_text()
-    new = DOC_BLOCK.sub(lambda m: m.group(1) + markdown_tables(records, speeds, full=m.group(2) == "full")
-                        + "\n" + m.group(3), text)
+    new = render_doc_blocks(text, records, speeds)
     if new != text:
         path.write_text(new)
     return new != text

@@ -113,3 +113,20 @@ def test_write_docs_refills_only_the_marked_blocks(study, tmp_path):
     assert "| dino | 0 | 0.450 |" in summary and "| 123 |" in summary and "claim pairs" not in summary
     assert "claim pairs" in full and "+0.020 (one seed: spread not estimated)" in full
     assert not study.write_doc_blocks(doc, records, {"dino": 123.4})                  # idempotent
+
+
+def test_committed_study_tables_match_the_committed_records(study):
+    """The README's and the results' study blocks are what --write-docs makes of docs/study."""
+    repo = BENCHMARKS.parent
+    records: dict[str, dict[str, list[dict]]] = {}
+    for dataset in study.DATASETS:
+        for name in study.STUDY:
+            paths = sorted((repo / "docs" / "study" / dataset).glob(f"{name}-seed*.json"),
+                           key=lambda p: int(p.stem.rsplit("-seed", 1)[1]))
+            records.setdefault(dataset, {})[name] = [json.loads(p.read_text()) for p in paths]
+    speeds = study.load_throughput(repo / "docs" / "throughput")
+    for doc in ("README.md", "docs/results.md"):
+        text = (repo / doc).read_text()
+        assert study.DOC_BLOCK.search(text), doc
+        assert study.render_doc_blocks(text, records, speeds) == text, (
+            f"{doc}: run benchmarks/collapse_study.py --collect --out docs/study --write-docs README.md docs/results.md")
