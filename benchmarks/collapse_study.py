@@ -251,8 +251,10 @@ def aggregate(records: list[dict]) -> dict:
 def figures(records: dict, out: Path) -> list[str]:
     """Every method on one axis, from its lowest seed: unique vs epsilon (methods with learned or
     fitted prototypes), backbone spectra, k-NN per epoch."""
-    from nocollapse.diagnostics.plots import plot_runs_by_epoch, plot_spectrum, plot_unique_vs_eps
+    from nocollapse.diagnostics.plots import distinct_styles, plot_runs_by_epoch, plot_spectrum, plot_unique_vs_eps
 
+    # One look per method across all figures and datasets: eleven methods outrun the ten default colours.
+    styles = distinct_styles(list(STUDY))
     paths = []
     for dataset, methods in records.items():
         first = {name: min(runs, key=lambda r: r["seed"]) for name, runs in methods.items() if runs}
@@ -260,11 +262,13 @@ def figures(records: dict, out: Path) -> list[str]:
                   for name, r in first.items() if r.get("unique_curve")}
         if curves:
             paths.append(plot_unique_vs_eps(curves, out / f"unique_vs_eps_{dataset}.png",
-                                            title=f"Unique prototypes vs ε after training ({dataset})"))
+                                            title=f"Unique prototypes vs ε after training ({dataset})",
+                                            styles=styles))
         spectra = {name: r["spectrum"] for name, r in first.items() if r.get("spectrum")}
         if spectra:
             paths.append(plot_spectrum(spectra, out / f"spectra_{dataset}.png",
-                                       title=f"Singular values of the test split's centred backbone features ({dataset})"))
+                                       title=f"Singular values of the test split's centred backbone features ({dataset})",
+                                       styles=styles))
         series = {}
         for name, r in first.items():
             points = [(p["epoch"], p["knn_top1"]) for p in r["per_epoch"] if p.get("knn_top1") is not None]
@@ -272,7 +276,7 @@ def figures(records: dict, out: Path) -> list[str]:
                 series[name] = ([e for e, _ in points], [v for _, v in points])
         if series:
             paths.append(plot_runs_by_epoch(series, out / f"knn_by_epoch_{dataset}.png", "k-NN top-1 (test)",
-                                            f"k-NN top-1 per epoch ({dataset})"))
+                                            f"k-NN top-1 per epoch ({dataset})", styles=styles))
     return [str(p) for p in paths]
 
 

@@ -516,6 +516,50 @@ def test_plots_write_pngs(tmp_path):
         assert_png(p)
 
 
+def test_distinct_styles_never_repeat_a_look():
+    from nocollapse.diagnostics.plots import distinct_styles
+
+    labels = [f"run{i}" for i in range(25)]
+    styles = distinct_styles(labels)
+    looks = {(s["color"], s["linestyle"]) for s in styles.values()}
+    assert len(looks) == 25
+    assert styles["run0"]["linestyle"] == styles["run9"]["linestyle"] != styles["run10"]["linestyle"]
+    with pytest.raises(ValueError, match="distinct"):
+        distinct_styles(["a", "b", "a"])
+    with pytest.raises(ValueError, match="at most 40"):
+        distinct_styles([str(i) for i in range(41)])
+
+
+def test_many_runs_keep_the_given_styles_and_their_own_looks(tmp_path, monkeypatch):
+    """Eleven runs on one axis: the named runs are drawn as given, the others get looks of their
+    own, no two lines alike, and the legend moves beside the axes."""
+    from nocollapse.diagnostics import plots
+    from nocollapse.diagnostics.plots import distinct_styles, plot_runs_by_epoch
+
+    drawn = {}
+    real_save = plots._save
+
+    def capture(fig, path):
+        ax = fig.axes[0]
+        drawn["lines"] = {line.get_label(): (line.get_color(), line.get_linestyle()) for line in ax.get_lines()
+                          if not line.get_label().startswith("_")}
+        drawn["legend_outside"] = ax.get_legend().get_bbox_to_anchor().x0 > ax.get_window_extent().x1
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    names = [f"m{i}" for i in range(11)]
+    given = distinct_styles(["m10", "m3"])
+    series = {name: ([1, 2, 3], [0.1 * i, 0.2, 0.3]) for i, name in enumerate(names)}
+    assert_png(plot_runs_by_epoch(series, tmp_path / "k.png", "k-NN", "k-NN per epoch", styles=given))
+    lines = drawn["lines"]
+    assert set(lines) == set(names) and len(set(lines.values())) == 11
+    assert lines["m10"] == (given["m10"]["color"], "-") and lines["m3"] == (given["m3"]["color"], "-")
+    assert drawn["legend_outside"]
+    curves = {name: unique_curve(torch.randn(20, 4, generator=gen(40 + i))) for i, name in enumerate(names)}
+    assert_png(plot_unique_vs_eps(curves, tmp_path / "u.png", styles=distinct_styles(names)))
+    assert len(set(drawn["lines"].values())) == 11
+
+
 def test_prototype_collapse_alarm_watches_the_configured_eps():
     """Prototypes merged at cosine 0.95 are unique at eps 0.025 but not at 0.1: the alarm follows its eps."""
     def metrics(step):

@@ -30,9 +30,46 @@ __all__ = [
     "plot_prototype_uniformity",
     "plot_spectrum",
     "plot_training_curves",
+    "plot_runs_by_epoch",
+    "distinct_styles",
 ]
 
 _DPI = 120
+# Matplotlib's default cycle has ten colours, so an eleventh line would repeat the first one's look;
+# past ten lines the line style changes as well.
+_COLOURS = tuple(f"C{i}" for i in range(10))
+_LINESTYLES = ("-", "--", ":", "-.")
+# Beyond this many lines the legend goes beside the axes instead of over the curves.
+_LEGEND_INSIDE_MAX = 6
+
+LineStyles = Mapping[str, Mapping[str, Any]]
+
+
+def distinct_styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A ``color`` and ``linestyle`` for each label, no two alike (ten colours per line style).
+
+    Compute it once over every run of a report and pass it to each figure, so that a run keeps its
+    look across figures that show different subsets of the runs."""
+    if len(set(labels)) != len(labels):
+        raise ValueError("labels must be distinct")
+    if len(labels) > len(_COLOURS) * len(_LINESTYLES):
+        raise ValueError(f"at most {len(_COLOURS) * len(_LINESTYLES)} distinct styles, got {len(labels)} labels")
+    return {label: {"color": _COLOURS[i % len(_COLOURS)], "linestyle": _LINESTYLES[i // len(_COLOURS)]}
+            for i, label in enumerate(labels)}
+
+
+def _styles_for(labels: Sequence[str], styles: LineStyles | None) -> dict[str, dict[str, Any]]:
+    """``styles`` for the labels it names; the others get distinct styles after those."""
+    given = dict(styles or {})
+    palette = distinct_styles([*given, *(label for label in labels if label not in given)])
+    return {label: dict(given.get(label, palette[label])) for label in labels}
+
+
+def _legend(ax, lines: int) -> None:
+    if lines > _LEGEND_INSIDE_MAX:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    else:
+        ax.legend(loc="best")
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -53,6 +90,7 @@ def plot_unique_vs_eps(
     path: str | Path,
     marks: Sequence[float] = STANDARD_EPS,
     title: str = "Unique prototypes vs collapse threshold ε",
+    styles: LineStyles | None = None,
 ) -> Path:
     """Unique prototypes (% of K) against ε for several runs on one axis.
 
@@ -61,15 +99,18 @@ def plot_unique_vs_eps(
             :func:`~nocollapse.diagnostics.prototypes.unique_curve` (fractions in [0, 1]).
         path: output PNG.
         marks: ε values drawn as vertical dotted lines (the paper's thresholds).
+        styles: ``label -> matplotlib line keywords`` (see :func:`distinct_styles`); labels it
+            does not name get distinct styles of their own.
     """
     if not curves:
         raise ValueError("curves is empty")
-    fig = _new_figure(7.0, 4.5)
+    fig = _new_figure(7.0 if len(curves) <= _LEGEND_INSIDE_MAX else 8.5, 4.5)
     ax = fig.add_subplot()
+    look = _styles_for(list(curves), styles)
     for label, (eps, frac) in curves.items():
         if len(eps) != len(frac):
             raise ValueError(f"curve {label!r}: {len(eps)} eps values but {len(frac)} fractions")
-        ax.plot(list(eps), [100.0 * f for f in frac], marker="o", markersize=3, label=label)
+        ax.plot(list(eps), [100.0 * f for f in frac], marker="o", markersize=3, label=label, **look[label])
     for m in marks:
         ax.axvline(m, color="0.4", linestyle=":", linewidth=1)
         ax.annotate(f"ε = {m:g}", xy=(m, 0.5), xycoords=("data", "axes fraction"),
@@ -81,7 +122,7 @@ def plot_unique_vs_eps(
     ax.set_xlim(left=0)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best")
+    _legend(ax, len(curves))
     return _save(fig, path)
 
 
@@ -214,17 +255,19 @@ def plot_spectrum(
     normalize: bool = True,
     title: str = "Singular value spectrum of the embeddings",
     effective_rank_in_legend: bool = True,
+    styles: LineStyles | None = None,
 ) -> Path:
     """``log10`` singular values against their index (1 = largest), one line per run.
 
     With ``normalize`` each spectrum is divided by its largest value so runs of different
     scale compare. The legend gives each run's RankMe effective rank. Zeros are drawn at
-    ``1e-16`` relative.
+    ``1e-16`` relative. ``styles`` as in :func:`plot_unique_vs_eps`.
     """
     if not spectra:
         raise ValueError("spectra is empty")
-    fig = _new_figure(7.0, 4.5)
+    fig = _new_figure(7.0 if len(spectra) <= _LEGEND_INSIDE_MAX else 9.0, 4.5)
     ax = fig.add_subplot()
+    look = _styles_for(list(spectra), styles)
     for label, sigma in spectra.items():
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).clamp_min(0)
         if s.numel() == 0:
@@ -236,12 +279,12 @@ def plot_spectrum(
         floor = 1e-16 * (1.0 if normalize else top)
         y = torch.log10(scaled.clamp_min(floor)).numpy()
         legend = f"{label} (effective rank {erank:.1f})" if effective_rank_in_legend else label
-        ax.plot(np.arange(1, len(y) + 1), y, label=legend)
+        ax.plot(np.arange(1, len(y) + 1), y, label=legend, **look[label])
     ax.set_xlabel("singular value index (descending)")
     ax.set_ylabel("log10 σ / σ_max" if normalize else "log10 σ")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best")
+    _legend(ax, len(spectra))
     return _save(fig, path)
 
 
@@ -343,25 +386,28 @@ def plot_runs_by_epoch(
     ylabel: str,
     title: str,
     percent: bool = False,
+    styles: LineStyles | None = None,
 ) -> Path:
     """One metric of several runs against the epoch (e.g. unique prototypes at ε = 0.025).
 
     Args:
         series: ``label -> (epochs, values)``.
         percent: values are fractions in [0, 1], drawn as %.
+        styles: as in :func:`plot_unique_vs_eps`.
     """
     if not series:
         raise ValueError("series is empty")
-    fig = _new_figure(7.0, 4.5)
+    fig = _new_figure(7.0 if len(series) <= _LEGEND_INSIDE_MAX else 8.5, 4.5)
     ax = fig.add_subplot()
+    look = _styles_for(list(series), styles)
     for label, (epochs, values) in series.items():
         if len(epochs) != len(values):
             raise ValueError(f"series {label!r}: {len(epochs)} epochs but {len(values)} values")
         ys = [100.0 * v for v in values] if percent else list(values)
-        ax.plot(list(epochs), ys, marker="o", markersize=3, label=label)
+        ax.plot(list(epochs), ys, marker="o", markersize=3, label=label, **look[label])
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best")
+    _legend(ax, len(series))
     return _save(fig, path)
