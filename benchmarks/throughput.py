@@ -15,6 +15,13 @@ noise hits every part alike (median of ``--repeats`` calls per round, median ove
 * ``mixture_update``: the E-step and statistics of decoupled prototypes on the teacher embeddings;
 * ``backbone``: a bare backbone forward + backward on the same crops (the reference).
 
+Each case is also counted once in FLOPs (``torch.utils.flop_counter``: matrix products and
+convolutions, forward and backward; elementwise work, softmaxes and the augmentation count zero),
+so ``ratio_step_to_backbone_by_flops`` is the ratio the arithmetic alone sets, the same on every
+machine: what the measured ratio holds above it is memory traffic and overhead. ``--flops-only``
+counts without timing (seconds per method instead of minutes, and valid on a busy machine) and
+writes ``OUT/flops/<method>.json``.
+
 ``method_overhead`` is what the step spends beyond augmentation, teacher, encoder and optimiser:
 the loss itself (the codebook product, the gathered similarity matrix, the block softmaxes), the
 mixture update, EMA and bookkeeping. Writes one JSON per method (``OUT/<method>.json``) and prints them;
@@ -23,6 +30,7 @@ where a decoupled recipe and its learned twin are both measured, also their step
 
     python benchmarks/throughput.py --methods dino dino_decoupled --out runs/throughput
     python benchmarks/throughput.py --methods carp carp_decoupled --set method.num_prototypes=65536 --tag k65536
+    python benchmarks/throughput.py --flops-only --out docs/throughput
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import nocollapse
 from common import STUDY, time_call
@@ -59,6 +68,13 @@ def build(name: str, extra: list[str]):
     optimizer = build_optimizer(cfg.optim, method.parameter_groups())
     views = BatchedViews(build_view_spec(cfg.views, SIZE, CIFAR_MEAN, CIFAR_STD))
     return cfg, method, optimizer, views
+
+
+def count_gflops(fn) -> float:
+    """GFLOPs of one call of ``fn`` (matrix products and convolutions, forward and backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
 
 
 def measure(name: str, args) -> dict:
@@ -111,6 +127,20 @@ def measure(name: str, args) -> dict:
             method.gmm.update(t_emb, 0)
             method.gmm.discard()
         cases["mixture_update"] = mixture_update
+    # counted before the timing: the counted step is one more warm-up step
+    gflops = {case: count_gflops(fn) for case, fn in cases.items()}
+    # what summary.json records of the method: prototypes and K, CPLearn's f and number of codes, ...
+    settings = {"method": cfg.method.name, **method.summary_fields()}
+    result = {
+        "method": name, "recipe": f"cifar10/{STUDY[name][0]}", "overrides": [*STUDY[name][1], *args.set],
+        "config": {"backbone": cfg.model.backbone, "width_multiplier": cfg.model.width_multiplier,
+                   "batch": batch, "crops": [list(c.shape[-2:]) for c in crops],
+                   "threads": torch.get_num_threads(), "torch": torch.__version__, **settings},
+        "gflops": {k: round(v, 3) for k, v in gflops.items()},
+        "ratio_step_to_backbone_by_flops": round(gflops["step"] / gflops["backbone"], 3),
+    }
+    if args.flops_only:
+        return result
     seconds: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.rounds):
         for case, fn in cases.items():
@@ -119,13 +149,8 @@ def measure(name: str, args) -> dict:
     parts = ("augmentation", "teacher_forward", "student_forward_backward", "optimizer")
     overhead = med["step"] - sum(med.get(p, 0.0) for p in parts)
     ratio = med["step"] / med["backbone"]
-    # what summary.json records of the method: prototypes and K, CPLearn's f and number of codes, ...
-    settings = {"method": cfg.method.name, **method.summary_fields()}
     return {
-        "method": name, "recipe": f"cifar10/{STUDY[name][0]}", "overrides": [*STUDY[name][1], *args.set],
-        "config": {"backbone": cfg.model.backbone, "width_multiplier": cfg.model.width_multiplier,
-                   "batch": batch, "crops": [list(c.shape[-2:]) for c in crops],
-                   "threads": torch.get_num_threads(), "torch": torch.__version__, **settings},
+        **result,
         "images_per_second_step": round(batch / med["step"], 1),
         "images_per_second_backbone_fwd_bwd": round(batch / med["backbone"], 1),
         "seconds": {k: round(v, 4) for k, v in med.items()},
@@ -147,10 +172,12 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="count each case's FLOPs, time nothing; writes OUT/flops/<method>.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out) / "flops" if args.flops_only else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     suffix = f"-{args.tag}" if args.tag else ""
@@ -161,7 +188,7 @@ def main(argv=None) -> None:
         results[name] = result
     # decoupled prototypes against their learned twin, measured in this same invocation
     for learned, decoupled in DECOUPLED_PAIRS:
-        if learned in results and decoupled in results:
+        if learned in results and decoupled in results and not args.flops_only:
             k = results[decoupled]["config"]["num_prototypes"]
             ratio = results[decoupled]["seconds"]["step"] / results[learned]["seconds"]["step"]
             goal = 1.05 if k <= 4096 else 1.3

@@ -1,0 +1,43 @@
+"""benchmarks/throughput.py: the FLOP count of its cases (nothing is timed here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import throughput
+        yield throughput
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_count_gflops_is_the_matrix_product_count(throughput):
+    """Linear 4 -> 3 on 5 rows: 2 * 5 * 4 * 3 = 120 FLOPs forward; the backward computes the
+    gradients of the input and of the weight, one product of the same size each."""
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4, requires_grad=True)
+    assert throughput.count_gflops(lambda: layer(x)) == pytest.approx(120e-9)
+    assert throughput.count_gflops(lambda: layer(x).sum().backward()) == pytest.approx(360e-9)
+    assert throughput.count_gflops(lambda: torch.relu(x).exp()) == 0.0  # elementwise work is not counted
+
+
+def test_flops_only_writes_the_count_and_no_timing(throughput, tmp_path):
+    throughput.main(["--flops-only", "--methods", "simclr", "--set", "train.batch_size=16", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "flops" / "simclr.json").read_text())
+    gflops = result["gflops"]
+    assert "seconds" not in result and "images_per_second_step" not in result
+    # the step holds the encoder's forward and backward: at least the bare backbone's work
+    assert gflops["step"] >= gflops["student_forward_backward"] >= gflops["backbone"] > 0
+    assert result["ratio_step_to_backbone_by_flops"] == pytest.approx(gflops["step"] / gflops["backbone"], abs=1e-3)
+    assert gflops["augmentation"] == 0.0 and "teacher_forward" not in gflops
