@@ -23,3 +23,9 @@ TINY = [
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _decode_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Keep the decoded-image cache (data.decode_cache=auto) out of the user's home directory."""
+    monkeypatch.setenv("NOCOLLAPSE_CACHE", str(tmp_path_factory.mktemp("nocollapse-cache")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ from PIL import Image
 from nocollapse.config import DataConfig, ViewsConfig
 from nocollapse.data import (BatchedViews, DatasetNotFoundError, EpochBatchSampler, PerSampleViews,
                              build_view_spec, load_dataset, long_tail_counts, long_tail_indices)
+from nocollapse.data import sources
+from nocollapse.data.registry import decode_cache_dir
+from nocollapse.data.sources import BadImageError, decode_files
 
 
 def test_cifar10_lt_counts_match_the_published_profile():
@@ -100,6 +104,87 @@ def test_corrupt_image_is_skipped_with_its_name_or_fails(tmp_path, caplog):
     assert "broken.jpg" in caplog.text
     with pytest.raises(Exception, match="broken.jpg"):
         load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), bad_images="fail"))
+
+
+def _folder_split(root, split="train"):
+    classes = sorted(p.name for p in (root / split).iterdir())
+    paths = [str(f) for c in classes for f in sorted((root / split / c).iterdir())]
+    labels = [i for i, c in enumerate(classes) for _ in (root / split / c).iterdir()]
+    return paths, labels
+
+
+def test_decoded_folder_is_read_back_from_the_cache_without_decoding(tmp_path, monkeypatch):
+    _write_folder(tmp_path / "data")
+    paths, labels = _folder_split(tmp_path / "data")
+    cache = tmp_path / "cache"
+    first = decode_files(paths, labels, None, cache_dir=cache)
+    assert len(list(cache.glob("*.pt"))) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the cache holds the split")
+
+    monkeypatch.setattr(sources, "decode_image", no_decoding)
+    again = decode_files(paths, labels, None, cache_dir=cache)
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+    assert torch.equal(again.images[0].permute(1, 2, 0), torch.from_numpy(np.array(Image.open(paths[0]))))
+
+
+def test_a_changed_file_or_size_is_decoded_again(tmp_path):
+    _write_folder(tmp_path / "data")
+    paths, labels = _folder_split(tmp_path / "data")
+    cache = tmp_path / "cache"
+    before = decode_files(paths, labels, None, cache_dir=cache)
+    Image.fromarray(np.zeros((12, 12, 3), dtype=np.uint8)).save(paths[0])
+    os.utime(paths[0], ns=(1, 1))  # a modification time no earlier write can share
+    after = decode_files(paths, labels, None, cache_dir=cache)
+    assert after.images[0].sum() == 0 and before.images[0].sum() > 0
+    assert torch.equal(after.images[1:], before.images[1:])
+    assert decode_files(paths, labels, 8, cache_dir=cache).image_size == 8
+    assert len(list(cache.glob("*.pt"))) == 3
+
+
+def test_an_unreadable_or_unwritable_cache_costs_a_warning_not_the_data(tmp_path, caplog):
+    _write_folder(tmp_path / "data")
+    paths, labels = _folder_split(tmp_path / "data")
+    cache = tmp_path / "cache"
+    reference = decode_files(paths, labels, None)
+    decode_files(paths, labels, None, cache_dir=cache)
+    (entry,) = cache.glob("*.pt")
+    entry.write_bytes(b"truncated")
+    assert torch.equal(decode_files(paths, labels, None, cache_dir=cache).images, reference.images)
+    assert "unreadable decoded-image cache" in caplog.text
+    assert torch.equal(torch.load(entry, weights_only=True)["images"], reference.images)  # rewritten
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    assert torch.equal(decode_files(paths, labels, None, cache_dir=not_a_dir).images, reference.images)
+    assert "could not write the decoded-image cache" in caplog.text
+
+
+def test_the_cache_keeps_skipped_images_and_fails_on_them_when_asked(tmp_path, caplog):
+    _write_folder(tmp_path / "data")
+    bad = tmp_path / "data" / "train" / "a" / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    paths, labels = _folder_split(tmp_path / "data")
+    cache = tmp_path / "cache"
+    decode_files(paths, labels, None, cache_dir=cache)
+    caplog.clear()
+    again = decode_files(paths, labels, None, cache_dir=cache)
+    assert again.skipped == [str(bad)] and len(again) == 6 and "broken.jpg" in caplog.text
+    with pytest.raises(BadImageError, match="broken.jpg"):
+        decode_files(paths, labels, None, bad_images="fail", cache_dir=cache)
+
+
+def test_data_decode_cache_auto_uses_nocollapse_cache_and_off_writes_nothing(tmp_path, monkeypatch):
+    _write_folder(tmp_path / "data")
+    monkeypatch.setenv("NOCOLLAPSE_CACHE", str(tmp_path / "cache"))
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path / "data"))
+    assert decode_cache_dir(cfg) == tmp_path / "cache" / "decoded"
+    assert decode_cache_dir(DataConfig(decode_cache="~/x")) == Path.home() / "x"
+    load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path / "data"), decode_cache="off"))
+    assert not (tmp_path / "cache").exists()
+    load_dataset(cfg)
+    assert len(list((tmp_path / "cache" / "decoded").glob("*.pt"))) == 2  # train and test
 
 
 def test_batch_sampler_shards_concatenate_to_the_single_process_batches():

@@ -88,6 +88,11 @@ class DataConfig:
     in_memory: str = choice(
         "auto", ("auto", "true", "false"),
         "decode every image once into memory (auto: when the decoded split fits in 4 GiB)")
+    decode_cache: str = setting(
+        "auto", "where an image folder decoded into memory is kept between runs, one file per split "
+        "keyed by the files' paths, labels, sizes and modification times, so the next run reads it "
+        "instead of decoding again: auto ($NOCOLLAPSE_CACHE/decoded, else ~/.cache/nocollapse/decoded), "
+        "off, or a directory")
     imbalance_ratio: float = setting(
         1.0, "long-tail subsampling of the training split: n_max / n_min with an exponential "
         "per-class profile (CIFAR-LT convention); 1 keeps the balanced split", 1.0)

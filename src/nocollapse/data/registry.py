@@ -250,6 +250,16 @@ def _in_memory(cfg: DataConfig, paths: list[str]) -> bool:
     return len(paths) * side * side * 3 <= 4 * 2**30
 
 
+def decode_cache_dir(cfg: DataConfig) -> Path | None:
+    """The directory of decoded image folders named by ``data.decode_cache`` (None when off)."""
+    if cfg.decode_cache == "off":
+        return None
+    if cfg.decode_cache == "auto":
+        base = os.environ.get("NOCOLLAPSE_CACHE")
+        return (Path(base) if base else Path.home() / ".cache" / "nocollapse") / "decoded"
+    return Path(cfg.decode_cache).expanduser()
+
+
 def _imagefolder(cfg: DataConfig) -> DatasetSplits:
     root = _root(cfg)
     if not root.is_dir():
@@ -260,9 +270,11 @@ def _imagefolder(cfg: DataConfig) -> DatasetSplits:
         missing = sorted(set(classes) ^ set(test_classes))
         raise ValueError(f"{root}: train/ and test/ have different class folders ({', '.join(missing)})")
     if _in_memory(cfg, train_paths):
-        train = decode_files(train_paths, train_labels, cfg.image_size, cfg.bad_images)
+        cache = decode_cache_dir(cfg)
+        train = decode_files(train_paths, train_labels, cfg.image_size, cfg.bad_images, cache_dir=cache)
         # the test split is decoded at the training split's size
-        test = decode_files(test_paths, test_labels, cfg.image_size or train.image_size, cfg.bad_images)
+        test = decode_files(test_paths, test_labels, cfg.image_size or train.image_size, cfg.bad_images,
+                            cache_dir=cache)
         mean, std = _channel_stats(train.images[:: max(1, len(train) // 5000)])
     else:
         train = ImageFiles(train_paths, torch.tensor(train_labels, dtype=torch.long), cfg.image_size)
@@ -278,7 +290,7 @@ DATASETS.register("cifar100", DatasetSpec(lambda cfg: _cifar(cfg, hundred=True),
 DATASETS.register("svhn", DatasetSpec(_svhn, _TORCHVISION_KEYS))
 DATASETS.register("stl10", DatasetSpec(_stl10, _TORCHVISION_KEYS))
 DATASETS.register("imagefolder", DatasetSpec(
-    _imagefolder, {"root", "image_size", "in_memory"},
+    _imagefolder, {"root", "image_size", "in_memory", "decode_cache"},
     required=(("root", "a folder with train/ and test/ class sub-folders "
                        "(e.g. --set data.root=/path/to/cifar10)"),)))
 

@@ -9,11 +9,16 @@ Two kinds, behind one small interface (``len``, ``labels``, ``load(i)``):
 
 Decoding goes through :func:`decode_image`, which turns a corrupt or truncated file into a
 :class:`BadImageError` naming the file, so the caller can skip it with a counted warning or fail.
+:func:`decode_files` can keep what it decoded in a cache directory, one file per split keyed by
+the files' paths, labels, sizes and modification times, so that the next run over unchanged
+files reads one tensor instead of decoding every image again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from ..utils.checkpoint import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +115,72 @@ class ImageFiles:
 ImageSource = InMemoryImages | ImageFiles
 
 
+# Bumped whenever the layout of a cache file changes, so that old files are never misread.
+DECODE_CACHE_FORMAT = 1
+
+
+def decode_cache_key(paths: Sequence[str], labels: Sequence[int], size: int | None) -> str | None:
+    """A digest of everything a decoded split depends on: each file's absolute path, label, byte
+    size and modification time, the requested size and the cache format. None when a file cannot
+    be stat'ed (then nothing is cached, and decoding reports the file)."""
+    digest = hashlib.sha256(f"format {DECODE_CACHE_FORMAT} size {size}\n".encode())
+    try:
+        for path, label in zip(paths, labels):
+            stat = os.stat(path)
+            digest.update(f"{os.path.abspath(path)}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _load_decoded(file: Path, bad_images: str) -> InMemoryImages | None:
+    """The split cached in ``file``, or None (with a warning) when it cannot be read."""
+    try:
+        cached = torch.load(file, map_location="cpu", weights_only=True)
+        split = InMemoryImages(cached["images"], cached["labels"], list(cached["skipped"]))
+    except Exception as exc:  # a truncated or foreign file: decode again and overwrite it
+        log.warning("ignoring unreadable decoded-image cache %s (%s); decoding again", file, exc)
+        return None
+    if split.skipped and bad_images == "fail":
+        decode_image(split.skipped[0])  # raises the BadImageError that decoding would have raised
+        return None  # the file reads now after all: decode the split again
+    for path in split.skipped:
+        log.warning("skipping unreadable image %s (recorded in the decoded-image cache)", path)
+    return split
+
+
 def decode_files(paths: Sequence[str], labels: Sequence[int], size: int | None,
-                 bad_images: str = "skip", threads: int = 4) -> InMemoryImages:
+                 bad_images: str = "skip", threads: int = 4,
+                 cache_dir: str | Path | None = None) -> InMemoryImages:
     """Decode image files once into an :class:`InMemoryImages`.
 
     Without ``size``, images of mixed sizes are resized (shorter side) and centre-cropped to the
     most common square side, with a warning; pass ``size`` to choose it. Unreadable files
     are skipped (``bad_images="skip"``, each logged and counted in ``skipped``) or raise.
+    With ``cache_dir``, the split is read from there when the same files (same paths, labels,
+    sizes and modification times) were decoded at the same ``size`` before, and written there
+    otherwise; a cache that cannot be read or written costs only a warning.
     """
+    key = decode_cache_key(paths, labels, size) if cache_dir is not None else None
+    file = Path(cache_dir) / f"{key}.pt" if key is not None else None
+    if file is not None and file.is_file():
+        split = _load_decoded(file, bad_images)
+        if split is not None:
+            log.info("read %d decoded images from %s", len(split), file)
+            return split
+    split = _decode(paths, labels, size, bad_images, threads)
+    if file is not None:
+        try:
+            atomic_save({"images": split.images, "labels": split.labels, "skipped": split.skipped}, file)
+        except OSError as exc:
+            log.warning("could not write the decoded-image cache %s (%s); the next run decodes again",
+                        file, exc)
+    return split
+
+
+def _decode(paths: Sequence[str], labels: Sequence[int], size: int | None, bad_images: str,
+            threads: int) -> InMemoryImages:
+    """Decode every file (``threads`` at a time) and stack the readable ones; see decode_files."""
     def work(path: str) -> np.ndarray | BadImageError:
         try:
             return np.asarray(decode_image(path, size))
