@@ -1,8 +1,17 @@
-"""Shared fixtures: a tiny, fast configuration for end-to-end runs on the digits dataset."""
+"""Shared fixtures: a tiny, fast configuration for end-to-end runs on the digits dataset, the
+benchmark scripts as modules, and a decoded-image cache of the test's own."""
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
 import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 # A run of a few seconds: 8 px digits, a ResNet-18 at 1/8 width, a small head and K = 32.
 TINY = [
@@ -29,3 +38,16 @@ def tiny_overrides() -> list[str]:
 def _decode_cache_in_tmp(tmp_path_factory, monkeypatch):
     """Keep the decoded-image cache (data.decode_cache=auto) out of the user's home directory."""
     monkeypatch.setenv("NOCOLLAPSE_CACHE", str(tmp_path_factory.mktemp("nocollapse-cache")))
+
+
+@pytest.fixture(scope="session")
+def import_benchmark() -> Callable[[str], ModuleType]:
+    """Import ``benchmarks/<name>.py``: the benchmarks are scripts that import their ``common``
+    module as a sibling, so their folder is on the path while they are imported."""
+    def load(name: str) -> ModuleType:
+        sys.path.insert(0, str(BENCHMARKS))
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(str(BENCHMARKS))
+    return load

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
 @pytest.fixture(scope="module")
-def study():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import collapse_study
-        yield collapse_study
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def study(import_benchmark):
+    return import_benchmark("collapse_study")
 
 
 def _record(method: str, seed: int, knn: float, fixed: bool = False) -> dict:
@@ -117,7 +108,7 @@ def test_write_docs_refills_only_the_marked_blocks(study, tmp_path):
 
 def test_committed_study_tables_match_the_committed_records(study):
     """The README's and the results' study blocks are what --write-docs makes of docs/study."""
-    repo = BENCHMARKS.parent
+    repo = Path(__file__).resolve().parent.parent
     records: dict[str, dict[str, list[dict]]] = {}
     for dataset in study.DATASETS:
         for name in study.STUDY:

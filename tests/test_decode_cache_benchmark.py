@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 from PIL import Image
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def test_decode_cache_benchmark_reports_three_loads_and_the_cache_size(tmp_path, capsys):
+def test_decode_cache_benchmark_reports_three_loads_and_the_cache_size(tmp_path, capsys, import_benchmark):
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
         for cls in ("a", "b"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(4):
                 Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import decode_cache
-        result = decode_cache.main(["--data", str(tmp_path)])
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    result = import_benchmark("decode_cache").main(["--data", str(tmp_path)])
     assert result["images"] == 16
     assert set(result["seconds"]) == {"cache_off", "first_load", "cached_load"}
     # two splits of 8 uint8 images of 3 x 8 x 8, plus the labels and the file format's overhead

@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
 @pytest.fixture(scope="module")
-def throughput():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import throughput
-        yield throughput
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def throughput(import_benchmark):
+    return import_benchmark("throughput")
 
 
 def test_count_gflops_is_the_matrix_product_count(throughput):
