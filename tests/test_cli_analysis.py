@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from nocollapse import analysis
+from nocollapse.analysis import encode_split
 from nocollapse.cli import main
 
 from conftest import TINY
@@ -46,6 +48,37 @@ def test_diagnose_json_and_checkpoint_file(run_dir, capsys):
     assert data["source"]["step"] == 42 and "prototype_utilization" not in data
 
 
+def test_eval_reads_the_features_training_left_and_they_are_what_encoding_gives(run_dir, monkeypatch, capsys):
+    cached = run_dir / "features" / "last-step42.pt"
+    assert cached.is_file()  # written by the end of training (eval.save_features)
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("eval encoded a split although training cached its outputs")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(analysis, "encode_split", no_encoding)
+        assert main(["eval", str(run_dir), "--knn", "--json"]) == 0
+    from_training = json.loads(capsys.readouterr().out)
+    saved = torch.load(cached, weights_only=True)
+    assert main(["eval", str(run_dir), "--knn", "--json", "--no-cache"]) == 0
+    encoded = json.loads(capsys.readouterr().out)
+    again = torch.load(cached, weights_only=True)
+    for split, key in (("train", "features"), ("test", "features"), ("test", "embeddings"),
+                       ("test", "nearest"), ("train", "labels")):
+        torch.testing.assert_close(again[split][key], saved[split][key])
+    assert saved["train"]["embeddings"] is None  # the memory bank needs backbone features only
+    for protocol, value in encoded["knn"].items():
+        assert from_training["knn"][protocol]["top1"] == pytest.approx(value["top1"], abs=1e-6)
+
+
+def test_no_features_are_left_when_the_memory_bank_is_subsampled_or_saving_is_off(tmp_path):
+    for name, option in (("subsampled", "eval.max_train_samples=100"), ("off", "eval.save_features=false")):
+        out = tmp_path / name
+        assert main(["train", "--out", str(out), "--set", *TINY, "train.epochs=1", "eval.knn_init=false",
+                     option, "diagnostics.plots=false"]) == 0
+        assert not (out / "features").exists()
+
+
 def test_eval_runs_everything_and_caches_features(run_dir, capsys):
     assert main(["eval", str(run_dir)]) == 0
     assert "linear probe" in capsys.readouterr().out
@@ -66,7 +99,7 @@ def test_eval_runs_everything_and_caches_features(run_dir, capsys):
     assert "linear" not in only_knn and cached[0].stat().st_mtime_ns == stamp
 
 
-def test_eval_balanced_train_after_long_tailed_pretraining(run_dir, tmp_path, capsys):
+def test_eval_balanced_train_after_long_tailed_pretraining(run_dir, tmp_path, monkeypatch, capsys):
     # a run without long tail has no balanced split: a clear error, and nothing written
     assert main(["eval", str(run_dir), "--balanced-train"]) == 2
     assert "--balanced-train needs a run pre-trained on a long-tailed subset" in capsys.readouterr().err
@@ -78,7 +111,12 @@ def test_eval_balanced_train_after_long_tailed_pretraining(run_dir, tmp_path, ca
     capsys.readouterr()
     assert main(["eval", str(lt_run), "--knn", "--json"]) == 0
     standard = json.loads(capsys.readouterr().out)
-    assert main(["eval", str(lt_run), "--knn", "--json", "--balanced-train"]) == 0
+    encoded = []
+    with monkeypatch.context() as patch:  # the test split's outputs come from the standard cache
+        patch.setattr(analysis, "encode_split",
+                      lambda *args, **kwargs: encoded.append(len(args[1])) or encode_split(*args, **kwargs))
+        assert main(["eval", str(lt_run), "--knn", "--json", "--balanced-train"]) == 0
+    assert encoded == [1347]
     balanced = json.loads(capsys.readouterr().out)
     assert json.loads((lt_run / "eval_balanced.json").read_text()) == balanced
     assert json.loads((lt_run / "eval.json").read_text()) == standard  # the standard report is kept

@@ -163,14 +163,43 @@ def _cluster_measures(k: int, test: SplitOutputs, seed: int) -> dict[str, Any]:
     return out
 
 
+def features_cache_path(run_dir: Path, checkpoint: Path, step: int, balanced_train: bool = False) -> Path:
+    """Where the split outputs of ``checkpoint`` at ``step`` are cached in a run directory."""
+    return run_dir / "features" / f"{checkpoint.stem}-step{step}{'-balanced' if balanced_train else ''}.pt"
+
+
+def _fingerprint(checkpoint: Path) -> str:
+    stat = checkpoint.stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def save_outputs(path: Path, checkpoint: Path, train: SplitOutputs, test: SplitOutputs) -> None:
+    """Cache the train and test outputs of ``checkpoint`` (read back by :func:`cached_outputs`)."""
+    atomic_save({"fingerprint": _fingerprint(checkpoint), "format": CACHE_FORMAT, "train": vars(train),
+                 "test": vars(test)}, path)
+
+
+def _load_outputs(path: Path, checkpoint: Path) -> tuple[SplitOutputs, SplitOutputs] | None:
+    """The cached outputs in ``path`` if they were made from this very checkpoint file."""
+    if not path.is_file():
+        return None
+    cached = torch.load(path, map_location="cpu", weights_only=True)
+    if cached.get("fingerprint") != _fingerprint(checkpoint) or cached.get("format") != CACHE_FORMAT:
+        return None
+    return SplitOutputs(**cached["train"]), SplitOutputs(**cached["test"])
+
+
 def cached_outputs(run, device: torch.device, use_cache: bool = True,
                    balanced_train: bool = False) -> tuple[SplitOutputs, SplitOutputs]:
     """Train and test outputs of a loaded run (see :mod:`nocollapse.runs`), cached per checkpoint
-    in ``RUN_DIR/features/<checkpoint>-step<N>[-balanced].pt``. The cache is keyed by the checkpoint
-    file's size and modification time, so an overwritten ``last.pt`` is re-encoded.
+    in ``RUN_DIR/features/<checkpoint>-step<N>[-balanced].pt`` (the trainer writes the one of its
+    final ``last.pt``, ``eval.save_features``). The cache is keyed by the checkpoint file's size
+    and modification time, so an overwritten ``last.pt`` is re-encoded.
 
     ``balanced_train`` encodes the labelled train split as it was before long-tail subsampling
-    (``splits.full_train``) instead of the subsampled one; a run without long tail has none."""
+    (``splits.full_train``) instead of the subsampled one; a run without long tail has none. The
+    test split's outputs do not depend on the train split, so they are taken from the other cache
+    when it holds them."""
 
     train_source = run.splits.train
     if balanced_train:
@@ -178,21 +207,18 @@ def cached_outputs(run, device: torch.device, use_cache: bool = True,
             raise ValueError(f"--balanced-train needs a run pre-trained on a long-tailed subset "
                              f"(data.imbalance_ratio > 1); {run.run_dir} used all of {run.cfg.data.dataset}")
         train_source = run.splits.full_train
-    stat = run.checkpoint.stat()
-    fingerprint = f"{stat.st_size}-{stat.st_mtime_ns}"
-    suffix = "-balanced" if balanced_train else ""
-    path = run.run_dir / "features" / f"{run.checkpoint.stem}-step{run.step}{suffix}.pt"
-    if use_cache and path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("fingerprint") == fingerprint and cached.get("format") == CACHE_FORMAT:
-            return SplitOutputs(**cached["train"]), SplitOutputs(**cached["test"])
+    path = features_cache_path(run.run_dir, run.checkpoint, run.step, balanced_train)
+    cached = _load_outputs(path, run.checkpoint) if use_cache else None
+    if cached is not None:
+        return cached
+    other = (_load_outputs(features_cache_path(run.run_dir, run.checkpoint, run.step, not balanced_train),
+                           run.checkpoint) if use_cache else None)
     cfg = run.cfg
     common = dict(size=run.image_size, splits=run.splits, batch_size=cfg.eval.batch_size, device=device,
                   num_workers=cfg.data.num_workers, bad_images=cfg.data.bad_images)
     train = encode_split(run.method, train_source, with_head=False, **common)
-    test = encode_split(run.method, run.splits.test, **common)
-    atomic_save({"fingerprint": fingerprint, "format": CACHE_FORMAT, "train": vars(train), "test": vars(test)},
-                path)
+    test = other[1] if other is not None else encode_split(run.method, run.splits.test, **common)
+    save_outputs(path, run.checkpoint, train, test)
     return train, test
 
 

@@ -192,6 +192,10 @@ class EvalConfig:
     knn_init: bool = setting(True, "measure k-NN of the randomly initialised backbone before training")
     batch_size: int = setting(512, "batch size of feature extraction", 1)
     max_train_samples: int = setting(0, "subsample the k-NN memory bank (0: all training images)", 0)
+    save_features: bool = setting(
+        True, "keep the final k-NN's train and test features in RUN_DIR/features, keyed by checkpoints/last.pt, "
+        "so that nocollapse eval reads them instead of encoding both splits again (not written when "
+        "max_train_samples subsamples the memory bank)")
     linear_lrs: list = setting([1e-3, 1e-2], "learning rates of the linear-probe sweep (Adam)")
     linear_weight_decays: list = setting([0.0, 1e-4, 1e-3], "L2 penalties of the linear-probe sweep")
     linear_epochs: int = setting(20, "linear-probe epochs (at least 1000 steps)", 1)

@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis import encode_split, method_report, run_summary, write_run_plots
+from ..analysis import (encode_split, features_cache_path, method_report, run_summary, save_outputs,
+                        write_run_plots)
 from ..config import Config, to_dict, to_yaml
 from ..data import Batch, TrainBatches, build_view_spec, load_dataset
 from ..data.registry import image_size_of
@@ -355,11 +356,11 @@ class Trainer:
                             self.device, self.cfg.data.num_workers, max_samples, with_head,
                             self.cfg.data.bad_images)
 
-    def knn(self, test=None) -> dict[str, float]:
+    def knn(self, test=None, train=None) -> dict[str, float]:
         """Weighted cosine k-NN (eval.knn_k, eval.knn_temperature) on backbone features of the
-        test split, with the training split as memory bank."""
+        test split, with the training split as memory bank (each encoded unless given)."""
         cfg = self.cfg
-        train = self.encode(self.splits.train, max_samples=cfg.eval.max_train_samples)
+        train = train or self.encode(self.splits.train, max_samples=cfg.eval.max_train_samples)
         test = test or self.encode(self.splits.test)
         return knn_accuracy(train.features, train.labels, test.features, test.labels, k=cfg.eval.knn_k,
                             temperature=cfg.eval.knn_temperature, num_classes=self.splits.num_classes)
@@ -501,8 +502,13 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         cfg = self.cfg
+        train = self.encode(self.splits.train, max_samples=cfg.eval.max_train_samples)
         test = self.encode(self.splits.test, with_head=True)
-        knn = self.knn(test)
+        knn = self.knn(test, train)
+        last = self.ckpt_dir / "last.pt"
+        if self.main and cfg.eval.save_features and not cfg.eval.max_train_samples and last.is_file():
+            # the outputs `nocollapse eval` would encode from last.pt, which holds these weights
+            save_outputs(features_cache_path(self.run_dir, last, self.position.step), last, train, test)
         report = method_report(self.method, test)
         self.logger.log({"step": self.position.step, "epoch": float(self.position.epoch),
                          "knn_top1": knn["top1"], "knn_top5": knn["top5"]}, prefix="epoch")
