@@ -121,3 +121,20 @@ def test_committed_study_tables_match_the_committed_records(study):
         assert study.DOC_BLOCK.search(text), doc
         assert study.render_doc_blocks(text, records, speeds) == text, (
             f"{doc}: run benchmarks/collapse_study.py --collect --out docs/study --write-docs README.md docs/results.md")
+
+
+def test_long_tail_claim_pairs_also_compare_the_balanced_protocol(study):
+    def lt(method, seed, knn, balanced):
+        return {**_record(method, seed, knn), "dataset": "cifar10_lt", "balanced_knn_top1": balanced,
+                "balanced_linear_top1": balanced + 0.01}
+    records = {"cifar10_lt": {"supcon": [lt("supcon", 0, 0.30, 0.46), lt("supcon", 1, 0.30, 0.47)],
+                              "clop": [lt("clop", 0, 0.28, 0.43), lt("clop", 1, 0.28, 0.44)]}}
+    pairs = study.claim_pairs(records["cifar10_lt"], study.pair_metrics("cifar10_lt"))
+    assert pairs[0]["balanced_knn_top1"]["difference"] == pytest.approx(-0.03)
+    assert pairs[0]["balanced_linear_top1"]["difference"] == pytest.approx(-0.03)
+    table = study.markdown_tables(records)
+    head = next(line for line in table.splitlines() if line.startswith("| baseline |"))
+    assert head.endswith("| balanced k-NN difference | balanced linear difference |")
+    row = next(line for line in table.splitlines() if line.startswith("| supcon | clop |"))
+    assert "-0.030 ± 0.007 (outside the noise)" in row                    # se = sqrt(2 * 0.00707^2 / 2)
+    assert study.pair_metrics("cifar10") == ("knn_top1", "linear_top1")
