@@ -141,7 +141,7 @@ class ModelConfig:
                         "auto (cifar below 96 px)")
     patch_size: int = setting(4, "ViT patch size", 1)
     sync_batchnorm: bool = setting(False, "convert BatchNorm to SyncBatchNorm in distributed runs")
-    channels_last: bool = setting(True, "channels-last memory format for convolutional backbones (usually faster convolutions)")
+    channels_last: bool = setting(True, "channels-last memory format for convolutional backbones (usually faster convolutions; not applied to a ResNet whose narrowest stage has fewer than 8 channels)")
 
 
 @dataclass

@@ -34,8 +34,14 @@ class ResNetBackbone(ResNet):
     ``cifar_stem`` replaces the 7x7 stride-2 convolution and max-pool by one 3x3 stride-1
     convolution, the usual choice for 32 px images. The classifier is removed. ``channels_last``
     stores weights and inputs in NHWC order, which oneDNN / cuDNN convolutions usually run faster
-    (the measured speed-up is in docs/results.md, "Notes moved from the recipe files").
+    (the measured speed-up is in docs/results.md, "Notes moved from the recipe files"). It is
+    not applied when the narrowest stage has fewer than ``MIN_CHANNELS_LAST_WIDTH`` channels:
+    there oneDNN's NHWC weight-gradient kernel writes outside its buffers on AVX2 CPUs with one
+    thread (torch 2.14: heap corruption, then a crash), and such narrow layers gain nothing
+    from the format anyway.
     """
+
+    MIN_CHANNELS_LAST_WIDTH = 8
 
     def __init__(self, depth: str, width_multiplier: float = 1.0, cifar_stem: bool = False,
                  channels_last: bool = False) -> None:
@@ -61,14 +67,14 @@ class ResNetBackbone(ResNet):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Identity()
         self.feature_dim = widths[3] * block.expansion
-        self.channels_last = channels_last
+        self.channels_last = channels_last and widths[0] >= self.MIN_CHANNELS_LAST_WIDTH
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if channels_last:
+        if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
 
