@@ -331,6 +331,7 @@ LONG_TAIL_PAIR_METRICS = PAIR_METRICS + ("balanced_knn_top1", "balanced_linear_t
 
 
 def pair_metrics(dataset: str) -> tuple[str, ...]:
+    """The metrics the claim pairs of ``dataset`` compare (the balanced protocol's too on a long tail)."""
     return LONG_TAIL_PAIR_METRICS if dataset.endswith("_lt") else PAIR_METRICS
 
 
