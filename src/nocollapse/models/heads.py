@@ -11,6 +11,9 @@ from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
 def _init_linear(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
@@ -19,24 +22,48 @@ def _init_linear(m: nn.Module) -> None:
 
 
 class ProjectionMLP(nn.Module):
-    """``layers`` linear layers ``in -> hidden -> ... -> out`` with GELU (and optional BatchNorm)
-    between them; the output is the bottleneck the prototypes live in."""
+    """``layers`` linear layers ``in -> hidden -> ... -> out`` with an activation (and optional
+    BatchNorm) between them; the output is the bottleneck the prototypes live in, or the
+    projection a loss compares.
+
+    The keyword options build the heads of the published baselines with the same class:
+
+    * ``activation``: ``"gelu"`` (DINO's head) or ``"relu"`` (SwAV, Barlow Twins, VICReg, BYOL,
+      SimSiam);
+    * ``hidden_bias``: biases on the layers followed by an activation. A bias right before a
+      BatchNorm is cancelled by it, so the baselines' code leaves it out;
+    * ``last_bias``: a bias on the last layer (Barlow Twins has none: its loss standardises the
+      output, which cancels it);
+    * ``output_batchnorm``: a BatchNorm without affine parameters after the last layer
+      (SimSiam's projector);
+    * ``init``: ``"trunc_normal"`` (std 0.02, zero biases: DINO) or ``"torch"`` (PyTorch's default
+      initialisation, as the baselines' reference code).
+    """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 3,
-                 batchnorm: bool = False) -> None:
+                 batchnorm: bool = False, *, activation: str = "gelu", hidden_bias: bool = True,
+                 last_bias: bool = True, output_batchnorm: bool = False, init: str = "trunc_normal") -> None:
         super().__init__()
         if layers < 1:
             raise ValueError("a projection MLP needs at least one layer")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        if init not in ("trunc_normal", "torch"):
+            raise ValueError(f"init must be 'trunc_normal' or 'torch', got {init!r}")
         blocks: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
         for i in range(layers):
-            blocks.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < layers - 1:
+            last = i == layers - 1
+            blocks.append(nn.Linear(dims[i], dims[i + 1], bias=last_bias if last else hidden_bias))
+            if not last:
                 if batchnorm:
                     blocks.append(nn.BatchNorm1d(dims[i + 1]))
-                blocks.append(nn.GELU())
+                blocks.append(ACTIVATIONS[activation]())
+        if output_batchnorm:
+            blocks.append(nn.BatchNorm1d(out_dim, affine=False))
         self.mlp = nn.Sequential(*blocks)
-        self.apply(_init_linear)
+        if init == "trunc_normal":
+            self.apply(_init_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)
