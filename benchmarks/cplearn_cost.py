@@ -24,7 +24,7 @@ from common import time_call
 from nocollapse.config import build_config
 from nocollapse.losses.cplearn import cplearn_loss, cplearn_temperature
 from nocollapse.models.backbones import build_backbone
-from nocollapse.models.heads import rademacher_codebook
+from nocollapse.prototypes.fixed import rademacher_codebook
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from digits_data import augment, digit_images
 
 from nocollapse import OnlineProbe
 from nocollapse.integrations.lightning import CollapseMonitorCallback
-from nocollapse.losses.dino import sinkhorn_knopp
+from nocollapse.losses.sinkhorn import sinkhorn_knopp
 
 
 class SwAVDigits(pl.LightningModule):

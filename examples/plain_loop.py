@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from digits_data import augment, digit_images
 
 from nocollapse import CollapseMonitor
-from nocollapse.losses.dino import sinkhorn_knopp
+from nocollapse.losses.sinkhorn import sinkhorn_knopp
 
 
 def main() -> None:

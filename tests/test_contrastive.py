@@ -13,7 +13,8 @@ from torch.nn import functional as F
 from distributed_helpers import run_distributed
 from nocollapse.config import ConfigError, build_config
 from nocollapse.data.semi_supervised import labelled_subset, masked_labels
-from nocollapse.losses.clop import clop_loss, orthonormal_prototypes
+from nocollapse.losses.clop import clop_loss
+from nocollapse.prototypes.fixed import orthonormal_prototypes
 from nocollapse.losses.contrastive import nt_xent, supcon
 
 EYE2 = torch.eye(2)
@@ -139,7 +140,7 @@ def _losses(rank, world_size, z1, z2, labels, prototypes):
     cfg, _ = build_config(overrides=["method.name=clop", "clop.num_classes=3", "contrastive.output_dim=8",
                                      "model.width_multiplier=0.125"])
     torch.manual_seed(rank)
-    out["prototypes"] = build_method(cfg, build_backbone(cfg.model, 8), steps_per_epoch=2).prototypes
+    out["prototypes"] = build_method(cfg, build_backbone(cfg.model, 8), steps_per_epoch=2).prototype_vectors()
     return out
 
 

@@ -14,7 +14,7 @@ from nocollapse.config import ConfigError, build_config
 from nocollapse.losses.cplearn import cplearn_loss, cplearn_temperature, prior_matching
 from nocollapse.methods import build_method
 from nocollapse.models.backbones import build_backbone
-from nocollapse.models.heads import rademacher_codebook
+from nocollapse.prototypes.fixed import rademacher_codebook
 
 C = 64
 N = 8

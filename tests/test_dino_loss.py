@@ -107,7 +107,7 @@ def test_cosine_schedule_by_hand():
 
 
 def test_sinkhorn_targets_are_distributions_with_equal_prototype_mass():
-    from nocollapse.losses.dino import sinkhorn_knopp
+    from nocollapse.losses.sinkhorn import sinkhorn_knopp
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 8, generator=gen) * 3
@@ -120,7 +120,7 @@ def test_sinkhorn_targets_are_distributions_with_equal_prototype_mass():
 
 
 def test_sinkhorn_of_uniform_logits_is_uniform():
-    from nocollapse.losses.dino import sinkhorn_knopp
+    from nocollapse.losses.sinkhorn import sinkhorn_knopp
 
     q = sinkhorn_knopp(torch.zeros(6, 4), temperature=0.1)
     assert torch.allclose(q, torch.full((6, 4), 0.25))

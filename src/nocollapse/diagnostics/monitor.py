@@ -22,8 +22,8 @@ the step and epoch metrics.
 
 :class:`TrainingMonitor` builds one from a run's config and method and reads the method only
 through the hooks of :class:`~nocollapse.methods.base.SSLMethod` (``num_prototypes``,
-``embedding_dim``, ``uniform_loss``, ``fixed_prototypes``, ``prototype_vectors``,
-``mixture_weights``, ``idle_prototypes``).
+``embedding_dim``, ``uniform_loss``, ``fixed_prototypes`` and ``prototype_set``, or
+``prototype_vectors``, ``mixture_weights`` and ``idle_prototypes`` for a method without a set).
 """
 
 from __future__ import annotations
@@ -229,17 +229,35 @@ class CollapseMonitor:
         return metrics
 
     # ---- every epoch ---------------------------------------------------------------------
-    def end_epoch(self, step: int | None = None, *, prototypes: torch.Tensor | None = None,
+    def end_epoch(self, step: int | None = None, *, prototypes: Any = None,
                   mixture_weights: torch.Tensor | None = None, idle: torch.Tensor | None = None) -> dict[str, Any]:
         """Epoch metrics: prototype geometry (``prototypes`` or the last ones given to
         :meth:`update`), the epoch's utilisation, the queued features' effective rank, the mixture
-        weights; checks the epoch alarm and starts a new epoch."""
+        weights; checks the epoch alarm and starts a new epoch.
+
+        ``prototypes`` is a ``[K, D]`` tensor or a prototype set (any object with ``snapshot()``,
+        such as :class:`~nocollapse.prototypes.base.PrototypeSet`: learned, decoupled or fixed);
+        a set brings its own mixture weights, idle mask and whether it is fixed, so
+        ``mixture_weights`` and ``idle`` are for tensors only."""
         self._ensure(None, None)
         step = self.updates if step is None else int(step)
         metrics: dict[str, Any] = {}
+        fixed = self.fixed_prototypes
+        if prototypes is not None and hasattr(prototypes, "snapshot"):
+            if mixture_weights is not None or idle is not None:
+                raise ValueError("a prototype set brings its own mixture weights and idle mask: pass "
+                                 "mixture_weights and idle only with a prototype tensor")
+            snap = prototypes.snapshot()
+            prototypes, mixture_weights, idle = snap.vectors, snap.usage_weights, snap.idle
+            fixed = fixed or snap.fixed
+            if not len(prototypes):           # a mixture with no component placed yet
+                prototypes = mixture_weights = idle = None
+        elif prototypes is not None and not isinstance(prototypes, torch.Tensor):
+            raise TypeError(f"prototypes must be a [K, D] tensor or a prototype set with snapshot(), got "
+                            f"{type(prototypes).__name__}")
         if prototypes is None:
             prototypes = self.last_prototypes
-        if prototypes is not None and not self.fixed_prototypes:
+        if prototypes is not None and not fixed:
             p = prototypes.detach().float().cpu()
             for eps, n in unique_prototypes(p, STANDARD_EPS).items():
                 metrics[f"unique_{eps:g}"] = n / p.shape[0]
@@ -347,6 +365,10 @@ class TrainingMonitor(CollapseMonitor):
     def epoch_metrics(self, step: int, method) -> dict[str, Any]:
         if not self.enabled:
             return {}
+        prototype_set = method.prototype_set()
+        if prototype_set is not None:
+            return self.end_epoch(step, prototypes=prototype_set)
+        # a plugin method that reports its prototypes through the older hooks
         prototypes = None if self.fixed_prototypes else method.prototype_vectors()
         return self.end_epoch(step, prototypes=prototypes, mixture_weights=method.mixture_weights(),
                               idle=method.idle_prototypes())

@@ -10,8 +10,10 @@ What the LightningModule provides:
   features) and ``"labels"`` ``[B]`` (``-1`` = unlabelled; used only when the monitor has a
   ``probe``). Each is read after the optimiser step and detached; missing keys are skipped.
 - optionally ``collapse_prototypes()``: the prototypes ``[K, D]`` to measure at the end of each
-  training epoch, or a :class:`~nocollapse.prototypes.gmm.OnlineGMM` (for example a
-  :class:`~nocollapse.DecoupledPrototypes`), whose means, weights and idle components are read.
+  training epoch, or a prototype set (:class:`~nocollapse.prototypes.base.PrototypeSet`:
+  learned, :class:`~nocollapse.DecoupledPrototypes` or fixed; or a bare
+  :class:`~nocollapse.prototypes.gmm.OnlineGMM`), whose vectors, weights and idle components are
+  read as ``nocollapse train`` reads them.
   Without it, the epoch measures the prototypes last returned under ``"prototypes"``, if any.
 - optionally ``validation_step`` returning ``"features"`` and ``"labels"``: with a probe, the
   validation epoch reports ``val_online_knn_top1`` / ``val_online_linear_top1``.
@@ -32,6 +34,7 @@ import torch
 
 from ..diagnostics.alarms import ALARM_NAMES
 from ..diagnostics.monitor import CollapseMonitor
+from ..prototypes.base import PrototypeSet, PrototypeSnapshot
 from ..prototypes.gmm import OnlineGMM
 
 try:
@@ -98,17 +101,10 @@ class CollapseMonitorCallback(pl.Callback):
         self._maybe_stop(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        prototypes = weights = idle = None
         source = pl_module.collapse_prototypes() if hasattr(pl_module, "collapse_prototypes") else None
-        if isinstance(source, OnlineGMM):
-            seeded = source.seeded                           # components placed so far
-            if seeded:
-                prototypes = source.means[:seeded]
-                weights, idle = source.weights[:seeded], source.idle_mask()[:seeded]
-        elif source is not None:
-            prototypes = source
-        metrics = self.monitor.end_epoch(trainer.global_step, prototypes=prototypes, mixture_weights=weights,
-                                         idle=idle)
+        if isinstance(source, OnlineGMM) and not isinstance(source, PrototypeSet):
+            source = _SeededMixture(source)                  # a bare mixture: its placed components
+        metrics = self.monitor.end_epoch(trainer.global_step, prototypes=source)
         self._log(pl_module, metrics, on_step=False)
         self._maybe_stop(trainer)
 
@@ -155,3 +151,16 @@ class CollapseMonitorCallback(pl.Callback):
         fired = any(alarm.name in self.stop_on for alarm in self.monitor.alarms)
         if trainer.strategy.reduce_boolean_decision(fired, all=False):
             trainer.should_stop = True
+
+
+class _SeededMixture:
+    """A bare :class:`OnlineGMM` read as a prototype set: its seeded components, their weights
+    and idle mask."""
+
+    def __init__(self, mixture: OnlineGMM) -> None:
+        self.mixture = mixture
+
+    def snapshot(self) -> PrototypeSnapshot:
+        m, seeded = self.mixture, self.mixture.seeded
+        return PrototypeSnapshot(m.means[:seeded].detach().float().cpu(), m.weights[:seeded].detach().float().cpu(),
+                                 m.idle_mask()[:seeded].detach().cpu())

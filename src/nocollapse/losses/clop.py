@@ -1,8 +1,7 @@
 """CLOP's prototype term (Li, Nguyen & Pimentel-Alarcon, arXiv 2403.18699): fixed orthonormal
 class prototypes that pull the embeddings of labelled samples.
 
-The prototypes are the rows of ``V^T`` from the thin SVD ``G = U S V^T`` of a seeded ``C x d``
-Gaussian matrix: ``C`` exactly orthonormal rows (so ``d >= C``). For the two views' projections
+The prototypes (``prototypes.fixed.orthonormal_prototypes``) are ``C`` orthonormal rows. For the two views' projections
 ``z1``, ``z2`` and a sample with label ``y >= 0`` (unit vectors ``u = z / ||z||``):
 
 * ``distance="cosine"``: ``l = 1 - (cos(z1, c_y) + cos(z2, c_y)) / 2``, 0 at ``u = c_y`` and 1
@@ -25,19 +24,6 @@ from torch.nn import functional as F
 from ..utils import distributed as dist_utils
 
 DISTANCES = ("cosine", "euclidean")
-
-
-def orthonormal_prototypes(num_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
-    """``[num_classes, dim]`` orthonormal rows (fp32), the same for a given seed on every process."""
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if dim < num_classes:
-        raise ValueError(f"{num_classes} orthonormal prototypes need a dimension of at least {num_classes}, "
-                         f"got {dim}: raise the projection dimension")
-    gen = torch.Generator().manual_seed(int(seed))
-    gaussian = torch.randn(num_classes, dim, generator=gen, dtype=torch.float64)
-    _, _, vh = torch.linalg.svd(gaussian, full_matrices=False)
-    return vh.float()
 
 
 def clop_loss(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None, prototypes: torch.Tensor,

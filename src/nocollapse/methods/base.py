@@ -33,16 +33,24 @@ Hooks (override what applies; the defaults fit a method without prototypes or te
 ``on_after_optimizer_step(step)``          e.g. the EMA teacher update
 ``eval_backbone()`` / ``eval_encoder()``   the networks evaluation encodes with
 ``eval_network_name``                      what evaluation encodes with, for reports
+``prototype_set()``                        the method's :class:`~nocollapse.prototypes.base.PrototypeSet`
+                                           (None without prototypes); the hooks below read it
 ``num_prototypes`` / ``embedding_dim``     sizes the monitor needs (None without prototypes)
 ``prototype_vectors()``                    ``[K, D]`` prototypes (None without prototypes)
 ``probs_from_scores(scores)``              the method's ``[N, K]`` assignment distribution, from
                                            its scores (``assignment_probs(embeddings)`` composes both)
 ``mixture_weights()`` / ``idle_prototypes()``  mixture weights and the idle mask, if any
+``saved_state_names()``                    historic checkpoint names of moved state entries
 ``uniform_loss()``                         the loss of a collapsed model (for the alarm)
 ``summary_fields()``                       method facts for ``summary.json``
 ``describe()``                             a short label for plots and tables
 ``trainable_parameter_count()``            parameters the optimiser trains
 ========================================  ====================================================
+
+A method with prototypes owns one :class:`~nocollapse.prototypes.base.PrototypeSet` (learned,
+decoupled or fixed) as a direct submodule; the defaults of the prototype hooks and of the step
+hooks read it, so a method only overrides what is its own (DINO's teacher temperature in
+``probs_from_scores``, say).
 
 The engine wraps the whole method in DistributedDataParallel, so everything a step needs runs
 inside ``forward`` (which accepts a ``Batch`` or a plain list of crops and calls
@@ -63,6 +71,7 @@ from torch.nn import functional as F
 from ..config import Config
 from ..data.batch import Batch
 from ..models.heads import ProjectionMLP
+from ..prototypes.base import PrototypeSet
 from ..utils.optim import parameter_groups
 
 
@@ -136,9 +145,6 @@ class SSLMethod(nn.Module):
     uses_labels = False
     #: what evaluation encodes with, for reports (``"teacher backbone"`` for EMA-teacher methods)
     eval_network_name = "backbone"
-    #: prototypes fixed and distinct by construction (a random codebook, orthonormal class
-    #: prototypes): their uniqueness is not measured, their usage is
-    fixed_prototypes = False
 
     def __init__(self, cfg: Config, backbone: nn.Module, steps_per_epoch: int) -> None:
         super().__init__()
@@ -146,6 +152,8 @@ class SSLMethod(nn.Module):
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * cfg.train.epochs
         self.feature_dim = int(getattr(backbone, "feature_dim"))
+        self._register_state_dict_hook(_save_under_historic_names)
+        self._register_load_state_dict_pre_hook(_load_historic_names, with_module=True)
 
     # ---- configuration (class level: the config and the preflight use them) ----------------
     @classmethod
@@ -194,15 +202,21 @@ class SSLMethod(nn.Module):
         return parameter_groups(self.named_parameters())
 
     def on_after_backward(self, step: int) -> None:
-        return None
+        prototypes = self.prototype_set()
+        if prototypes is not None:
+            prototypes.after_backward(step)
 
     def on_after_optimizer_step(self, step: int) -> None:
-        return None
+        prototypes = self.prototype_set()
+        if prototypes is not None:
+            prototypes.after_optimizer_step(step)
 
     def on_skipped_step(self, step: int) -> None:
         """Called instead of the backward pass and the optimiser step when the step's loss was
         not finite: drop whatever the step prepared to write."""
-        return None
+        prototypes = self.prototype_set()
+        if prototypes is not None:
+            prototypes.discard()
 
     # ---- evaluation ----------------------------------------------------------------------
     def eval_backbone(self) -> nn.Module:  # pragma: no cover
@@ -213,24 +227,45 @@ class SSLMethod(nn.Module):
         return None
 
     # ---- what the monitor and the reports read ---------------------------------------------
+    def prototype_set(self) -> PrototypeSet | None:
+        """The method's prototypes: its (first) direct submodule that is a
+        :class:`~nocollapse.prototypes.base.PrototypeSet`, None without prototypes."""
+        for child in self.children():
+            if isinstance(child, PrototypeSet):
+                return child
+        return None
+
+    @property
+    def fixed_prototypes(self) -> bool:
+        """Prototypes fixed and distinct by construction (a random codebook, orthonormal class
+        prototypes): their uniqueness is not measured, their usage is."""
+        prototypes = self.prototype_set()
+        return prototypes is not None and prototypes.fixed
+
     @property
     def num_prototypes(self) -> int | None:
-        return None
+        prototypes = self.prototype_set()
+        return None if prototypes is None else prototypes.num_prototypes
 
     @property
     def embedding_dim(self) -> int | None:
-        return None
+        prototypes = self.prototype_set()
+        return None if prototypes is None else prototypes.dim
 
     def prototype_vectors(self) -> torch.Tensor | None:
-        return None
+        prototypes = self.prototype_set()
+        return None if prototypes is None else prototypes.vectors().detach()
 
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor | None:
-        """Prototype scores ``[N, K]`` of evaluation-time embeddings (None without prototypes)."""
-        return None
+        """Prototype scores ``[N, K]`` of evaluation-time embeddings (None without prototypes):
+        against the prototypes the targets come from."""
+        prototypes = self.prototype_set()
+        return None if prototypes is None else prototypes.target_scores(embeddings)
 
     def probs_from_scores(self, scores: torch.Tensor) -> torch.Tensor | None:
-        """The method's assignment distribution ``[N, K]`` given its prototype scores ``[N, K]``."""
-        return None
+        """The method's assignment distribution ``[N, K]`` given its prototype scores ``[N, K]``
+        (by default a softmax without temperature)."""
+        return torch.softmax(scores.float(), dim=-1)
 
     def assignment_probs(self, embeddings: torch.Tensor) -> torch.Tensor | None:
         """The method's assignment distribution ``[N, K]`` of evaluation-time embeddings."""
@@ -239,12 +274,21 @@ class SSLMethod(nn.Module):
 
     def mixture_weights(self) -> torch.Tensor | None:
         """The weights ``pi`` ``[K]`` of a mixture-model prototype set (None otherwise)."""
-        return None
+        prototypes = self.prototype_set()
+        return None if prototypes is None else prototypes.usage_weights()
 
     def idle_prototypes(self) -> torch.Tensor | None:
         """Boolean ``[K]``: prototypes that recently received (almost) no assignment mass, by the
         method's own usage record (None when the method keeps none)."""
-        return None
+        prototypes = self.prototype_set()
+        return None if prototypes is None else prototypes.idle_mask()
+
+    def saved_state_names(self) -> dict[str, tuple[str, bool]]:
+        """State entries that checkpoints keep under an earlier name: ``{current key or prefix
+        (ending in "."): (saved key or prefix, transposed)}``. ``state_dict()`` writes them under
+        the saved name and ``load_state_dict()`` reads them back, so runs written before the
+        entry moved still load and new checkpoints keep the format they always had."""
+        return {}
 
     def uniform_loss(self) -> float | None:
         """The loss value of a fully collapsed, uniform-assignment model (for the alarm)."""
@@ -260,3 +304,32 @@ class SSLMethod(nn.Module):
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def _renamed(key: str, names: dict[str, tuple[str, bool]], reverse: bool) -> tuple[str, bool] | None:
+    for current, (saved, transposed) in names.items():
+        source, target = (saved, current) if reverse else (current, saved)
+        if current.endswith("."):
+            if key.startswith(source):
+                return target + key[len(source):], transposed
+        elif key == source:
+            return target, transposed
+    return None
+
+
+def _save_under_historic_names(module: SSLMethod, state_dict: dict, prefix: str, local_metadata) -> None:
+    names = module.saved_state_names()
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        renamed = _renamed(key[len(prefix):], names, reverse=False)
+        if renamed is not None:
+            value = state_dict.pop(key)
+            state_dict[prefix + renamed[0]] = value.t() if renamed[1] else value
+
+
+def _load_historic_names(module: SSLMethod, state_dict: dict, prefix: str, *args) -> None:
+    names = module.saved_state_names()
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        renamed = _renamed(key[len(prefix):], names, reverse=True)
+        if renamed is not None:
+            value = state_dict.pop(key)
+            state_dict[prefix + renamed[0]] = value.t().contiguous() if renamed[1] else value

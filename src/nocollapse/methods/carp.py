@@ -78,7 +78,7 @@ class CARP(PrototypeMethod):
         with torch.no_grad():
             t_feat, t_emb = self.teacher(crops[:2])
             t_emb = t_emb.float()
-            gamma = self.update_mixture(nn.functional.normalize(t_emb, dim=-1), step) if self.decoupled else None
+            gamma = self.update_mixture(nn.functional.normalize(t_emb, dim=-1), step)
             t_probs = self.teacher_block_probs(t_emb, gamma, part)
         _, s_emb = self.student(crops)
         s_probs = block_probabilities(self.student_scores(s_emb), part)

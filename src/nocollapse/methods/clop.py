@@ -24,8 +24,9 @@ from torch import nn
 
 from ..config import Config, ConfigError, choice, setting
 from ..data.batch import Batch
-from ..losses.clop import DISTANCES, clop_loss, orthonormal_prototypes
+from ..losses.clop import DISTANCES, clop_loss
 from ..losses.contrastive import nt_xent
+from ..prototypes.fixed import FixedPrototypes, orthonormal_prototypes
 from ..utils.registry import METHODS
 from .supcon import SupCon
 
@@ -49,7 +50,6 @@ class ClopSettings:
 @METHODS.register("clop")
 class CLOP(SupCon):
     name = "clop"
-    fixed_prototypes = True
 
     @classmethod
     def settings(cls) -> dict[str, type]:
@@ -69,8 +69,12 @@ class CLOP(SupCon):
         if s.num_classes is None:
             raise ConfigError("clop.num_classes is not set: it is resolved from the dataset by the trainer, "
                               "or set it yourself")
-        self.register_buffer("prototypes", orthonormal_prototypes(s.num_classes, cfg.contrastive.output_dim,
-                                                                  s.prototype_seed))
+        # cosine scores of the projections against the class prototypes (what the reports read)
+        self.prototypes = FixedPrototypes(orthonormal_prototypes(s.num_classes, cfg.contrastive.output_dim,
+                                                                 s.prototype_seed), normalize_inputs=True)
+
+    def saved_state_names(self) -> dict[str, tuple[str, bool]]:
+        return {"prototypes.rows": ("prototypes", False)}
 
     def contrastive_loss(self, z1: torch.Tensor, z2: torch.Tensor, batch: Batch) -> torch.Tensor:
         if self.cfg.clop.base == "nt_xent":
@@ -78,25 +82,11 @@ class CLOP(SupCon):
         return super().contrastive_loss(z1, z2, batch)
 
     def extra_loss(self, z1: torch.Tensor, z2: torch.Tensor, batch: Batch, logs: dict) -> torch.Tensor:
-        term = clop_loss(z1, z2, batch.labels, self.prototypes, self.cfg.clop.distance)
+        term = clop_loss(z1, z2, batch.labels, self.prototypes.vectors(), self.cfg.clop.distance)
         logs["loss_clop"] = float(term.detach())
         return self.cfg.clop.weight * term
 
     # ---- the prototypes in the reports -----------------------------------------------------
-    @property
-    def num_prototypes(self) -> int:
-        return int(self.prototypes.shape[0])
-
-    @property
-    def embedding_dim(self) -> int:
-        return int(self.prototypes.shape[1])
-
-    def prototype_vectors(self) -> torch.Tensor:
-        return self.prototypes
-
-    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(embeddings.float(), dim=-1) @ self.prototypes.t()
-
     def probs_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
         return torch.softmax(scores / self.temperature, dim=-1)
 

@@ -14,10 +14,12 @@ evaluation at another batch size scores codes with the training temperature. The
 and the loss run in fp32 with autocast off: a bf16 sum of f terms errs by a large fraction of a
 nat.
 
-The codes are the method's prototypes for the monitor and the reports: ``num_prototypes = c``,
+The codes are the method's prototypes (a :class:`~nocollapse.prototypes.fixed.FixedPrototypes`
+whose rows are the codes and whose temperature is ``tau``): ``num_prototypes = c``,
 ``prototype_vectors()`` the codes as rows. They are fixed and unique by construction, so the
-uniqueness measures of learned prototypes are not computed for them (``fixed_prototypes``); code
-usage, cluster sizes and the clustering scores of the arg-max codes are.
+uniqueness measures of learned prototypes are not computed for them; code usage, cluster sizes
+and the clustering scores of the arg-max codes are. Checkpoints keep the codebook under its
+``[f, c]`` name ``codebook``.
 
 Where the paper and the release differ, the release is the default and the paper a switch:
 ``cplearn.embedding`` (tanh as released; ``l2``: version 1's ``sqrt(f/n)``-scaled L2-normalised
@@ -38,7 +40,8 @@ from torch import nn
 from ..config import Config, ConfigError, choice, setting
 from ..data.batch import Batch
 from ..losses.cplearn import PRIORS, cplearn_loss, cplearn_temperature
-from ..models.heads import HyperdimensionalProjector, rademacher_codebook
+from ..models.heads import HyperdimensionalProjector
+from ..prototypes.fixed import FixedPrototypes, rademacher_codebook
 from ..utils import distributed as dist_utils
 from ..utils.registry import METHODS
 from .base import Encoder, SSLMethod, StepOutput
@@ -76,7 +79,6 @@ class CPLearnSettings:
 @METHODS.register("cplearn")
 class CPLearn(SSLMethod):
     name = "cplearn"
-    fixed_prototypes = True
 
     @classmethod
     def settings(cls) -> dict[str, type]:
@@ -95,15 +97,23 @@ class CPLearn(SSLMethod):
         self.f, self.c = s.embedding_dim, s.codes()
         self.encoder = Encoder(backbone, HyperdimensionalProjector(
             self.feature_dim, self.f, s.embedding, cfg.train.batch_size), normalize=False)
-        self.register_buffer("codebook", rademacher_codebook(self.f, self.c, s.codebook_seed))
         n = cfg.train.batch_size * (dist_utils.world_size() if s.all_reduce_marginal else 1)
         self.temperature = cplearn_temperature(self.f, self.c, n, s.eps)
+        self.codes = FixedPrototypes(rademacher_codebook(self.f, self.c, s.codebook_seed).t(),
+                                     temperature=self.temperature)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The codebook ``W`` ``[f, c]``: the codes as columns."""
+        return self.codes.vectors().t()
+
+    def saved_state_names(self) -> dict[str, tuple[str, bool]]:
+        return {"codes.rows": ("codebook", True)}
 
     # ---- the step ------------------------------------------------------------------------
     def code_logits(self, h: torch.Tensor) -> torch.Tensor:
         """``z = h W / tau`` in fp32 (autocast off)."""
-        with torch.autocast(h.device.type, enabled=False):
-            return (h.float() @ self.codebook) / self.temperature
+        return self.codes(h)
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         view_a, view_b = batch.crops[0], batch.crops[1]
@@ -126,24 +136,6 @@ class CPLearn(SSLMethod):
         return self.encoder
 
     # ---- what the monitor and the reports read ---------------------------------------------
-    @property
-    def num_prototypes(self) -> int:
-        return self.c
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.f
-
-    def prototype_vectors(self) -> torch.Tensor:
-        """The codes as rows ``[c, f]``."""
-        return self.codebook.t()
-
-    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.code_logits(embeddings)
-
-    def probs_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(scores, dim=-1)
-
     def uniform_loss(self) -> float:
         """The loss when every sample and view shares the uniform assignment: ``beta ln c`` with
         the reverse-KL prior (``ln c`` for any shared assignment at ``beta = 1``), ``(1 + beta) ln c``

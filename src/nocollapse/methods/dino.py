@@ -22,7 +22,8 @@ from torch.nn import functional as F
 
 from ..config import Config, choice, setting
 from ..data.batch import Batch
-from ..losses.dino import dino_loss, sinkhorn_knopp, teacher_probabilities, updated_center
+from ..losses.dino import dino_loss, teacher_probabilities, updated_center
+from ..losses.sinkhorn import sinkhorn_knopp
 from ..utils import distributed as dist_utils
 from ..utils.registry import METHODS
 from ..utils.schedules import warmup_constant_schedule
@@ -97,7 +98,7 @@ class DINO(PrototypeMethod):
         with torch.no_grad():
             t_feat, t_emb = self.teacher(crops[:2])
             t_emb = t_emb.float()
-            gamma = self.update_mixture(t_emb, step) if self.decoupled else None
+            gamma = self.update_mixture(t_emb, step)
             t_logits = self.teacher_scores(t_emb).float()
             q = self.teacher_targets(t_logits, gamma, temp)
         _, s_emb = self.student(crops)

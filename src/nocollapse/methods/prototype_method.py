@@ -1,15 +1,20 @@
-"""Shared machinery of prototype methods with an EMA teacher (DINO, CARP): student and teacher
-encoders, learned or decoupled prototypes, the EMA update, last-layer freezing and the
+"""Shared machinery of prototype methods (DINO, CARP with an EMA teacher; SwAV without one):
+the encoders, learned or decoupled prototypes behind one interface
+(:class:`~nocollapse.prototypes.base.PrototypeSet`), the EMA update, prototype freezing and the
 annealing schedule of the mixture, with the settings they read (``method.*`` and ``gmm.*``).
 
 ``method.prototypes``:
 
-* ``learned``: the prototypes are a weight-normalised last layer trained with the student and
-  EMA-copied to the teacher.
+* ``learned``: the prototypes are a trainable last layer
+  (:class:`~nocollapse.prototypes.learned.LearnedPrototypes`), EMA-copied to the teacher when
+  the method has one.
 * ``decoupled`` ("Why Prototypes Collapse"): one online-EM Gaussian mixture
-  (:class:`~nocollapse.prototypes.gmm.OnlineGMM`), fitted on the teacher's bottleneck embeddings
-  before every step, provides the prototypes for both networks; its means receive no gradient
-  and are not in the optimiser.
+  (:class:`~nocollapse.prototypes.decoupled.DecoupledPrototypes`), fitted on the (teacher's)
+  bottleneck embeddings before every step, provides the prototypes for both networks; its means
+  receive no gradient and are not in the optimiser.
+
+The method only calls the set's interface: ``update`` (the mixture's EM proposal; nothing for
+learned prototypes), scoring, and the hooks after backward and after the optimiser step.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from torch import nn
 from ..config import Config, ConfigError, choice, setting
 from ..diagnostics.assignments import mixture_stats
 from ..losses.koleo import koleo_loss
-from ..models.heads import LearnedPrototypes
+from ..prototypes.base import PrototypeSet
 from ..prototypes.decoupled import DecoupledPrototypes
+from ..prototypes.learned import LearnedPrototypes
 from ..utils import distributed as dist_utils
 from ..utils.schedules import cosine_schedule
 from .base import SSLMethod, build_encoder, ema_update, frozen_copy
@@ -124,11 +130,25 @@ def build_decoupled_prototypes(cfg: Config, dim: int, steps: Callable[[float], i
         seeding=g.seeding, lloyd_iterations=g.lloyd_iterations)
 
 
+def build_prototypes(cfg: Config, dim: int, steps: Callable[[float], int], *, ema_teacher: bool,
+                     normalization: str = "weight_norm", init: str = "trunc_normal") -> PrototypeSet:
+    """The prototypes ``method.prototypes`` names: the mixture of ``gmm.*``, or a learned layer
+    (with an EMA teacher copy when ``ema_teacher``) frozen for ``method.freeze_last_layer_epochs``."""
+    m = cfg.method
+    if m.prototypes == "decoupled":
+        return build_decoupled_prototypes(cfg, dim, steps)
+    return LearnedPrototypes(dim, m.num_prototypes, norm_fixed=m.head.norm_last_layer, normalization=normalization,
+                             init=init, ema_teacher=ema_teacher, freeze_steps=steps(m.freeze_last_layer_epochs))
+
+
 class PrototypeMethod(SSLMethod):
-    """Student/teacher encoders and K prototypes, learned or decoupled."""
+    """Encoders and K prototypes, learned or decoupled; a student/teacher pair when
+    ``has_teacher`` (the teacher an EMA of the student), one network otherwise."""
 
     normalize_embeddings = True
     eval_network_name = "teacher backbone"
+    #: an EMA teacher encoder (DINO, CARP); SwAV scores its own network's detached outputs
+    has_teacher = True
 
     @classmethod
     def settings(cls) -> dict[str, type]:
@@ -157,66 +177,64 @@ class PrototypeMethod(SSLMethod):
     def __init__(self, cfg: Config, backbone: nn.Module, steps_per_epoch: int) -> None:
         super().__init__(cfg, backbone, steps_per_epoch)
         m = cfg.method
-        self.student = build_encoder(backbone, m.head, normalize=self.normalize_embeddings)
-        self.teacher = frozen_copy(self.student)
-        self.decoupled = m.prototypes == "decoupled"
-        dim = m.head.bottleneck_dim
-        if self.decoupled:
-            self.gmm = build_decoupled_prototypes(cfg, dim, self.epochs_to_steps)
-        else:
-            self.student_prototypes = LearnedPrototypes(dim, m.num_prototypes, m.head.norm_last_layer)
-            self.teacher_prototypes = frozen_copy(self.student_prototypes)
+        self.student = self.build_student(backbone)
+        if self.has_teacher:
+            self.teacher = frozen_copy(self.student)
+        prototypes = self.build_prototype_set(m.head.bottleneck_dim)
+        # the mixture keeps the name its state has always been saved under
+        setattr(self, "gmm" if prototypes.kind == "decoupled" else "prototypes", prototypes)
         self.momentum = cosine_schedule(m.teacher_momentum, m.teacher_momentum_end, self.total_steps)
-        self.freeze_steps = 0 if self.decoupled else self.epochs_to_steps(m.freeze_last_layer_epochs)
-        self.koleo_weight = 0.0 if self.decoupled else m.koleo_weight
+        self.koleo_weight = m.koleo_weight if prototypes.kind == "learned" else 0.0
+
+    def build_student(self, backbone: nn.Module) -> nn.Module:
+        """The trained encoder: backbone + the projection MLP of ``method.head``."""
+        return build_encoder(backbone, self.cfg.method.head, normalize=self.normalize_embeddings)
+
+    def build_prototype_set(self, dim: int) -> PrototypeSet:
+        return build_prototypes(self.cfg, dim, self.epochs_to_steps, ema_teacher=self.has_teacher)
+
+    def saved_state_names(self) -> dict[str, tuple[str, bool]]:
+        # learned prototypes were two attributes of the method before they became one set
+        return {"prototypes.student.": ("student_prototypes.", False),
+                "prototypes.teacher.": ("teacher_prototypes.", False)}
 
     # ---- prototypes ----------------------------------------------------------------------
     @property
-    def num_prototypes(self) -> int:
-        return self.cfg.method.num_prototypes
+    def target_encoder(self) -> nn.Module:
+        """The network targets come from: the teacher, or the student itself without one."""
+        return self.teacher if self.has_teacher else self.student
 
     @property
-    def embedding_dim(self) -> int:
-        return self.cfg.method.head.bottleneck_dim
+    def student_prototypes(self):
+        """The trained prototype layer of learned prototypes."""
+        return self.prototype_set().student
 
-    def prototype_vectors(self) -> torch.Tensor:
-        if self.decoupled:
-            return self.gmm.means
-        return self.teacher_prototypes.vectors().detach()
+    @property
+    def teacher_prototypes(self):
+        """The EMA copy of learned prototypes."""
+        return self.prototype_set().teacher
 
     def student_scores(self, z: torch.Tensor) -> torch.Tensor:
-        return self.gmm(z) if self.decoupled else self.student_prototypes(z)
+        return self.prototype_set()(z)
 
     def teacher_scores(self, z: torch.Tensor) -> torch.Tensor:
-        return self.gmm(z) if self.decoupled else self.teacher_prototypes(z)
+        return self.prototype_set().target_scores(z)
 
-    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.teacher_scores(embeddings)
-
-    def probs_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """Softmax over all K scores without temperature (CARP's assignment; DINO overrides)."""
-        return torch.softmax(scores.float(), dim=-1)
-
-    def update_mixture(self, teacher_embeddings: torch.Tensor, step: int, views: int = 2) -> torch.Tensor:
+    def update_mixture(self, teacher_embeddings: torch.Tensor, step: int, views: int = 2) -> torch.Tensor | None:
         """(i) of the decoupled scheme: the EM step on the detached teacher embeddings (``views``
-        blocks of one batch, view-major), proposed by :meth:`DecoupledPrototypes.update` and
-        committed by :meth:`on_after_optimizer_step`, that is, only once the step's loss was
-        finite; until then student and teacher score against the means its targets came from."""
-        return self.gmm.update(teacher_embeddings, step, views=views)
-
-    def mixture_weights(self) -> torch.Tensor | None:
-        return self.gmm.weights if self.decoupled else None
-
-    def idle_prototypes(self) -> torch.Tensor | None:
-        return self.gmm.idle_mask() if self.decoupled else None
+        blocks of one batch, view-major), proposed by the set and committed by
+        :meth:`on_after_optimizer_step`, that is, only once the step's loss was finite; until then
+        student and teacher score against the means its targets came from. None for learned
+        prototypes (nothing to propose)."""
+        return self.prototype_set().update(teacher_embeddings, step, views=views)
 
     def mixture_logs(self) -> dict[str, float]:
-        if not self.decoupled:
-            return {}
-        mix = mixture_stats(self.gmm.weights.detach().cpu(), idle=self.gmm.idle_mask().cpu())
-        return {"gmm_weight_perplexity": mix["perplexity"], "gmm_reseeds": float(self.gmm.num_reseeds),
-                "gmm_buffer_seedings": float(self.gmm.num_buffer_seedings), "gmm_dead": float(mix["dead"]),
-                "gmm_mean_variance": float(self.gmm.variances.mean())}
+        prototypes = self.prototype_set()
+        weights = prototypes.usage_weights()
+        if weights is None:
+            return prototypes.step_logs()
+        mix = mixture_stats(weights.detach().cpu(), idle=prototypes.idle_mask().cpu())
+        return {"gmm_weight_perplexity": mix["perplexity"], "gmm_dead": float(mix["dead"]), **prototypes.step_logs()}
 
     def koleo_term(self, loss: torch.Tensor, logs: dict[str, float],
                    student_embeddings: torch.Tensor | None = None, batch: int = 0) -> torch.Tensor:
@@ -226,7 +244,7 @@ class PrototypeMethod(SSLMethod):
         ones, and each is gathered over processes (with gradients) so that the nearest neighbours
         are those of the global batch."""
         if self.koleo_weight > 0:
-            kp = koleo_loss(self.student_prototypes.vectors())
+            kp = koleo_loss(self.prototype_set().trainable_vectors())
             logs["loss_koleo"] = float(kp.detach())
             loss = loss + self.koleo_weight * kp
         weight = self.cfg.method.embedding_koleo_weight
@@ -248,25 +266,14 @@ class PrototypeMethod(SSLMethod):
         return f"{self.name} ({self.cfg.method.prototypes})"
 
     # ---- hooks ---------------------------------------------------------------------------
-    def on_after_backward(self, step: int) -> None:
-        if not self.decoupled and step < self.freeze_steps:
-            for p in self.student_prototypes.parameters():
-                p.grad = None
-
     def on_after_optimizer_step(self, step: int) -> None:
-        if self.decoupled:
-            self.gmm.commit()
         m = self.at_step(self.momentum, step)
-        ema_update(self.teacher, self.student, m)
-        if not self.decoupled:
-            ema_update(self.teacher_prototypes, self.student_prototypes, m)
-
-    def on_skipped_step(self, step: int) -> None:
-        if self.decoupled:
-            self.gmm.discard()
+        self.prototype_set().after_optimizer_step(step, teacher_momentum=m if self.has_teacher else None)
+        if self.has_teacher:
+            ema_update(self.teacher, self.student, m)
 
     def eval_backbone(self) -> nn.Module:
-        return self.teacher.backbone
+        return self.target_encoder.backbone
 
     def eval_encoder(self) -> nn.Module:
-        return self.teacher
+        return self.target_encoder

@@ -1,7 +1,7 @@
 """Backbones (registered in the backbone registry) and heads."""
 
 from .backbones import ResNetBackbone, ViTBackbone, build_backbone, count_parameters
-from .heads import LearnedPrototypes, ProjectionMLP
+from .heads import HyperdimensionalProjector, ProjectionMLP
 
-__all__ = ["LearnedPrototypes", "ProjectionMLP", "ResNetBackbone", "ViTBackbone", "build_backbone",
+__all__ = ["HyperdimensionalProjector", "ProjectionMLP", "ResNetBackbone", "ViTBackbone", "build_backbone",
            "count_parameters"]

@@ -1,4 +1,4 @@
-"""Projection heads and learned prototype layers."""
+"""Projection heads (the prototypes live in ``nocollapse.prototypes``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.parametrizations import weight_norm
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -74,37 +73,6 @@ class ProjectionMLP(nn.Module):
         return cls(in_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.layers, cfg.batchnorm)
 
 
-class LearnedPrototypes(nn.Module):
-    """K trainable prototypes as a weight-normalised, bias-free linear layer.
-
-    ``logits = z @ W^T`` with ``W_k = g_k v_k / ||v_k||``. With ``norm_fixed`` the gains g are 1
-    and frozen, so every prototype is a unit vector and the logits of an L2-normalised ``z`` are
-    cosine similarities (DINO's ``norm_last_layer``).
-    """
-
-    def __init__(self, dim: int, num_prototypes: int, norm_fixed: bool = True) -> None:
-        super().__init__()
-        layer = nn.Linear(dim, num_prototypes, bias=False)
-        _init_linear(layer)
-        self.layer = weight_norm(layer)
-        gain = self.layer.parametrizations.weight.original0
-        with torch.no_grad():
-            gain.fill_(1.0)
-        if norm_fixed:
-            gain.requires_grad_(False)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.layer(z)
-
-    @property
-    def num_prototypes(self) -> int:
-        return self.layer.out_features
-
-    def vectors(self) -> torch.Tensor:
-        """The prototypes as rows ``[K, D]`` (the effective weight)."""
-        return self.layer.weight
-
-
 class HyperdimensionalProjector(nn.Module):
     """CPLearn's projector: ``Linear(d -> f)`` then ``BatchNorm1d(f)``, then
 
@@ -127,11 +95,3 @@ class HyperdimensionalProjector(nn.Module):
         if self.embedding == "tanh":
             return torch.tanh(y)
         return self.scale * F.normalize(y, dim=-1)
-
-
-def rademacher_codebook(dim: int, num_codes: int, seed: int) -> torch.Tensor:
-    """A fixed ``[dim, num_codes]`` matrix of independent +-1 entries (fp32) from a generator
-    seeded by ``seed``: the same on every process and every machine."""
-    gen = torch.Generator().manual_seed(int(seed))
-    bits = torch.randint(0, 2, (dim, num_codes), generator=gen, dtype=torch.int8)
-    return bits.float().mul_(2.0).sub_(1.0)

@@ -1,0 +1,10 @@
+"""Prototypes: one interface (:class:`PrototypeSet`) and its three kinds, learned, decoupled
+(an online-EM mixture) and fixed."""
+
+from .base import PrototypeSet, PrototypeSnapshot
+from .decoupled import DecoupledPrototypes
+from .fixed import FixedPrototypes, orthonormal_prototypes, rademacher_codebook
+from .learned import LearnedPrototypes, PrototypeLayer
+
+__all__ = ["DecoupledPrototypes", "FixedPrototypes", "LearnedPrototypes", "PrototypeLayer", "PrototypeSet",
+           "PrototypeSnapshot", "orthonormal_prototypes", "rademacher_codebook"]

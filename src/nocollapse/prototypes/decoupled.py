@@ -27,10 +27,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .base import PrototypeSet, PrototypeSnapshot
 from .gmm import MixtureUpdate, OnlineGMM
 
 
-class DecoupledPrototypes(OnlineGMM):
+class DecoupledPrototypes(OnlineGMM, PrototypeSet):
     """K prototypes that are the means of an online-EM Gaussian mixture.
 
     ``beta0`` and ``anneal_steps``: the E-step's inverse temperature rises linearly from
@@ -39,7 +40,13 @@ class DecoupledPrototypes(OnlineGMM):
     re-seeds every component on the buffer once that many steps are committed, and
     ``refresh_every_steps`` (0: never) re-places the idle components every that many steps
     after it. The other keyword arguments are those of :class:`OnlineGMM`.
+
+    As a :class:`~nocollapse.prototypes.base.PrototypeSet`: the means are the vectors, the
+    mixture weights the usage record, the step's EM proposal is committed after the optimiser
+    step and discarded for a skipped one.
     """
+
+    kind = "decoupled"
 
     def __init__(self, num_prototypes: int, dim: int, *, beta0: float = 1.0, anneal_steps: int = 0,
                  seed_after_steps: int = 0, refresh_every_steps: int = 0, **mixture_options) -> None:
@@ -121,6 +128,35 @@ class DecoupledPrototypes(OnlineGMM):
     def discard(self) -> None:
         """Drop the pending update (a skipped step): the mixture stays as it was."""
         self._pending, self._step_means, self._pending_step = None, None, -1
+
+    # ---- the PrototypeSet interface ------------------------------------------------------
+    @property
+    def num_prototypes(self) -> int:
+        return self.num_components
+
+    def vectors(self) -> torch.Tensor:
+        return self.means
+
+    def target_scores(self, z: torch.Tensor) -> torch.Tensor:
+        return self(z)
+
+    def usage_weights(self) -> torch.Tensor:
+        return self.weights
+
+    def snapshot(self) -> PrototypeSnapshot:
+        """The seeded components only: those not placed yet are no prototypes of the data."""
+        seeded = self.seeded
+        return PrototypeSnapshot(self.means[:seeded].detach().float().cpu(),
+                                 self.weights[:seeded].detach().float().cpu(),
+                                 self.idle_mask()[:seeded].detach().cpu(), False)
+
+    def after_optimizer_step(self, step: int, teacher_momentum: float | None = None) -> None:
+        self.commit()
+
+    def step_logs(self) -> dict[str, float]:
+        """The mixture's counters for the step logs (its weights are logged by the method)."""
+        return {"gmm_reseeds": float(self.num_reseeds), "gmm_buffer_seedings": float(self.num_buffer_seedings),
+                "gmm_mean_variance": float(self.variances.mean())}
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, beta0={self.beta0}, anneal_steps={self.anneal_steps}, "
