@@ -600,3 +600,19 @@ def test_distinct_but_idle_prototypes_no_longer_look_healthy():
     assert report["nearest_utilization_capped"] == pytest.approx(3 / 300)
     assert report["unique_prototypes_used"]["0.1"] == pytest.approx(1 / 3)
     assert prototype_report(protos, nearest=torch.empty(0, dtype=torch.long))["unique_prototypes_used"]["0.1"] == 0.0
+
+
+def test_reports_of_a_method_without_prototypes_say_what_they_measure_and_na_for_the_rest():
+    from nocollapse.analysis import format_summary
+    from nocollapse.diagnostics.report import format_embedding_report
+
+    report = {"effective_rank": 12.5, "embedding_std": 0.08, "alpha_req": None, "embedding_rankme": 30.25,
+              "bottleneck_embedding_std": 0.11}
+    text = format_embedding_report(report)
+    assert "12.5000" in text and "30.2500" in text and "0.1100" in text
+    assert "n/a" in text.split("alpha-ReQ")[1].splitlines()[0]          # not measured: n/a, not a number
+    assert "unique prototypes, utilisation and clusters are n/a" in text
+    summary = {"method": "barlow_twins", "dataset": "digits", "epochs": 1, "embedding_rankme": 30.25,
+               "embedding_std": 0.08, "num_prototypes": None}
+    table = format_summary(summary)
+    assert "prototype measures n/a" in table and "embedding RankMe" in table and "30.2500" in table

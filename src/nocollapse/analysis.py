@@ -319,11 +319,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     if summary.get("prototypes_fixed"):
         rows.append(("prototypes", "fixed by construction (uniqueness n/a)"))
+    elif summary.get("num_prototypes") is None:
+        rows.append(("prototypes", "none: prototype measures n/a; the embeddings are measured instead"))
     for key, label in (("unique_prototypes", "unique prototypes"),
                        ("unique_prototypes_used", "unique among used"),
                        ("prototype_utilization", "prototype utilisation"),
                        ("nearest_utilization_capped", "nearest-used / min(K, N)"),
                        ("effective_rank", "effective rank"),
+                       ("embedding_rankme", "embedding RankMe"),
+                       ("embedding_std", "embedding std (unit rows)"),
                        ("alpha_req", "alpha-ReQ (spectrum decay)")):
         if summary.get(key) is not None:
             value = summary[key]

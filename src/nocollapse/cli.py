@@ -108,7 +108,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     """Collapse report of a run, a checkpoint, or a prototype matrix from another library."""
     import torch
 
-    from .diagnostics.report import format_report, prototype_report, write_plots
+    from .diagnostics.report import format_embedding_report, format_report, prototype_report, write_plots
 
     if args.weights:
         if args.target:
@@ -154,7 +154,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "spectrum"}, indent=1))
     else:
-        print(format_report(report) if "num_prototypes" in report else json.dumps(report, indent=1))
+        print(format_report(report) if "num_prototypes" in report else format_embedding_report(report))
         print(f"\nwritten: {out_dir / 'diagnosis.json'}")
     return 0
 

@@ -285,3 +285,27 @@ def write_plots(
     elif embeddings is not None:
         paths.append(plot_spectrum({label: singular_values(embeddings)}, out / "spectrum.png"))
     return paths
+
+
+def format_embedding_report(report: Mapping[str, Any]) -> str:
+    """A readable table of the report of a method without prototypes: what is measured instead
+    (the spectrum of the backbone features and of the projection), and ``n/a`` for the
+    prototype measures."""
+    def value(key: str, fmt: str = "{:.4f}") -> str:
+        v = report.get(key)
+        return "n/a" if v is None else fmt.format(v)
+
+    lines = [
+        "nocollapse diagnostics",
+        _row("prototypes", "none: unique prototypes, utilisation and clusters are n/a"),
+        "",
+        "backbone features",
+        _row("effective rank (RankMe)", value("effective_rank")),
+        _row("std of unit rows", value("embedding_std")),
+        _row("alpha-ReQ (spectrum decay)", value("alpha_req")),
+        "",
+        "projection (the embedding the loss sees)",
+        _row("RankMe", value("embedding_rankme")),
+        _row("std of unit rows", value("bottleneck_embedding_std")),
+    ]
+    return "\n".join(lines)
