@@ -268,7 +268,7 @@ class Trainer:
                                            warmup_start=cfg.optim.warmup_start_lr)
         self.wd_schedule = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end,
                                            self.total_steps)
-        self.optimizer = build_optimizer(cfg.optim, self.method.parameter_groups())
+        self.optimizer = build_optimizer(cfg.optim, self.method.parameter_groups(), peak_lr=lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         self.position = Position()

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import Config
 from ..utils.registry import METHODS
-from . import dino, carp, swav, cplearn, simclr, supcon, clop, barlow_twins, vicreg  # noqa: F401,I001  (registers the built-in methods, the default first)
+from . import dino, carp, swav, cplearn, simclr, supcon, clop, barlow_twins, vicreg, byol, simsiam  # noqa: F401,I001  (registers the built-in methods, the default first)
 from .base import Encoder, SSLMethod, StepOutput, build_encoder, ema_update, frozen_copy
 from .prototype_method import PrototypeMethod
 

@@ -61,12 +61,21 @@ def parameter_groups(named_params: Iterable[tuple[str, nn.Parameter]]) -> list[d
     return groups
 
 
-def build_optimizer(cfg: Any, groups: list[dict]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Any, groups: list[dict], peak_lr: float | None = None) -> torch.optim.Optimizer:
     """The optimiser an ``optim.*`` section names (``name``, ``lr``, ``betas``, ``momentum``, ...).
 
-    With ``decay_norms_and_biases`` every group is decayed, the groups' exemptions ignored."""
+    With ``decay_norms_and_biases`` every group is decayed, the groups' exemptions ignored. A group
+    flagged ``"fixed_lr": True`` (SimSiam's predictor) gets the learning rate ``peak_lr`` (the peak
+    of the schedule; ``cfg.lr`` when None) and keeps it: :func:`set_hyperparameters` does not
+    schedule it."""
     if getattr(cfg, "decay_norms_and_biases", False):
-        groups = [{"params": [p for g in groups for p in g["params"]], "apply_weight_decay": True}]
+        merged: dict[bool, list] = {}
+        for g in groups:
+            merged.setdefault(bool(g.get("fixed_lr", False)), []).extend(g["params"])
+        groups = [{"params": params, "apply_weight_decay": True, **({"fixed_lr": True} if fixed else {})}
+                  for fixed, params in merged.items()]
+    fixed = cfg.lr if peak_lr is None else peak_lr
+    groups = [{**g, "lr": fixed} if g.get("fixed_lr", False) else g for g in groups]
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
@@ -80,7 +89,9 @@ def build_optimizer(cfg: Any, groups: list[dict]) -> torch.optim.Optimizer:
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """This step's learning rate and weight decay; a group flagged ``fixed_lr`` keeps its lr."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if not group.get("fixed_lr", False):
+            group["lr"] = lr
         if group.get("apply_weight_decay", True):
             group["weight_decay"] = weight_decay
