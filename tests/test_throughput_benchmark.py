@@ -32,3 +32,24 @@ def test_flops_only_writes_the_count_and_no_timing(throughput, tmp_path):
     assert gflops["step"] >= gflops["student_forward_backward"] >= gflops["backbone"] > 0
     assert result["ratio_step_to_backbone_by_flops"] == pytest.approx(gflops["step"] / gflops["backbone"], abs=1e-3)
     assert gflops["augmentation"] == 0.0 and "teacher_forward" not in gflops
+
+
+def test_a_decoupled_recipe_times_its_mixture_update(throughput, tmp_path):
+    throughput.main(["--flops-only", "--methods", "dino_decoupled", "--set", "train.batch_size=16",
+                     "method.num_prototypes=256", "--out", str(tmp_path)])
+    gflops = json.loads((tmp_path / "flops" / "dino_decoupled.json").read_text())["gflops"]
+    assert gflops["mixture_update"] > 0 and gflops["teacher_forward"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["swav", "barlow_twins", "vicreg", "byol", "simsiam"])
+def test_each_baseline_is_counted_with_its_recipe_head_and_its_papers_head(throughput, tmp_path, name):
+    throughput.main(["--flops-only", "--methods", name, f"{name}_paper", "--set", "train.batch_size=16",
+                     "--out", str(tmp_path)])
+    recipe, paper = (json.loads((tmp_path / "flops" / f"{n}.json").read_text()) for n in (name, f"{name}_paper"))
+    assert recipe["recipe"] == paper["recipe"] == f"digits/{name}" and recipe["config"]["method"] == name
+    assert recipe["config"]["batch"] == 16 and recipe["config"]["crops"] == [[32, 32], [32, 32]]
+    # the paper's head is wider than the digits recipe's: more arithmetic on the same backbone
+    assert paper["gflops"]["step"] > recipe["gflops"]["step"] >= recipe["gflops"]["backbone"] > 0
+    assert paper["gflops"]["backbone"] == pytest.approx(recipe["gflops"]["backbone"])
+    assert ("teacher_forward" in recipe["gflops"]) == (name == "byol")
