@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import distributed as dist_utils
+from .matrices import off_diagonal_sum_of_squares
 
 BN_EPS = 1e-5
 
@@ -71,7 +72,8 @@ def cross_correlation(z_a: torch.Tensor, z_b: torch.Tensor, eps: float = BN_EPS)
         n = _global_count(z_a)
         a = batch_standardise(z_a.float(), eps, n)
         b = batch_standardise(z_b.float(), eps, n)
-        return dist_utils.all_reduce_sum_with_grad(a.t() @ b / n)
+        # 1 / n on the [rows, d] factor, not on the d x d product: one pass fewer over C
+        return dist_utils.all_reduce_sum_with_grad((a / n).t() @ b)
 
 
 def barlow_twins_terms(z_a: torch.Tensor, z_b: torch.Tensor,
@@ -80,8 +82,7 @@ def barlow_twins_terms(z_a: torch.Tensor, z_b: torch.Tensor,
     c = cross_correlation(z_a, z_b, eps)
     with torch.autocast(c.device.type, enabled=False):
         invariance = (1.0 - torch.diagonal(c)).pow(2).sum()
-        off_diagonal = c.masked_fill(torch.eye(c.shape[0], dtype=torch.bool, device=c.device), 0.0)
-        redundancy = off_diagonal.pow(2).sum()
+        redundancy = off_diagonal_sum_of_squares(c)
     return invariance, redundancy
 
 

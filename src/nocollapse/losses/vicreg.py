@@ -31,6 +31,7 @@ import torch
 from torch.nn import functional as F
 
 from ..utils import distributed as dist_utils
+from .matrices import off_diagonal_sum_of_squares
 
 EPS = 1e-4
 
@@ -45,9 +46,8 @@ def covariance_term(z: torch.Tensor) -> torch.Tensor:
     """``c(Z) = sum_{j != k} Cov(Z)_jk^2 / d`` with ``Cov`` normalised by ``N - 1``."""
     n, d = z.shape
     centred = z - z.mean(dim=0)
-    cov = centred.t() @ centred / (n - 1)
-    off_diagonal = cov.masked_fill(torch.eye(d, dtype=torch.bool, device=z.device), 0.0)
-    return off_diagonal.pow(2).sum() / d
+    cov = (centred / (n - 1)).t() @ centred      # the 1 / (n - 1) on the [n, d] factor, not on d x d
+    return off_diagonal_sum_of_squares(cov) / d
 
 
 def vicreg_terms(z_a: torch.Tensor, z_b: torch.Tensor, gamma: float = 1.0,

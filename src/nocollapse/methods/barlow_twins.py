@@ -29,7 +29,7 @@ from ..data.batch import Batch
 from ..losses.barlow_twins import barlow_twins_terms
 from ..models.heads import ProjectionMLP
 from ..utils.registry import METHODS
-from .base import Encoder, SSLMethod, StepOutput
+from .base import Encoder, SSLMethod, StepOutput, encode_views_separately
 
 
 @dataclass
@@ -84,8 +84,7 @@ class BarlowTwins(SSLMethod):
         self.encoder = Encoder(backbone, projector, normalize=False)
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
-        features, z_a = self.encoder(batch.crops[:1])
-        _, z_b = self.encoder(batch.crops[1:2])
+        features, (z_a, z_b) = encode_views_separately(self.encoder, batch.crops[:2])
         invariance, redundancy = barlow_twins_terms(z_a, z_b)
         loss = self.scale_loss * (invariance + self.lambda_offdiag * redundancy)
         logs = {"loss_invariance": float(invariance.detach()), "loss_redundancy": float(redundancy.detach())}

@@ -113,6 +113,18 @@ class Encoder(nn.Module):
         return features, embedding
 
 
+def encode_views_separately(encoder: Encoder, crops: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Each crop through ``encoder`` as if alone, as the reference code of Barlow Twins and VICReg
+    runs its two views: the backbone sees each view as its own batch, and the projector's
+    BatchNorms normalise each view with its own statistics, while its matrix products run once on
+    the joined rows. Returns the first crop's backbone features and each crop's projection."""
+    features = [encoder.backbone(c) for c in crops]
+    projections = encoder.projector(torch.cat(features), groups=len(crops))
+    if encoder.normalize:
+        projections = F.normalize(projections, dim=-1)
+    return features[0], list(projections.chunk(len(crops)))
+
+
 def build_encoder(backbone: nn.Module, head: Any, normalize: bool) -> Encoder:
     """``backbone`` followed by a projection MLP built from head settings (``hidden_dim``,
     ``bottleneck_dim``, ``layers``, ``batchnorm``)."""

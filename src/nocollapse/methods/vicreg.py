@@ -30,7 +30,7 @@ from ..data.batch import Batch
 from ..losses.vicreg import EPS, collapsed_vicreg_loss, vicreg_terms
 from ..models.heads import ProjectionMLP
 from ..utils.registry import METHODS
-from .base import Encoder, SSLMethod, StepOutput
+from .base import Encoder, SSLMethod, StepOutput, encode_views_separately
 
 
 @dataclass
@@ -83,8 +83,7 @@ class VICReg(SSLMethod):
         self.encoder = Encoder(backbone, projector, normalize=False)
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
-        features, z_a = self.encoder(batch.crops[:1])
-        _, z_b = self.encoder(batch.crops[1:2])
+        features, (z_a, z_b) = encode_views_separately(self.encoder, batch.crops[:2])
         invariance, variance, covariance = vicreg_terms(z_a, z_b)
         w_inv, w_var, w_cov = self.weights
         loss = w_inv * invariance + w_var * variance + w_cov * covariance

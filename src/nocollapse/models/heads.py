@@ -64,8 +64,22 @@ class ProjectionMLP(nn.Module):
         if init == "trunc_normal":
             self.apply(_init_linear)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
+    def forward(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """The projection of ``x`` ``[N, in]``. With ``groups > 1`` the rows are ``groups`` equal
+        blocks (the views of one batch, view-major) and every BatchNorm normalises each block with
+        its own statistics, as if each view went through the head alone, while the matrix
+        products run once on all rows (one weight-gradient product instead of one per view and
+        their sum)."""
+        if groups == 1:
+            return self.mlp(x)
+        if x.shape[0] % groups:
+            raise ValueError(f"{x.shape[0]} rows do not split into {groups} equal groups")
+        for layer in self.mlp:
+            if isinstance(layer, nn.BatchNorm1d):
+                x = torch.cat([layer(block) for block in x.chunk(groups)])
+            else:
+                x = layer(x)
+        return x
 
     @classmethod
     def from_config(cls, in_dim: int, cfg: Any) -> "ProjectionMLP":
