@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightly.loss import BarlowTwinsLoss
 
+from digits_training import train_on_digits
 from distributed_helpers import run_distributed
 from nocollapse.config import ConfigError, build_config
 from nocollapse.losses.barlow_twins import barlow_twins_loss, barlow_twins_terms, cross_correlation
@@ -293,48 +294,6 @@ SIGNATURE = ["method.name=barlow_twins", "data.image_size=8", "model.width_multi
              "views.grayscale=0.0", "views.solarize=[0.0,0.0]", "optim.name=lars"]
 
 
-def _train_on_digits(overrides: list[str], steps: int = 40, lr: float = 0.3, seed: int = 0):
-    """``steps`` LARS steps on digits, then the test split's projections (eval mode) and the
-    last step's logs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)            # a small model: more threads only contend
-    try:
-        return _train(overrides, steps, lr, seed)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(overrides, steps, lr, seed):
-    from nocollapse.data.loader import TrainBatches, eval_batches
-    from nocollapse.data.registry import image_size_of, load_dataset
-    from nocollapse.data.views import build_view_spec
-    from nocollapse.engine.trainer import optimisation_step
-    from nocollapse.utils.optim import build_optimizer
-
-    cfg, _ = build_config(overrides=[*SIGNATURE, *overrides])
-    splits = load_dataset(cfg.data)
-    size = image_size_of(cfg, splits)
-    cpu = torch.device("cpu")
-    batches = TrainBatches(splits.ssl_train, build_view_spec(cfg.views, size, splits.mean, splits.std),
-                           cfg.train.batch_size, seed, cpu)
-    torch.manual_seed(seed)
-    method = build_method(cfg, build_backbone(cfg.model, size), len(batches))
-    optimizer = build_optimizer(cfg.optim, method.parameter_groups())
-    step, epoch = 0, 0
-    while step < steps:
-        for batch in batches.epoch(epoch):
-            _, out = optimisation_step(method, method, optimizer, batch, step, lr, 1e-5)
-            step += 1
-            if step == steps:
-                break
-        epoch += 1
-    method.eval()
-    with torch.no_grad():
-        z = torch.cat([method.eval_encoder()([x])[1]
-                       for x, _ in eval_batches(splits.test, size, splits.mean, splits.std, 256, cpu)])
-    return z, out.logs
-
-
 def test_without_the_redundancy_term_the_embeddings_lose_rank():
     """lambda_offdiag = 0 leaves only the invariance term: the standardised projections keep unit
     std, but their dimensions become correlated, so the (centred) effective rank of the
@@ -343,8 +302,8 @@ def test_without_the_redundancy_term_the_embeddings_lose_rank():
     32-wide projector (the default 0.0051 is sized for thousands of dimensions)."""
     from nocollapse.diagnostics.embeddings import effective_rank
 
-    healthy, healthy_logs = _train_on_digits(["barlow_twins.lambda_offdiag=0.1"])
-    switched, switched_logs = _train_on_digits(["barlow_twins.lambda_offdiag=0"])
+    healthy, healthy_logs = train_on_digits([*SIGNATURE, "barlow_twins.lambda_offdiag=0.1"])
+    switched, switched_logs = train_on_digits([*SIGNATURE, "barlow_twins.lambda_offdiag=0"])
     rank_healthy, rank_switched = effective_rank(healthy, center=True), effective_rank(switched, center=True)
     assert rank_healthy > 4.0
     assert rank_switched < 3.0 and rank_switched < rank_healthy / 2

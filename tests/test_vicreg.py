@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightly.loss import VICRegLoss
 
+from digits_training import train_on_digits
 from distributed_helpers import run_distributed
 from nocollapse.config import ConfigError, build_config
 from nocollapse.losses.vicreg import collapsed_vicreg_loss, covariance_term, variance_term, vicreg_loss, vicreg_terms
@@ -259,55 +260,13 @@ SIGNATURE = ["method.name=vicreg", "data.image_size=8", "model.width_multiplier=
              "optim.name=lars"]
 
 
-def _train_on_digits(overrides: list[str], steps: int = 40, lr: float = 0.3, seed: int = 0):
-    """``steps`` LARS steps on digits, then the test split's projections (eval mode) and the
-    last step's logs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)            # a small model: more threads only contend
-    try:
-        return _train(overrides, steps, lr, seed)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(overrides, steps, lr, seed):
-    from nocollapse.data.loader import TrainBatches, eval_batches
-    from nocollapse.data.registry import image_size_of, load_dataset
-    from nocollapse.data.views import build_view_spec
-    from nocollapse.engine.trainer import optimisation_step
-    from nocollapse.utils.optim import build_optimizer
-
-    cfg, _ = build_config(overrides=[*SIGNATURE, *overrides])
-    splits = load_dataset(cfg.data)
-    size = image_size_of(cfg, splits)
-    cpu = torch.device("cpu")
-    batches = TrainBatches(splits.ssl_train, build_view_spec(cfg.views, size, splits.mean, splits.std),
-                           cfg.train.batch_size, seed, cpu)
-    torch.manual_seed(seed)
-    method = build_method(cfg, build_backbone(cfg.model, size), len(batches))
-    optimizer = build_optimizer(cfg.optim, method.parameter_groups())
-    step, epoch = 0, 0
-    while step < steps:
-        for batch in batches.epoch(epoch):
-            _, out = optimisation_step(method, method, optimizer, batch, step, lr, 1e-5)
-            step += 1
-            if step == steps:
-                break
-        epoch += 1
-    method.eval()
-    with torch.no_grad():
-        z = torch.cat([method.eval_encoder()([x])[1]
-                       for x, _ in eval_batches(splits.test, size, splits.mean, splits.std, 256, cpu)])
-    return z, out.logs
-
-
 def test_without_the_variance_term_the_embeddings_fall_together():
     """variance_weight = 0 leaves invariance + covariance, both 0 for a constant output: the
     projections shrink onto one point (per-dimension std over the test split -> 0) while the
     healthy run keeps them spread; the unweighted hinge in the logs reads its collapsed value
     1 - sqrt(1e-4) = 0.99."""
-    healthy, healthy_logs = _train_on_digits([])
-    switched, switched_logs = _train_on_digits(["vicreg.variance_weight=0"])
+    healthy, healthy_logs = train_on_digits(SIGNATURE)
+    switched, switched_logs = train_on_digits([*SIGNATURE, "vicreg.variance_weight=0"])
     std_healthy, std_switched = float(healthy.std(0).mean()), float(switched.std(0).mean())
     assert std_healthy > 0.2
     assert std_switched < 0.05 and std_switched < std_healthy / 10

@@ -68,7 +68,7 @@ class BarlowTwins(SSLMethod):
 
     @classmethod
     def estimate_state_bytes(cls, cfg: Config, rows: int) -> int:
-        """The ``d x d`` cross-correlation and its intermediates (masked copy, squares) with their
+        """The ``d x d`` cross-correlation and the loss's temporaries with their
         gradients: about six ``d x d`` fp32 matrices, whatever the batch."""
         d = cfg.barlow_twins.output_dim
         return 6 * d * d * 4

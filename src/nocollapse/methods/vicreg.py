@@ -69,7 +69,7 @@ class VICReg(SSLMethod):
 
     @classmethod
     def estimate_state_bytes(cls, cfg: Config, rows: int) -> int:
-        """Per branch, the ``d x d`` covariance and its intermediates (masked copy, squares) with
+        """Per branch, the ``d x d`` covariance and the loss's temporaries with
         their gradients: about eight ``d x d`` fp32 matrices, whatever the batch."""
         d = cfg.vicreg.output_dim
         return 8 * d * d * 4
