@@ -103,3 +103,47 @@ def test_plain_loop_example_runs_and_its_collapse_variant_raises_alarms(tmp_path
         assert "one_hot_collapse" in alarms
     else:
         assert alarms == "alarms: none"
+
+
+def test_a_restored_monitor_keeps_the_history_before_the_restore(tmp_path):
+    """A plain loop: a monitor logs 10 steps, its state is saved at step 5, the loop restarts from
+    there with a new monitor. metrics.jsonl keeps steps 0-5 and holds 6-9 once, from the new run."""
+    import torch
+
+    from nocollapse import CollapseMonitor
+
+    def feed(monitor, steps):
+        for step in steps:
+            monitor.update(step, probs=torch.softmax(torch.randn(8, 4), dim=1), embeddings=torch.randn(8, 3))
+
+    first = CollapseMonitor(num_prototypes=4, alarms=False, log_dir=tmp_path)
+    feed(first, range(6))
+    state = first.state_dict()
+    feed(first, range(6, 10))
+    first.close()
+    second = CollapseMonitor(num_prototypes=4, alarms=False, log_dir=tmp_path)
+    second.load_state_dict(state)
+    feed(second, range(6, 10))
+    second.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(10))
+    assert [r["step"] for r in second.records] == list(range(10))      # the plot sees the whole history
+
+
+def test_monitor_arguments_get_clear_errors(tmp_path):
+    import torch
+
+    from nocollapse import CollapseMonitor
+
+    monitor = CollapseMonitor(num_prototypes=4)
+    with pytest.raises(TypeError, match="needs the training step"):
+        monitor.update(probs=torch.softmax(torch.randn(8, 4), dim=1))
+    with pytest.raises(ValueError, match=r"probs must be a matrix \[B, K\]"):
+        monitor.update(0, probs=torch.softmax(torch.randn(4), dim=0))
+    with pytest.raises(ValueError, match="3 columns but the monitor has K = 4"):
+        monitor.update(0, probs=torch.softmax(torch.randn(8, 3), dim=1))
+    with pytest.raises(ValueError, match=r"embeddings must be a matrix \[B, D\]"):
+        monitor.update(0, embeddings=torch.randn(8))
+    assert monitor.updates == 0                                        # nothing was recorded
+    with pytest.warns(UserWarning, match="needs|log_dir"):
+        assert monitor.plot(tmp_path) == []

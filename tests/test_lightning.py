@@ -136,3 +136,28 @@ def test_lightning_example_runs_and_the_collapsed_run_stops(tmp_path, collapse):
         assert result["last_epoch"]["online_knn_top1"] > 0.5
     assert (tmp_path / "metrics.jsonl").exists()
     assert "collapse/unique_0.1" in (tmp_path / "lightning" / "version_0" / "metrics.csv").read_text()
+
+
+def test_a_ckpt_path_resume_keeps_the_monitors_history(tmp_path):
+    """Resume from an epoch-1 checkpoint after a run that went on to epoch 3: metrics.jsonl keeps
+    the records up to the checkpoint's step, drops those after it, and the resumed epochs follow."""
+    log_dir = tmp_path / "collapse"
+    first = CollapseMonitorCallback(warmup_steps=0, alarms=False, log_dir=log_dir)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1,
+                                               filename="{epoch}")
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=1, callbacks=[first, checkpoints], logger=False,
+                         default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(Tiny(), _loader())
+    steps_before = [r["step"] for r in map(json.loads, (log_dir / "metrics.jsonl").read_text().splitlines())]
+    assert max(steps_before) == 12
+
+    second = CollapseMonitorCallback(warmup_steps=0, alarms=False, log_dir=log_dir)
+    resumed = _trainer(tmp_path, second, epochs=3)
+    resumed.fit(Tiny(), _loader(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    # epoch 0 (its 4 steps and its end) survived the restore; epochs 1-2 were logged again, once
+    assert steps[:5] == steps_before[:5] and min(steps) == min(steps_before)
+    assert steps.count(12) == 2 and max(steps) == 12                 # one step record, one epoch record
+    assert len(steps) == len(steps_before)

@@ -29,6 +29,7 @@ through the hooks of :class:`~nocollapse.methods.base.SSLMethod` (``num_prototyp
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ import torch
 
 from ..config import Config
 from ..utils import distributed as dist_utils
-from ..utils.metrics_log import MetricsLogger
+from ..utils.metrics_log import MetricsLogger, read_jsonl
 from .alarms import ALARM_NAMES, Alarm, AlarmMonitor
 from .assignments import assignment_stats, mixture_stats, teacher_student_kl
 from .embeddings import effective_rank, embedding_std, mean_direction_norm
@@ -104,10 +105,13 @@ class CollapseMonitor:
         self.records: list[dict[str, Any]] = []
         self.updates = 0
         self.epoch = 0
-        self.logger = None
-        if log_dir is not None and self.main:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.logger = MetricsLogger(log_dir, tensorboard=tensorboard)
+        self.last_step = -1                                # the last step a record was written for
+        # the log opens at the first record, so that a restored monitor (load_state_dict before
+        # any record) keeps the history of the steps before the restore
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.tensorboard = tensorboard
+        self.logger: MetricsLogger | None = None
+        self._resume_step: int | None = None
         self.step_alarms: AlarmMonitor | None = None
         self.epoch_alarms: AlarmMonitor | None = None
         if num_prototypes is not None or embedding_dim is not None:
@@ -179,18 +183,25 @@ class CollapseMonitor:
         self._raise(self.step_alarms.update(step, alarm_input))
         return metrics
 
-    def update(self, step: int, *, prototypes: torch.Tensor | None = None, probs: torch.Tensor | None = None,
-               student_probs: torch.Tensor | None = None, embeddings: torch.Tensor | None = None,
-               features: torch.Tensor | None = None, loss: float | torch.Tensor | None = None,
-               labels: torch.Tensor | None = None) -> dict[str, Any]:
-        """Feed one training step; every argument is optional.
+    def update(self, step: int | None = None, *, prototypes: torch.Tensor | None = None,
+               probs: torch.Tensor | None = None, student_probs: torch.Tensor | None = None,
+               embeddings: torch.Tensor | None = None, features: torch.Tensor | None = None,
+               loss: float | torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        """Feed one training step: ``step`` (the training step, required) and any of the tensors.
 
         ``probs`` ``[B, K]``: the (teacher) assignment probabilities; ``student_probs``: the
         student's, for the teacher-student KL; ``embeddings`` ``[B, D]``: the (normalised)
         bottleneck embeddings; ``features`` ``[B, F]``: backbone features for the epoch's
         effective rank; ``prototypes`` ``[K, D]``: kept for :meth:`end_epoch`; ``labels``
         ``[B]`` (``-1`` = unlabelled): fed with the features to the monitor's ``probe``, every
-        update. Returns the step metrics on every ``log_every``-th update, ``{}`` otherwise."""
+        update. Returns the step metrics on every ``log_every``-th update, ``{}`` otherwise.
+
+        Shapes are checked: a ``probs`` that is not ``[B, K]`` with the monitor's K, or
+        ``embeddings`` / ``features`` that are not matrices, raise ``ValueError``."""
+        if step is None:
+            raise TypeError("CollapseMonitor.update() needs the training step: monitor.update(step, probs=...)")
+        self._check_inputs(probs=probs, student_probs=student_probs, embeddings=embeddings, features=features,
+                           prototypes=prototypes)
         if prototypes is not None:
             self.last_prototypes = prototypes.detach()
             if self.num_prototypes is None:
@@ -208,6 +219,24 @@ class CollapseMonitor:
                   **metrics}
         self._write(record)
         return metrics
+
+    def _check_inputs(self, **tensors: torch.Tensor | None) -> None:
+        """Clear errors for tensors of the wrong shape, before anything is recorded."""
+        for name, value in tensors.items():
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+            if value.dim() != 2:
+                shape = "[B, K]" if "probs" in name else "[K, D]" if name == "prototypes" else "[B, D]"
+                raise ValueError(f"{name} must be a matrix {shape}, got shape {tuple(value.shape)}")
+        probs, student = tensors.get("probs"), tensors.get("student_probs")
+        k = self.num_prototypes
+        for name, value in (("probs", probs), ("student_probs", student)):
+            if value is not None and k is not None and value.shape[1] != k:
+                raise ValueError(f"{name} has {value.shape[1]} columns but the monitor has K = {k} prototypes")
+        if probs is not None and student is not None and probs.shape != student.shape:
+            raise ValueError(f"probs {tuple(probs.shape)} and student_probs {tuple(student.shape)} differ in shape")
 
     def _probe_update(self, labels: torch.Tensor | None, features: torch.Tensor | None) -> dict[str, Any]:
         if labels is None:
@@ -289,15 +318,27 @@ class CollapseMonitor:
                 log.warning("%s", alarm)
 
     def _write(self, record: dict[str, Any]) -> None:
-        if self.logger is None:
+        self.last_step = max(self.last_step, int(record.get("step", self.last_step)))
+        if self.log_dir is None or not self.main:
             return
+        if self.logger is None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            # a fresh monitor starts a fresh metrics.jsonl; a restored one keeps the steps up to
+            # the restored step and drops those an interrupted run logged after it
+            self.logger = MetricsLogger(self.log_dir, tensorboard=self.tensorboard, resume_step=self._resume_step)
+            self.records = read_jsonl(self.logger.path) if self._resume_step is not None else []
         self.records.append(record)
         self.logger.log(record)
 
     def plot(self, out_dir: str | Path) -> list[Path]:
         """The training curves of what :meth:`update` and :meth:`end_epoch` recorded (with a
         ``log_dir``), into ``out_dir/training_curves.png``."""
+        if self.log_dir is None:
+            warnings.warn("CollapseMonitor.plot() has nothing to plot: the monitor keeps records only with "
+                          "a log_dir (CollapseMonitor(..., log_dir=DIR))", stacklevel=2)
+            return []
         if not self.records:
+            warnings.warn("CollapseMonitor.plot() has nothing to plot yet: no step was recorded", stacklevel=2)
             return []
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -313,7 +354,7 @@ class CollapseMonitor:
         return {"step_alarms": self.step_alarms.state_dict(), "epoch_alarms": self.epoch_alarms.state_dict(),
                 "argmax_counts": self.argmax_counts.clone() if self.argmax_counts is not None
                 else torch.zeros(0, dtype=torch.long),
-                "updates": self.updates, "epoch": self.epoch,
+                "updates": self.updates, "epoch": self.epoch, "last_step": self.last_step,
                 **({"probe": self.probe.state_dict()} if self.probe is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -328,6 +369,13 @@ class CollapseMonitor:
             self.probe.load_state_dict(state["probe"])
         self.alarms = sorted([*self.step_alarms.fired.values(), *self.epoch_alarms.fired.values()],
                              key=lambda a: a.step)
+        if "last_step" in state:
+            # the log keeps what was written up to the restored step; the next record reopens it
+            self.last_step = int(state["last_step"])
+            self._resume_step = self.last_step
+            if self.logger is not None:
+                self.logger.close()
+                self.logger = None
 
 
 class TrainingMonitor(CollapseMonitor):
@@ -346,6 +394,26 @@ class TrainingMonitor(CollapseMonitor):
             prototype_collapse_eps=d.prototype_collapse_eps,
             prototype_collapse_threshold=d.prototype_collapse_threshold, queue_size=d.queue_size,
             probe=probe if d.enabled else None)
+        # not a collapse: the share of optimisation steps skipped for a non-finite loss. The
+        # fraction is cumulative, so one check that exceeds it is enough (patience 1).
+        self.run_alarms = AlarmMonitor(warmup_steps=0, patience=1,
+                                       enabled=("skipped_steps",) if d.alarms else ())
+
+    def check_skipped_steps(self, step: int, skipped: int, final: bool = False) -> None:
+        """The ``skipped_steps`` alarm: more than half of the ``step`` steps so far were skipped.
+        Checked at log steps after the alarm warm-up, and at the end of the run (``final``)
+        whatever its length, so a short run that skipped most of its steps is not let through."""
+        if final or step >= self.warmup_steps:
+            self._raise(self.run_alarms.update(step, {"skipped_steps": skipped, "steps": step}))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "run_alarms": self.run_alarms.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "run_alarms" in state:  # absent from checkpoints written before the alarm existed
+            self.run_alarms.load_state_dict(state["run_alarms"])
+            self.alarms = sorted([*self.alarms, *self.run_alarms.fired.values()], key=lambda a: a.step)
 
     def observe(self, out, labels: torch.Tensor | None = None) -> None:  # type: ignore[override]
         """Per-step bookkeeping; ``labels`` (all the batch's training labels) feed the probe."""
