@@ -127,6 +127,7 @@ class Alarm:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The alarm as a JSON-serialisable dict (name, step, value, message, ...)."""
         return asdict(self)
 
 
@@ -219,12 +220,14 @@ class AlarmMonitor:
         return dict(self._fired)
 
     def state_dict(self) -> dict[str, Any]:
+        """The consecutive-failure counters and the alarms fired so far."""
         return {
             "counters": dict(self._counters),
             "fired": {name: alarm.to_dict() for name, alarm in self._fired.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`: an alarm that fired before does not fire again."""
         counters = state.get("counters", {})
         self._counters = {name: int(counters.get(name, 0)) for name in ALARM_NAMES}
         self._fired = {name: Alarm(**data) for name, data in state.get("fired", {}).items()}

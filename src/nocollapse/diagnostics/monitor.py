@@ -345,11 +345,14 @@ class CollapseMonitor:
         return [plot_training_curves(self.records, out / "training_curves.png")]
 
     def close(self) -> None:
+        """Flush and close ``metrics.jsonl`` and TensorBoard (a later record reopens them)."""
         if self.logger is not None:
             self.logger.close()
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The alarms fired, the epoch's arg-max counts, the counters, the last logged step and the
+        probe's state: what :meth:`load_state_dict` needs to go on after a resume."""
         self._ensure(None, None)
         return {"step_alarms": self.step_alarms.state_dict(), "epoch_alarms": self.epoch_alarms.state_dict(),
                 "argmax_counts": self.argmax_counts.clone() if self.argmax_counts is not None
@@ -358,6 +361,8 @@ class CollapseMonitor:
                 **({"probe": self.probe.state_dict()} if self.probe is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`: fired alarms stay fired, and (with a ``log_dir``) the
+        log keeps its records up to the restored step and drops those after it."""
         self._ensure(None, None)
         self.step_alarms.load_state_dict(state["step_alarms"])
         self.epoch_alarms.load_state_dict(state["epoch_alarms"])

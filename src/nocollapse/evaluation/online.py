@@ -210,6 +210,7 @@ class OnlineProbe:
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The bank, the linear classifier and its optimiser, and the epoch's counts (copies)."""
         state: dict[str, Any] = {"feature_dim": -1 if self.feature_dim is None else self.feature_dim,
                                  "bank_filled": self.bank_filled, "bank_next": self.bank_next,
                                  "epoch_counts": [self.seen, self.knn_seen, self.knn_correct, self.linear_correct,
@@ -224,6 +225,7 @@ class OnlineProbe:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, building the bank and classifier for its feature width."""
         dim = int(state["feature_dim"])
         if dim < 0:
             return

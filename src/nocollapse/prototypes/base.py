@@ -64,9 +64,11 @@ class PrototypeSet(nn.Module):
 
     @property
     def num_prototypes(self) -> int:  # pragma: no cover - every subclass overrides it
+        """K, the number of prototypes."""
         raise NotImplementedError
 
     def vectors(self) -> torch.Tensor:  # pragma: no cover
+        """The prototypes as rows ``[K, D]``, detached (those targets are scored against)."""
         raise NotImplementedError
 
     def target_scores(self, z: torch.Tensor) -> torch.Tensor:
@@ -75,6 +77,7 @@ class PrototypeSet(nn.Module):
             return self(z)
 
     def trainable_vectors(self) -> torch.Tensor | None:
+        """The trained rows ``[K, D]`` with their gradient (learned prototypes; None otherwise)."""
         return None
 
     def usage_weights(self) -> torch.Tensor | None:
@@ -87,6 +90,7 @@ class PrototypeSet(nn.Module):
         return None
 
     def snapshot(self) -> PrototypeSnapshot:
+        """The placed prototypes with their usage record, on the CPU, for reports and the monitor."""
         weights, idle = self.usage_weights(), self.idle_mask()
         return PrototypeSnapshot(self.vectors().detach().float().cpu(),
                                  None if weights is None else weights.detach().float().cpu(),
@@ -98,16 +102,22 @@ class PrototypeSet(nn.Module):
         return None
 
     def after_backward(self, step: int) -> None:
+        """Called after the backward pass of ``step`` (e.g. drop the gradient of frozen prototypes)."""
         return None
 
     def after_optimizer_step(self, step: int, teacher_momentum: float | None = None) -> None:
+        """Called after the optimiser step of ``step``: commit the proposal, EMA-update the teacher
+        copy with ``teacher_momentum``, or renormalise."""
         return None
 
     def commit(self) -> None:
+        """Write the change :meth:`update` proposed (nothing for sets that propose none)."""
         return None
 
     def discard(self) -> None:
+        """Drop the proposal of a step whose loss was not finite."""
         return None
 
     def step_logs(self) -> dict[str, float]:
+        """Scalars of the set for the step's metrics."""
         return {}

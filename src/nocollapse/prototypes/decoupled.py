@@ -132,6 +132,7 @@ class DecoupledPrototypes(OnlineGMM, PrototypeSet):
     # ---- the PrototypeSet interface ------------------------------------------------------
     @property
     def num_prototypes(self) -> int:
+        """K, the number of mixture components."""
         return self.num_components
 
     def vectors(self) -> torch.Tensor:

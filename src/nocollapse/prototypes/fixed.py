@@ -62,6 +62,7 @@ class FixedPrototypes(PrototypeSet):
 
     @property
     def num_prototypes(self) -> int:
+        """K, the number of fixed rows."""
         return int(self.rows.shape[0])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

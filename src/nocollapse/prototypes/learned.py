@@ -57,6 +57,7 @@ class PrototypeLayer(nn.Module):
 
     @property
     def num_prototypes(self) -> int:
+        """K, the layer's outputs."""
         return self.layer.out_features
 
     def vectors(self) -> torch.Tensor:
@@ -92,6 +93,7 @@ class LearnedPrototypes(PrototypeSet):
 
     @property
     def num_prototypes(self) -> int:
+        """K, the number of prototypes."""
         return self.student.num_prototypes
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
