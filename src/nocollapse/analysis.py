@@ -16,6 +16,7 @@ Everything it needs from a method comes through the hooks of ``SSLMethod``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,8 @@ from .diagnostics.plots import plot_spectrum, plot_training_curves
 from .diagnostics.report import prototype_report, write_plots
 from .evaluation.clustering import assignment_clustering, kmeans_clustering
 from .evaluation.features import extract_outputs
-from .utils.checkpoint import atomic_save
+from .utils.checkpoint import atomic_save, describe_unreadable
+from .utils.run_directory import record
 
 
 @dataclass
@@ -51,6 +53,8 @@ class SplitOutputs:
     assignment: dict | None = None      # assignment_stats of those probabilities over the split
     nearest: torch.Tensor | None = None  # [N] index of each sample's highest-scoring prototype
 
+
+log = logging.getLogger("nocollapse")
 
 #: rows of embeddings scored at once: bounds the [rows, K] score matrix (16 M entries)
 SCORE_CHUNK_ENTRIES = 1 << 24
@@ -180,13 +184,27 @@ def save_outputs(path: Path, checkpoint: Path, train: SplitOutputs, test: SplitO
 
 
 def _load_outputs(path: Path, checkpoint: Path) -> tuple[SplitOutputs, SplitOutputs] | None:
-    """The cached outputs in ``path`` if they were made from this very checkpoint file."""
+    """The cached outputs in ``path`` if they were made from this very checkpoint file.
+
+    A cache that cannot be used (truncated, foreign, of another layout) costs a warning and
+    returns None, so the outputs are encoded again and the file is overwritten, as the
+    decoded-image cache does."""
     if not path.is_file():
         return None
-    cached = torch.load(path, map_location="cpu", weights_only=True)
-    if cached.get("fingerprint") != _fingerprint(checkpoint) or cached.get("format") != CACHE_FORMAT:
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        log.warning("ignoring unreadable feature cache: %s %s; encoding the features again", path,
+                    describe_unreadable(path, exc))
         return None
-    return SplitOutputs(**cached["train"]), SplitOutputs(**cached["test"])
+    try:
+        if cached.get("fingerprint") != _fingerprint(checkpoint) or cached.get("format") != CACHE_FORMAT:
+            return None
+        return SplitOutputs(**cached["train"]), SplitOutputs(**cached["test"])
+    except Exception as exc:
+        log.warning("ignoring unreadable feature cache: %s holds no cached outputs (%s: %s); encoding the "
+                    "features again", path, type(exc).__name__, exc)
+        return None
 
 
 def cached_outputs(run, device: torch.device, use_cache: bool = True,
@@ -218,6 +236,7 @@ def cached_outputs(run, device: torch.device, use_cache: bool = True,
                   num_workers=cfg.data.num_workers, bad_images=cfg.data.bad_images)
     train = encode_split(run.method, train_source, with_head=False, **common)
     test = other[1] if other is not None else encode_split(run.method, run.splits.test, **common)
+    record(run.run_dir, path)  # the run's manifest lists its caches (train --force removes them)
     save_outputs(path, run.checkpoint, train, test)
     return train, test
 
@@ -348,6 +367,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         rows.append(("arg-max clustering", text))
     if summary.get("intracluster_variance_ratio") is not None:
         rows.append(("within-cluster variance", f"{summary['intracluster_variance_ratio']:.1%} of the total"))
+    if summary.get("skipped_steps"):
+        steps = summary.get("steps")
+        share = f" ({summary['skipped_steps'] / steps:.0%})" if steps else ""
+        rows.append(("skipped steps", f"{summary['skipped_steps']} of {steps}{share}: non-finite loss, "
+                                      f"no update (train.nonfinite=skip)"))
     if summary.get("alarms"):
         rows.append(("alarms", ", ".join(a["name"] for a in summary["alarms"])))
     width = max(len(r[0]) for r in rows)

@@ -20,15 +20,32 @@ def _package_config(name: str) -> Path:
     return Path(__file__).resolve().parent / "configs" / name
 
 
+def bundled_config_names() -> list[str]:
+    """The names of the bundled configs (``digits``, ``cifar10/dino``, ...), sorted."""
+    root = _package_config("")
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
 def _resolve_config_path(value: str) -> Path:
-    """A config file path, or the name of a bundled config (``digits``, ``cifar10/dino``)."""
+    """A config file path, or the name of a bundled config (``digits``, ``cifar10/dino``).
+
+    Neither: a :class:`~nocollapse.config.ConfigError` that lists the bundled names, the
+    closest first."""
+    import difflib
+
+    from .config import ConfigError
+
     path = Path(value)
     if path.is_file():
         return path
     bundled = _package_config(value if value.endswith(".yaml") else value + ".yaml")
     if bundled.is_file():
         return bundled
-    return path  # build_config reports the missing file
+    names = bundled_config_names()
+    close = difflib.get_close_matches(value.removesuffix(".yaml"), names, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(f"config file not found: {value} is neither a file nor a bundled config{hint} "
+                      f"Bundled configs: {', '.join(names)}")
 
 
 DEFAULT_CONFIG = "digits.yaml"
@@ -59,8 +76,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .utils import distributed as dist_utils
     from .utils.checkpoint import CheckpointError
     from .analysis import format_summary
-    from .engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+    from .engine.trainer import CheckpointWriteError, NonFiniteLossError, Trainer, TrainingInterrupted
 
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SystemExit(f"error: --out {args.out} is a file, not a directory; give a directory for the run")
     if args.resume:
         if not args.out:
             raise SystemExit("error: --resume needs --out RUN_DIR (the run to continue)")
@@ -71,22 +90,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config:
             raise SystemExit("error: --resume continues the run with its saved config.yaml; "
                              "--config cannot be combined with it")
+        from .engine.trainer import check_resume_overrides
+
+        check_resume_overrides(load_yaml(saved), args.set, run_dir)  # names a refused --set key first
         cfg, _ = build_config(overrides=args.set, base=load_yaml(saved))
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise SystemExit(f"error: {run_dir}/checkpoints/last.pt does not exist; nothing to resume")
     else:
         cfg, _ = _build_config(args)
         run_dir = Path(args.out) if args.out else _default_run_dir(cfg)
-        if (run_dir / "checkpoints" / "last.pt").exists() and not args.force:
-            raise SystemExit(f"error: {run_dir} already holds a run; use --resume to continue it, "
-                             f"--force to overwrite it, or another --out")
-    trainer = Trainer(cfg, run_dir, resume=args.resume)
+    trainer = Trainer(cfg, run_dir, resume=args.resume, force=args.force)
+    if trainer.main:  # fail fast, before the data are loaded; the trainer checks again under the lock
+        from .utils.run_directory import RunDirectoryError, refuse_if_locked, refuse_unless_empty
+
+        try:
+            if args.resume or args.force:
+                refuse_if_locked(run_dir)
+            else:
+                refuse_unless_empty(run_dir)
+        except RunDirectoryError as exc:
+            raise SystemExit(f"error: {exc}") from None
     try:
         summary = trainer.fit()
     except TrainingInterrupted as exc:
         print(f"nocollapse: {exc}", file=sys.stderr)
         return 3
-    except (NonFiniteLossError, CheckpointError) as exc:
+    except (NonFiniteLossError, CheckpointError, CheckpointWriteError) as exc:
         print(f"nocollapse: error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -127,6 +156,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             raise SystemExit("error: give a run directory, a checkpoint, or --weights FILE --key KEY")
         from .analysis import encode_split, method_report, write_run_plots
         from .utils.metrics_log import read_jsonl
+        from .utils.run_directory import record
         from .runs import load_run
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -146,6 +176,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             report = method_report(run.method, test)
         report["source"] = {"checkpoint": str(run.checkpoint), "step": run.step,
                             "method": run.cfg.method.name, **run.method.summary_fields()}
+        record(run.run_dir, out_dir / "diagnosis.json", *report.get("plots", []))  # if inside the run
         if args.plots:
             records = read_jsonl(run.run_dir / "metrics.jsonl")
             report["plots"] = [str(p) for p in write_run_plots(out_dir, run.method, report, records,
@@ -166,6 +197,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .analysis import cached_outputs
     from .evaluation.suite import evaluate
     from .runs import load_run
+    from .utils.run_directory import record
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = load_run(args.target, device=device, data_root=args.data_root)
@@ -186,6 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         else "pre-training split", "evaluation_train_images": len(train.labels)}
     out = Path(args.out) if args.out else run.run_dir
     name = "eval_balanced.json" if args.balanced_train else "eval.json"
+    record(run.run_dir, out / name)  # listed in the run's manifest when written inside it
     _write_json(out / name, result)
     if args.json:
         print(json.dumps(result, indent=1))
@@ -266,10 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                        help="override config keys, e.g. --set optim.lr=0.001 train.epochs=5; may be "
                             "repeated (every --set applies, later ones win for the same key)")
-    train.add_argument("--out", help="run directory (default: runs/<method>-<prototypes>-<dataset>-<time>)")
+    train.add_argument("--out", help="run directory, new or empty unless --resume or --force "
+                                     "(default: runs/<method>-<prototypes>-<dataset>-<time>)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from checkpoints/last.pt")
-    train.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
+    train.add_argument("--force", action="store_true",
+                       help="train into a non-empty --out: first remove the files an earlier run wrote "
+                            "there (those its manifest.json lists); files of your own are kept")
     train.set_defaults(func=cmd_train)
 
     diagnose = sub.add_parser(
@@ -330,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.registry import DatasetNotFoundError
     from .utils.checkpoint import CheckpointError
+    from .utils.oserrors import describe_os_error
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -346,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetNotFoundError, ValueError, KeyError, CheckpointError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"nocollapse: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a directory that cannot be written, a full disk, ...: a sentence
+        print(f"nocollapse: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -523,6 +524,11 @@ def validate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type: ig
             if isinstance(registry, Registry):
                 raise ConfigError(f"{key}: {registry.unknown_message(value)}")
             raise ConfigError(f"{key}: {value!r} is not allowed; expected {describe_key(key)}")
+        if any(isinstance(v, float) and not math.isfinite(v)
+               for v in (value if isinstance(value, (list, tuple)) else [value])):
+            # NaN passes every range check (all its comparisons are false) and inf trains nothing
+            what = "holds a number that is not finite" if isinstance(value, (list, tuple)) else "is not a finite number"
+            raise ConfigError(f"{key}: {value!r} {what}; expected {describe_key(key)}")
         if value is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
             if "min" in f.metadata and value < f.metadata["min"]:
                 raise ConfigError(f"{key}: {value!r} is too small; expected {describe_key(key)}")

@@ -13,8 +13,8 @@ from .config import Config, config_from_dict
 from .data import load_dataset
 from .data.registry import DatasetSplits, image_size_of
 from .utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from .methods import SSLMethod, build_method
-from .models.backbones import build_backbone
+from .utils.run_directory import record
+from .methods import SSLMethod, build_run_method
 
 
 @dataclass
@@ -45,7 +45,9 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 def load_run(path: str | Path, device: torch.device | str = "cpu", data_root: str | None = None) -> LoadedRun:
     """Rebuild the method of a run from its checkpoint, and its dataset splits.
 
-    ``data_root`` overrides ``data.root`` (a run moved to another machine)."""
+    ``data_root`` overrides ``data.root`` (a run moved to another machine). The method comes from
+    the trainer's own factory (:func:`~nocollapse.methods.build_run_method`) with the world size
+    the checkpoint was written with, so its per-step schedules are the trained run's."""
     ckpt_path, run_dir = resolve_checkpoint(path)
     ckpt = load_checkpoint(ckpt_path, map_location="cpu")
     data = dict(ckpt["config"])
@@ -54,8 +56,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", data_root: st
     cfg = config_from_dict(data)
     splits = load_dataset(cfg.data)
     size = image_size_of(cfg, splits)
-    steps_per_epoch = max(1, len(splits.ssl_train) // cfg.train.batch_size)
-    method = build_method(cfg, build_backbone(cfg.model, size), steps_per_epoch)
+    method = build_run_method(cfg, splits, size, world_size=int(ckpt.get("world_size", 1)))
     method.load_state_dict(ckpt["method"])
     method.to(device).eval()
     return LoadedRun(cfg, method, splits, size, ckpt_path, run_dir, int(ckpt.get("step", 0)))
@@ -67,10 +68,12 @@ def export_backbone(run: LoadedRun, out: str | Path) -> dict:
 
     A ResNet backbone keeps torchvision's key names (``conv1``, ``bn1``, ``layer1.0.conv1``, ...,
     no ``fc``): at width 1 with the ImageNet stem it loads into ``torchvision.models.resnet18()``
-    with ``strict=False``, only ``fc`` missing."""
+    with ``strict=False``, only ``fc`` missing. Files written inside the run directory are added to
+    its manifest (``train --force`` removes them with the run)."""
     backbone = run.method.eval_backbone()
     state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     out = Path(out)
+    record(run.run_dir, out, out.with_name(out.name + ".json"))
     atomic_save(state, out)
     m = run.cfg.model
     info = {"backbone": m.backbone, "width_multiplier": m.width_multiplier, "stem": m.stem,

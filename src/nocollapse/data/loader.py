@@ -25,6 +25,13 @@ from .views import BatchedViews, PerSampleViews, ViewSpec, eval_transform, norma
 log = logging.getLogger(__name__)
 
 
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimisation steps in one epoch: whole global batches, ``N // (batch_size x world_size)``
+    (at least 1). The one place this is computed: the training batches and the method's per-step
+    schedules, in training and when a run is re-opened (``runs.load_run``), must agree."""
+    return max(1, num_samples // (batch_size * world_size))
+
+
 class EpochBatchSampler:
     """Seeded, sharded, drop-last batches of indices for one epoch."""
 
@@ -38,7 +45,7 @@ class EpochBatchSampler:
         self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        return self.num_samples // (self.batch_size * self.world_size)
+        return steps_per_epoch(self.num_samples, self.batch_size, self.world_size)
 
     def batches(self, epoch: int, start: int = 0) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)

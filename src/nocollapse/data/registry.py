@@ -8,6 +8,7 @@ with a message that says where it looked and how to get it.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from ..config import LABEL_KEYS, DataConfig
 from ..utils.registry import DATASETS
 from .sources import ImageFiles, ImageSource, InMemoryImages, decode_files
+
+log = logging.getLogger(__name__)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -241,12 +244,54 @@ def scan_image_folder(split_dir: Path) -> tuple[list[str], list[str], list[int]]
     return classes, paths, labels
 
 
+#: files whose headers decide how large the decoded images of a split are (data.in_memory=auto)
+IN_MEMORY_SAMPLE = 32
+
+
+def _sampled_side(paths: list[str], bad_images: str) -> int | None:
+    """The side images of ``paths`` take when decoded without ``data.image_size``: the longer side
+    of the most common size among up to :data:`IN_MEMORY_SAMPLE` files spread over the split
+    (only their headers are read). No single file decides, so one huge image sorted first does
+    not size the split. An unreadable file is skipped as decoding would skip it (or raises under
+    ``bad_images="fail"``); when none of the sample opens, the rest are tried in order, and None
+    means that no file opens at all (decoding then reports it)."""
+    from collections import Counter
+
+    from PIL import Image
+
+    from .sources import BadImageError
+
+    def size_of(path: str) -> tuple[int, int] | None:
+        try:
+            with Image.open(path) as img:
+                return img.size
+        except (OSError, ValueError, SyntaxError) as exc:
+            if bad_images == "fail":
+                raise BadImageError(f"cannot decode image {path}: {exc}") from exc
+            return None
+
+    n = len(paths)
+    picks = sorted({round(i * (n - 1) / max(1, IN_MEMORY_SAMPLE - 1)) for i in range(min(n, IN_MEMORY_SAMPLE))})
+    sizes = [s for s in (size_of(paths[i]) for i in picks) if s is not None]
+    chosen = set(picks)
+    rest = (paths[i] for i in range(n) if i not in chosen)
+    while not sizes:
+        path = next(rest, None)
+        if path is None:
+            return None
+        size = size_of(path)
+        sizes = [size] if size is not None else []
+    (w, h), _ = Counter(sizes).most_common(1)[0]
+    return max(w, h)
+
+
 def _in_memory(cfg: DataConfig, paths: list[str]) -> bool:
+    """``data.in_memory``; for ``auto``, whether the decoded split fits in 4 GiB."""
     if cfg.in_memory != "auto":
         return cfg.in_memory == "true"
-    from .sources import decode_image
-
-    side = cfg.image_size or max(decode_image(paths[0]).size)
+    side = cfg.image_size or _sampled_side(paths, cfg.bad_images)
+    if side is None:
+        return True  # nothing opens: decoding into memory says so, naming the count
     return len(paths) * side * side * 3 <= 4 * 2**30
 
 
@@ -312,6 +357,10 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
     from .long_tail import long_tail_indices
 
     splits = DATASETS.get(cfg.dataset).load(cfg)
+    if splits.num_classes < 2:
+        log.warning("dataset %s has a single class (%s): k-NN, linear-probe and clustering scores are "
+                    "meaningless (trivially 100 %%, whatever the representation); judge it by the collapse "
+                    "measures, or add classes", cfg.root or cfg.dataset, ", ".join(splits.class_names))
     if cfg.imbalance_ratio > 1.0:
         idx = long_tail_indices(splits.train.labels, splits.num_classes, cfg.imbalance_ratio,
                                 cfg.long_tail_seed)

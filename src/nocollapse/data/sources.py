@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..utils.checkpoint import atomic_save
+from ..utils.checkpoint import atomic_save, describe_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,35 @@ def _square(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+# Pillow's integer grey modes: 16-bit (PNG, TIFF) and 32-bit ("I", how some readers return 16-bit
+# data). convert("RGB") clips them at 255, which turns almost every pixel of a 16-bit image white.
+_WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
+    """``img`` as 8-bit RGB. Integer grey modes are scaled from the 16-bit range to 8 bits
+    (v * 255 / 65535, rounded; 32-bit values clipped to that range first); a floating-point
+    image has no standard range, so it is refused rather than guessed."""
+    if img.mode in _WIDE_INTEGER_MODES:
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode == "F":
+        raise BadImageError(f"cannot decode image {path}: a 32-bit floating-point image (mode F) has no "
+                            f"standard range of values; convert it to 8- or 16-bit")
+    return img.convert("RGB")
+
+
 def decode_image(path: str | Path, size: int | None = None) -> Image.Image:
     """Decode ``path`` to RGB (resized so the shorter side is ``size`` and centre-cropped to a
-    square when ``size`` is given). Raises :class:`BadImageError` naming the file."""
+    square when ``size`` is given); 16-bit and other integer grey images are scaled to 8 bits.
+    Raises :class:`BadImageError` naming the file."""
     try:
         with Image.open(path) as img:
             img.load()
-            img = img.convert("RGB")
+            img = _to_rgb(img, path)
+    except BadImageError:
+        raise
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise BadImageError(f"cannot decode image {path}: {exc}") from exc
     if size is not None and img.size != (size, size):
@@ -135,11 +157,18 @@ def decode_cache_key(paths: Sequence[str], labels: Sequence[int], size: int | No
 
 def _load_decoded(file: Path, bad_images: str) -> InMemoryImages | None:
     """The split cached in ``file``, or None (with a warning) when it cannot be read."""
+    # a truncated or foreign file costs a warning: the split is decoded again and overwrites it
     try:
         cached = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        log.warning("ignoring unreadable decoded-image cache: %s %s; decoding again", file,
+                    describe_unreadable(file, exc))
+        return None
+    try:
         split = InMemoryImages(cached["images"], cached["labels"], list(cached["skipped"]))
-    except Exception as exc:  # a truncated or foreign file: decode again and overwrite it
-        log.warning("ignoring unreadable decoded-image cache %s (%s); decoding again", file, exc)
+    except Exception as exc:
+        log.warning("ignoring unreadable decoded-image cache: %s holds no decoded split (%s: %s); "
+                    "decoding again", file, type(exc).__name__, exc)
         return None
     if split.skipped and bad_images == "fail":
         decode_image(split.skipped[0])  # raises the BadImageError that decoding would have raised

@@ -39,6 +39,11 @@ Alarms and the metric keys they read:
     shows much earlier at ε = 0.1 (cosine similarity above 0.9, at which two prototypes
     take the same images), so training watches that by default (the run that motivates it:
     docs/results.md, section 4).
+``skipped_steps``
+    Not a collapse: more than ``skipped_fraction`` of the optimisation steps so far
+    (``steps``) were skipped (``skipped_steps``) because the loss was not finite
+    (``train.nonfinite=skip``), so the model learned from a minority of its batches. The
+    trainer feeds it at every log step after the warm-up and once more at the end of the run.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ ALARM_NAMES: tuple[str, ...] = (
     "representation_collapse",
     "unused_prototypes",
     "prototype_collapse",
+    "skipped_steps",
 )
 
 _CAUSES: dict[str, str] = {
@@ -81,6 +87,10 @@ _CAUSES: dict[str, str] = {
         "many prototypes converged to nearly the same direction (partial prototype "
         "collapse), typical of prototypes learned jointly with the encoder"
     ),
+    "skipped_steps": (
+        "the loss is NaN or infinite on most batches: a learning rate too high for this batch "
+        "size, a temperature too low, fp16 overflow, or input that is not what the model expects"
+    ),
 }
 
 _REMEDIES: dict[str, str] = {
@@ -104,6 +114,10 @@ _REMEDIES: dict[str, str] = {
     "prototype_collapse": (
         "use decoupled (EM-updated) prototypes, a KoLeo-proto regulariser, or a fixed / "
         "orthogonal prototype set"
+    ),
+    "skipped_steps": (
+        "lower optim.lr or lengthen optim.warmup_epochs, check the temperatures, train in bf16 or "
+        "fp32, lower optim.clip_grad; train.nonfinite=stop stops at the first such step and names it"
     ),
 }
 
@@ -165,6 +179,8 @@ class AlarmMonitor:
         unique_fraction_threshold: alarm when ``unique_<unique_eps>`` is below this.
         unique_eps: the ε (a key of the unique-prototype metrics: "0.025", "0.1", "0.25"
             or "0.5") that ``prototype_collapse`` watches.
+        skipped_fraction: ``skipped_steps`` fires when more than this fraction of the steps
+            were skipped.
         enabled: names of the alarms to check (default all of :data:`ALARM_NAMES`).
     """
 
@@ -183,6 +199,7 @@ class AlarmMonitor:
         unused_fraction: float = 0.5,
         unique_fraction_threshold: float = 0.5,
         unique_eps: str = "0.025",
+        skipped_fraction: float = 0.5,
         enabled: tuple[str, ...] | list[str] | None = None,
     ) -> None:
         if num_prototypes is not None and num_prototypes < 2:
@@ -209,6 +226,7 @@ class AlarmMonitor:
         self.unused_fraction = unused_fraction
         self.unique_fraction_threshold = unique_fraction_threshold
         self.unique_eps = str(unique_eps)
+        self.skipped_fraction = skipped_fraction
         self.enabled = names
         self._counters: dict[str, int] = {name: 0 for name in ALARM_NAMES}
         self._fired: dict[str, Alarm] = {}
@@ -344,6 +362,18 @@ class AlarmMonitor:
             f"(threshold {self.unique_fraction_threshold:.0%})"
         )
 
+    def _check_skipped_steps(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
+        skipped, steps = _number(m, "skipped_steps"), _number(m, "steps")
+        if skipped is None or steps is None or steps < 1:
+            return None
+        frac = skipped / steps
+        if frac <= self.skipped_fraction:
+            return _HEALTHY
+        return frac, (
+            f"{skipped:.0f} of {steps:.0f} steps ({frac:.0%}) were skipped because the loss was "
+            f"not finite (train.nonfinite=skip): the model learned from {1 - frac:.0%} of its batches"
+        )
+
     # ----------------------------------------------------------------- update
     def update(self, step: int, metrics: Mapping[str, Any]) -> list[Alarm]:
         """Check one step's metrics; return the alarms that fire now (each only once)."""
@@ -356,6 +386,7 @@ class AlarmMonitor:
             "representation_collapse": self._check_representation,
             "unused_prototypes": self._check_unused,
             "prototype_collapse": self._check_prototype_collapse,
+            "skipped_steps": self._check_skipped_steps,
         }
         new: list[Alarm] = []
         for name in self.enabled:

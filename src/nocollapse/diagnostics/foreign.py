@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..utils.checkpoint import CheckpointError
+from ..utils.checkpoint import CheckpointError, describe_unreadable
 
 __all__ = ["load_prototypes", "list_candidates", "CheckpointError", "PrototypeKeyError"]
 
@@ -64,19 +63,12 @@ def _load(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text:
-            raise CheckpointError(
-                f"{path} stores Python objects that weights_only loading refuses. If you trust "
-                "the file, load it yourself and save just the state dict with torch.save. "
-                f"Details: {text.splitlines()[-1] if text else exc!r}"
-            ) from exc
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
     except Exception as exc:  # torch.load fails in many ways on foreign or damaged files
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
+        reason = describe_unreadable(path, exc)
+        if reason.startswith("stores Python objects"):
+            reason += ("; if you trust the file, load it yourself and save just the state dict with "
+                       "torch.save")
+        raise CheckpointError(f"{path} {reason}") from None
 
 
 def _flatten(obj: Any, prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -22,6 +22,8 @@ Hooks (override what applies; the defaults fit a method without prototypes or te
 ``settings()`` (classmethod)               config sections: ``{"toy": ToySettings}``; ``"method"``
                                            merges keys into ``method.*`` (see ``config.py``)
 ``inactive_settings(cfg)`` (classmethod)   own keys that do not apply under ``cfg``
+``resume_fixed_settings()`` (classmethod)  own keys ``--resume`` may not change (saved state reads
+                                           differently under them)
 ``estimate_state_bytes(cfg, rows)``        memory of the method's state + scores (preflight)
 ``configure_for_data(cfg, num_classes)``    resolve dataset-dependent settings before building
 ``run_name(cfg)`` (classmethod)            the default run directory's prefix
@@ -178,6 +180,15 @@ class SSLMethod(nn.Module):
         """Keys or sections of :meth:`settings` that do not apply under ``cfg``, each with the
         condition under which they would."""
         return {}
+
+    @classmethod
+    def resume_fixed_settings(cls) -> tuple[str, ...]:
+        """Keys (or section prefixes ending in ``.``) of :meth:`settings` that a resumed run may
+        not change because its saved state means something else under another value while its
+        tensors keep their shapes (a change of shape is found without this list). ``method.*``
+        is always fixed; other keys of the method's sections (temperatures, loss weights) may
+        change on resume."""
+        return ()
 
     @classmethod
     def estimate_state_bytes(cls, cfg: Config, rows: int) -> int:

@@ -163,6 +163,12 @@ class PrototypeMethod(SSLMethod):
         return {"gmm": "method.prototypes is 'decoupled'"}
 
     @classmethod
+    def resume_fixed_settings(cls) -> tuple[str, ...]:
+        """The mixture's saved variances are per dimension or one per component by
+        ``gmm.covariance``, in tensors of the same shape."""
+        return (*super().resume_fixed_settings(), "gmm.covariance")
+
+    @classmethod
     def estimate_state_bytes(cls, cfg: Config, rows: int) -> int:
         """Prototypes (+ EMA copy or mixture statistics) and the ``[rows, K]`` scores with their
         gradients, in fp32."""

@@ -32,15 +32,20 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLogger:
-    """Appends records to ``metrics.jsonl`` and mirrors numeric values to TensorBoard."""
+    """Appends records to ``metrics.jsonl`` and mirrors numeric values to TensorBoard.
+
+    ``files`` lists what it writes (``metrics.jsonl`` and this run's TensorBoard event file), for
+    the run directory's manifest."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
                  resume_step: int | None = None) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
+        self.files: list[Path] = []
         if not enabled:
             return
+        self.files.append(self.path)
         if resume_step is None:
             self.path.write_text("")  # a fresh run starts a fresh file
         elif self.path.is_file():
@@ -51,7 +56,10 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                log_dir = Path(run_dir) / "tensorboard"
+                before = set(log_dir.iterdir()) if log_dir.is_dir() else set()
+                self.writer = SummaryWriter(log_dir=str(log_dir))  # creates its event file now
+                self.files += sorted(set(log_dir.iterdir()) - before)
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.writer = None
 
