@@ -213,7 +213,9 @@ def test_a_second_train_on_a_running_directory_fails_naming_the_first(tmp_path, 
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while not (run / "metrics.jsonl").is_file():   # locked, config written, training
+        # Locked, config written, training: the first record in metrics.jsonl (setup creates the
+        # file empty, before the trainer installs its SIGTERM handler; records come after it).
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size):
             if first.poll() is not None:
                 pytest.fail(f"the first run ended early: {first.stderr.read()}")
             assert time.time() < deadline, "the first run did not start training in time"

@@ -363,13 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Imported after parsing, so that --help, --version and usage errors need neither torch
+    # (data.registry and utils.checkpoint import it) nor OmegaConf.
     from .config import ConfigError
     from .data.registry import DatasetNotFoundError
     from .utils.checkpoint import CheckpointError
     from .utils.oserrors import describe_os_error
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

@@ -4,6 +4,9 @@ Figures are built with :class:`matplotlib.figure.Figure` and rendered by the Agg
 backend directly, so this module never touches pyplot's global state and works
 on headless machines and inside notebooks alike. Every function writes one PNG
 and returns its path.
+
+Matplotlib and SciPy are imported inside the functions that draw, not with this module: they are
+slow to import, and ``nocollapse.diagnostics`` (which the training loop imports) loads this module.
 """
 
 from __future__ import annotations
@@ -12,17 +15,17 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from scipy.ndimage import gaussian_filter, gaussian_filter1d
 from torch import Tensor
 
 from .embeddings import effective_rank_from_singular_values
 from .prototypes import STANDARD_EPS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "plot_unique_vs_eps",
@@ -73,6 +76,8 @@ def _legend(ax, lines: int) -> None:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -81,6 +86,8 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -170,6 +177,8 @@ def project_to_circle(
 
 def _angle_density(theta: np.ndarray, bins: int = 720, bandwidth: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Circular (wrap-around) Gaussian-smoothed histogram density of angles, in 1/rad."""
+    from scipy.ndimage import gaussian_filter1d
+
     hist, edges = np.histogram(theta, bins=bins, range=(-math.pi, math.pi), density=True)
     width = edges[1] - edges[0]
     smooth = gaussian_filter1d(hist, sigma=bandwidth / width, mode="wrap")
@@ -196,6 +205,8 @@ def plot_prototype_uniformity(
         prototypes: one ``[K, D]`` matrix or ``label -> matrix`` for side-by-side columns.
         projection: ``"pca"`` (uncentred top-2 principal directions) or ``"random"``.
     """
+    from scipy.ndimage import gaussian_filter
+
     mats = dict(prototypes) if isinstance(prototypes, Mapping) else {"prototypes": prototypes}
     if not mats:
         raise ValueError("no prototype matrices given")

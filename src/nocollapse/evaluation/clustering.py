@@ -20,15 +20,16 @@ are classes (k-means with k = classes); with more clusters it counts the samples
 clusters as wrong and says little.
 
 Cluster ids and class ids may be any integers; only the partition matters.
+
+SciPy and scikit-learn are imported inside the functions that use them, not with this module:
+they are slow to import, and ``nocollapse.evaluation`` (which the training loop imports) loads
+this module.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
 from torch import Tensor
 
 __all__ = [
@@ -91,6 +92,8 @@ def hungarian_accuracy(pred_clusters: Tensor | np.ndarray, labels: Tensor | np.n
     When there are more clusters than classes, the samples of unmatched
     clusters count as wrong; with fewer clusters, some classes stay unmatched.
     """
+    from scipy.optimize import linear_sum_assignment
+
     matrix = contingency_matrix(pred_clusters, labels)
     rows, cols = linear_sum_assignment(matrix, maximize=True)
     return float(matrix[rows, cols].sum() / matrix.sum())
@@ -104,6 +107,8 @@ def cluster_metrics(pred_clusters: Tensor | np.ndarray, labels: Tensor | np.ndar
     arithmetic-mean normalisation (scikit-learn's defaults); ``ari`` is scikit-learn's
     ``adjusted_rand_score``.
     """
+    from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
+
     clusters, classes = _check_pair(pred_clusters, labels)
     out = {
         "nmi": float(normalized_mutual_info_score(classes, clusters)),
@@ -149,6 +154,8 @@ def kmeans_clustering(
         raise ValueError(f"n_clusters={k} exceeds the number of samples ({num_samples})")
     if n_init < 1:
         raise ValueError(f"n_init must be >= 1, got {n_init}")
+    from sklearn.cluster import KMeans
+
     normalised = torch.nn.functional.normalize(features.detach().float(), dim=1).cpu().numpy()
     model = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, random_state=seed)
     clusters = model.fit_predict(normalised)

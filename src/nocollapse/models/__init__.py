@@ -1,7 +1,30 @@
 """Backbones (registered in the backbone registry) and heads."""
 
-from .backbones import ResNetBackbone, ViTBackbone, build_backbone, count_parameters
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .backbones import build_backbone, count_parameters
 from .heads import HyperdimensionalProjector, ProjectionMLP
+
+if TYPE_CHECKING:  # loaded on first use by __getattr__ below: they import torchvision
+    from .resnet import ResNetBackbone
+    from .vit import ViTBackbone
 
 __all__ = ["HyperdimensionalProjector", "ProjectionMLP", "ResNetBackbone", "ViTBackbone", "build_backbone",
            "count_parameters"]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the torchvision-based backbone classes load on first access, not with the package.
+    if name == "ResNetBackbone":
+        from .resnet import ResNetBackbone
+        return ResNetBackbone
+    if name == "ViTBackbone":
+        from .vit import ViTBackbone
+        return ViTBackbone
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

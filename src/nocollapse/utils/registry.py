@@ -11,7 +11,13 @@ A registry may also read a Python entry-point group (``nocollapse.methods``): an
 package that declares ``[project.entry-points."nocollapse.methods"] toy = "toy_pkg.method"``
 is imported the first time the registry is asked for its names, and its module registers itself
 as above (an entry point that loads an object not yet registered is registered under the entry
-point's name). Built-in plugins are registered when ``nocollapse`` is imported.
+point's name).
+
+The built-in plugins (``nocollapse.data``, ``.models``, ``.methods``) register when their modules
+are imported. The package's registries import them the first time they are read (names, look-up,
+membership, default), before the entry points, through the loader that ``nocollapse/__init__.py``
+sets with :func:`set_builtin_loader`; so ``import nocollapse`` stays light (no torchvision, not even
+torch) and this leaf module imports nothing above it.
 """
 
 from __future__ import annotations
@@ -19,9 +25,36 @@ from __future__ import annotations
 import difflib
 import logging
 from importlib import metadata
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger("nocollapse")
+
+
+# The loader of the built-in plugins, set by the package facade; run once, on the first read of a
+# registry created with ``builtins=True``.
+_builtin_loader: Callable[[], None] | None = None
+_builtins_loaded = False
+
+
+def set_builtin_loader(loader: Callable[[], None] | None) -> None:
+    """Set the callable that imports the built-in plugins; the registries made with
+    ``builtins=True`` run it once, the first time one of them is read."""
+    global _builtin_loader, _builtins_loaded
+    _builtin_loader, _builtins_loaded = loader, False
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if _builtins_loaded or _builtin_loader is None:
+        return
+    # Marked first: the modules the loader imports register plugins, and a look-up among them
+    # must not start the loader again.
+    _builtins_loaded = True
+    try:
+        _builtin_loader()
+    except BaseException:
+        _builtins_loaded = False      # the next read tries again and raises the same error
+        raise
 
 
 class UnknownNameError(ValueError):
@@ -29,11 +62,15 @@ class UnknownNameError(ValueError):
 
 
 class Registry:
-    """An ordered mapping ``name -> object`` filled by :meth:`register`."""
+    """An ordered mapping ``name -> object`` filled by :meth:`register`.
 
-    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+    ``builtins=True`` (the package's own registries): the first read imports the built-in
+    plugins through the loader of :func:`set_builtin_loader`."""
+
+    def __init__(self, kind: str, entry_point_group: str | None = None, *, builtins: bool = False) -> None:
         self.kind = kind
         self.entry_point_group = entry_point_group
+        self.builtins = builtins
         self._entries: dict[str, Any] = {}
         self._default: str | None = None
         self._entry_points_loaded = entry_point_group is None
@@ -69,6 +106,10 @@ class Registry:
 
     # ---- look-up --------------------------------------------------------------------------
     def _load_entry_points(self) -> None:
+        # Every read passes here: the built-ins first, so that they keep their order (the
+        # default first) ahead of the entry-point plugins.
+        if self.builtins:
+            _load_builtins()
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
@@ -126,10 +167,10 @@ def _describe(obj: Any) -> str:
 
 
 #: self-supervised methods (``method.name``), filled by ``nocollapse.methods`` and plugins
-METHODS = Registry("method", entry_point_group="nocollapse.methods")
+METHODS = Registry("method", entry_point_group="nocollapse.methods", builtins=True)
 #: datasets (``data.dataset``), filled by ``nocollapse.data.registry``
-DATASETS = Registry("dataset", entry_point_group="nocollapse.datasets")
+DATASETS = Registry("dataset", entry_point_group="nocollapse.datasets", builtins=True)
 #: backbones (``model.backbone``), filled by ``nocollapse.models.backbones``
-BACKBONES = Registry("backbone", entry_point_group="nocollapse.backbones")
+BACKBONES = Registry("backbone", entry_point_group="nocollapse.backbones", builtins=True)
 
-__all__ = ["BACKBONES", "DATASETS", "METHODS", "Registry", "UnknownNameError"]
+__all__ = ["BACKBONES", "DATASETS", "METHODS", "Registry", "UnknownNameError", "set_builtin_loader"]
