@@ -43,7 +43,7 @@ from .alarms import ALARM_NAMES, Alarm, AlarmMonitor
 from .assignments import assignment_stats, mixture_stats, teacher_student_kl
 from .embeddings import effective_rank, embedding_std, mean_direction_norm
 from .plots import plot_training_curves
-from .prototypes import STANDARD_EPS, pairwise_cosine_stats, unique_prototypes
+from .prototypes import STANDARD_EPS, prototype_geometry
 
 log = logging.getLogger("nocollapse")
 
@@ -54,6 +54,16 @@ __all__ = ["CollapseMonitor", "TrainingMonitor"]
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().cpu()
+
+
+def _home_device(prototype_set: Any) -> torch.device | None:
+    """The device a prototype set's tensors live on (its snapshot is on the CPU), if it has any."""
+    if isinstance(prototype_set, torch.nn.Module):
+        for tensor in prototype_set.parameters():
+            return tensor.device
+        for tensor in prototype_set.buffers():
+            return tensor.device
+    return None
 
 
 class CollapseMonitor:
@@ -276,8 +286,11 @@ class CollapseMonitor:
             if mixture_weights is not None or idle is not None:
                 raise ValueError("a prototype set brings its own mixture weights and idle mask: pass "
                                  "mixture_weights and idle only with a prototype tensor")
+            home = _home_device(prototypes)
             snap = prototypes.snapshot()
             prototypes, mixture_weights, idle = snap.vectors, snap.usage_weights, snap.idle
+            if home is not None and home.type == "cuda":
+                prototypes = prototypes.to(home)  # the geometry is computed where the set lives
             fixed = fixed or snap.fixed
             if not len(prototypes):           # a mixture with no component placed yet
                 prototypes = mixture_weights = idle = None
@@ -287,12 +300,9 @@ class CollapseMonitor:
         if prototypes is None:
             prototypes = self.last_prototypes
         if prototypes is not None and not fixed:
-            p = prototypes.detach().float().cpu()
-            for eps, n in unique_prototypes(p, STANDARD_EPS).items():
-                metrics[f"unique_{eps:g}"] = n / p.shape[0]
-            pc = pairwise_cosine_stats(p)
-            metrics["pairwise_cosine_max"] = pc["max"]
-            metrics["pairwise_cosine_p99"] = pc["p99"]
+            # exact unique counts up to EXACT_MAX_ROWS prototypes or on a CUDA device, a sampled
+            # estimate above (unique_sampled_rows > 0, with unique_<eps>_stderr); see prototypes.py
+            metrics.update(prototype_geometry(prototypes.detach().float(), STANDARD_EPS))
         if self.argmax_counts is not None and int(self.argmax_counts.sum()) > 0:
             metrics["prototype_utilization_train"] = float((self.argmax_counts > 0).float().mean())
         if self.features:
