@@ -2,14 +2,18 @@
 
 lightly's ``DINOProjectionHead`` ends in a weight-normalised last layer (the learned prototypes).
 Here it is replaced by one ``DecoupledPrototypes`` instance shared by student and teacher: the
-head's MLP (``head.layers``) gives the bottleneck embedding, the teacher's L2-normalised
-bottleneck feeds the mixture's EM step, and both networks are scored against its means. The
-rest is lightly's: the head's MLP, ``DINOLoss`` (centering, temperatures) and the EMA helpers.
-``CollapseMonitor`` watches the run. It needs the optional extra: ``pip install
+head's MLP gives the bottleneck embedding (``DINOHeadWithBottleneck.bottleneck``), the teacher's
+L2-normalised bottleneck feeds the mixture's EM step, and both networks are scored against its
+means. The head is lightly's stock one, without batch norm, whose embeddings sit in a narrow
+cone: the mixture is fitted in the whitened space (``DecoupledPrototypes``' default
+``space="whitened"``; ``--space sphere`` shows the means collapsing there). The rest is
+lightly's: ``DINOLoss`` (centering, temperatures) and the EMA helpers. ``CollapseMonitor``
+watches the run and gets the teacher probabilities from ``dino_teacher_probabilities``, read
+before ``DINOLoss`` moves its centre. It needs the optional extra: ``pip install
 'nocollapse[lightly]'``. On scikit-learn's digits (8x8 images, an MLP backbone) it runs in well
 under a minute on a CPU:
 
-    python examples/lightly_dino.py --out runs/lightly_dino [--epochs 15]
+    python examples/lightly_dino.py --out runs/lightly_dino [--epochs 15] [--space sphere]
 """
 
 from __future__ import annotations
@@ -23,24 +27,26 @@ from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from torch import nn
-from torch.nn import functional as F
 
 from digits_data import augment, digit_images
 
 from nocollapse import CollapseMonitor, DecoupledPrototypes
+from nocollapse.integrations.lightly import DINOHeadWithBottleneck, dino_teacher_probabilities
+from nocollapse.prototypes import SPACES
 
 
 class Student(nn.Module):
-    """Backbone + lightly's DINO head without its last layer: returns the normalised bottleneck."""
+    """Backbone + lightly's stock DINO head (no batch norm) without its last layer: returns the
+    normalised bottleneck."""
 
     def __init__(self, bottleneck_dim: int) -> None:
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 128))
-        self.head = DINOProjectionHead(128, 256, bottleneck_dim, output_dim=1, batch_norm=True)
-        del self.head.last_layer          # the prototypes live in DecoupledPrototypes instead
+        self.head = DINOHeadWithBottleneck(DINOProjectionHead(128, 256, bottleneck_dim, output_dim=1))
+        del self.head.head.last_layer          # the prototypes live in DecoupledPrototypes instead
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head.layers(self.backbone(x)), dim=-1)
+        return self.head.bottleneck(self.backbone(x))
 
 
 def main() -> None:
@@ -48,6 +54,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/lightly_dino")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--prototypes", type=int, default=64)
+    parser.add_argument("--space", choices=SPACES, default="whitened", help="where the mixture is fitted")
     args = parser.parse_args()
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -59,7 +66,7 @@ def main() -> None:
     teacher = copy.deepcopy(student)
     deactivate_requires_grad(teacher)
     prototypes = DecoupledPrototypes(k, dim, beta0=0.25, anneal_steps=2 * steps_per_epoch,
-                                     buffer_size=4 * k, seed_after_steps=steps_per_epoch)
+                                     buffer_size=4 * k, seed_after_steps=steps_per_epoch, space=args.space)
     criterion = DINOLoss(output_dim=k, warmup_teacher_temp_epochs=0, teacher_temp=0.04)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.04)
     monitor = CollapseMonitor(num_prototypes=k, embedding_dim=dim, warmup_steps=2 * steps_per_epoch,
@@ -74,6 +81,7 @@ def main() -> None:
             prototypes.update(h_teacher, step, views=2)                      # EM step, not yet written
             teacher_scores = prototypes(h_teacher).chunk(2)
             student_scores = prototypes(torch.cat([student(v) for v in views])).chunk(2)
+            probs = dino_teacher_probabilities(criterion, teacher_scores[0], epoch=epoch)  # before the centre moves
             loss = criterion(list(teacher_scores), list(student_scores), epoch=epoch)
             optimizer.zero_grad()
             if not torch.isfinite(loss):
@@ -83,10 +91,9 @@ def main() -> None:
             optimizer.step()
             prototypes.commit()
             update_momentum(student, teacher, m=0.99)
-            monitor.update(step, probs=F.softmax((teacher_scores[0] - criterion.center[0]) / 0.04, dim=-1),
-                           embeddings=h_teacher[:batch_size], features=h_teacher[:batch_size], loss=loss.detach())
+            monitor.update(step, probs=probs, embeddings=h_teacher[:batch_size], features=h_teacher[:batch_size], loss=loss.detach())
             step += 1
-        last = monitor.end_epoch(step, prototypes=prototypes.means)
+        last = monitor.end_epoch(step, prototypes=prototypes)
     monitor.plot(args.out)
     monitor.close()
     print(json.dumps({"last_epoch": last, "alarms": [a.name for a in monitor.alarms],

@@ -12,7 +12,7 @@ def _batch(n=16, d=8, seed=0):
 
 
 def test_forward_scores_against_the_means_and_gives_them_no_gradient():
-    protos = DecoupledPrototypes(8, 8)
+    protos = DecoupledPrototypes(8, 8, space="sphere")    # the scores are plain z @ mu^T there
     protos.update(_batch(), step=0)
     protos.commit()
     z = _batch(4, seed=1).requires_grad_()
@@ -50,7 +50,7 @@ def test_update_returns_view_major_responsibilities_of_a_sample_major_em_step():
     """Two views as [view 1 block; view 2 block] give the responsibilities in the same order, and
     the EM step equals the mixture's own on the interleaved (sample-major) rows."""
     views = _batch(32, seed=3)
-    protos = DecoupledPrototypes(16, 8, beta0=0.5, anneal_steps=10)
+    protos = DecoupledPrototypes(16, 8, beta0=0.5, anneal_steps=10, space="sphere")
     twin = DecoupledPrototypes(16, 8)
     protos.update(_batch(16, seed=4), step=0)
     protos.commit()

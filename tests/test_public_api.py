@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PUBLIC_MODULES = ["nocollapse", "nocollapse.diagnostics", "nocollapse.evaluation", "nocollapse.prototypes",
-                  "nocollapse.integrations.lightning"]
+                  "nocollapse.integrations.lightning", "nocollapse.integrations.lightly"]
 
 
 def _public(module):
@@ -38,6 +38,8 @@ def _undocumented(module_name: str) -> list[str]:
 
 @pytest.mark.parametrize("module_name", PUBLIC_MODULES)
 def test_every_public_name_and_method_has_a_docstring(module_name):
+    if module_name.endswith(".lightly"):
+        pytest.importorskip("lightly", reason="needs the lightly extra")
     if module_name.endswith("lightning"):
         pytest.importorskip("lightning.pytorch")
     assert _undocumented(module_name) == []

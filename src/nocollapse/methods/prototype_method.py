@@ -32,6 +32,7 @@ from ..losses.koleo import koleo_loss
 from ..prototypes.base import PrototypeSet
 from ..prototypes.decoupled import DecoupledPrototypes
 from ..prototypes.learned import LearnedPrototypes
+from ..prototypes.space import SPACES
 from ..utils import distributed as dist_utils
 from ..utils.schedules import cosine_schedule
 from .base import SSLMethod, build_encoder, ema_update, frozen_copy
@@ -92,6 +93,14 @@ class GmmSettings:
         "statistics", ("statistics", "occupancy"),
         "log pi of the E-step: from the per-component-forgotten statistics S0, or from the globally "
         "forgotten occupancy that the reports read (it lets idle components lose their weight)")
+    space: str = choice(
+        "sphere", SPACES,
+        "space the mixture is fitted and scored in: sphere (the unit-normalised embeddings, as the paper), "
+        "or one that removes what all embeddings share (running mean: centered; and per-dimension scale: "
+        "standardized; or covariance: whitened), for heads whose embeddings sit in a narrow cone")
+    space_momentum: float = setting(0.99, "momentum of the running statistics of gmm.space", 0.0, 0.999999)
+    space_shrinkage: float = setting(
+        0.01, "gmm.space whitened/standardized: variance floor as a fraction of the mean variance", 1e-9)
     buffer_factor: float = setting(
         0.0, "keep the last buffer_factor x K gathered teacher embeddings for seeding and refreshing "
         "(0: no buffer; then only the first-batch seeds and gmm.reseed_dead)", 0.0)
@@ -127,7 +136,8 @@ def build_decoupled_prototypes(cfg: Config, dim: int, steps: Callable[[float], i
         reseed_dead=g.reseed_dead, dead_threshold=g.dead_threshold, chunk_size=g.chunk_size,
         seed=cfg.train.seed, estep_weights=g.estep_weights,
         buffer_size=int(round(g.buffer_factor * cfg.method.num_prototypes)),
-        seeding=g.seeding, lloyd_iterations=g.lloyd_iterations)
+        seeding=g.seeding, lloyd_iterations=g.lloyd_iterations,
+        space=g.space, space_momentum=g.space_momentum, space_shrinkage=g.space_shrinkage)
 
 
 def build_prototypes(cfg: Config, dim: int, steps: Callable[[float], int], *, ema_teacher: bool,

@@ -5,6 +5,7 @@ from .base import PrototypeSet, PrototypeSnapshot
 from .decoupled import DecoupledPrototypes
 from .fixed import FixedPrototypes, orthonormal_prototypes, rademacher_codebook
 from .learned import LearnedPrototypes, PrototypeLayer
+from .space import SPACES, EmbeddingSpace
 
-__all__ = ["DecoupledPrototypes", "FixedPrototypes", "LearnedPrototypes", "PrototypeLayer", "PrototypeSet",
+__all__ = ["SPACES", "DecoupledPrototypes", "EmbeddingSpace", "FixedPrototypes", "LearnedPrototypes", "PrototypeLayer", "PrototypeSet",
            "PrototypeSnapshot", "orthonormal_prototypes", "rademacher_codebook"]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .base import PrototypeSet, PrototypeSnapshot
 from .gmm import MixtureUpdate, OnlineGMM
+from .space import EmbeddingSpace
 
 
 class DecoupledPrototypes(OnlineGMM, PrototypeSet):
@@ -41,6 +42,16 @@ class DecoupledPrototypes(OnlineGMM, PrototypeSet):
     ``refresh_every_steps`` (0: never) re-places the idle components every that many steps
     after it. The other keyword arguments are those of :class:`OnlineGMM`.
 
+    ``space`` (``"whitened"`` by default) is where the mixture is fitted and scored
+    (:mod:`~nocollapse.prototypes.space`): ``"sphere"`` is the paper's, the unit-normalised
+    embeddings as they come; ``"whitened"`` first removes the running mean and covariance of the
+    teacher embeddings (momentum ``space_momentum``, variance floor ``space_shrinkage`` times the
+    mean variance), so that the means stay distinct in heads whose embeddings all sit in one
+    narrow cone (lightly's and DINO's heads without batch norm); ``"centered"`` and
+    ``"standardized"`` remove only the mean, or the mean and per-dimension scale. The means, and
+    so the prototype vectors the diagnostics read, are those of that space. The library's recipes
+    set ``gmm.space`` explicitly.
+
     As a :class:`~nocollapse.prototypes.base.PrototypeSet`: the means are the vectors, the
     mixture weights the usage record, the step's EM proposal is committed after the optimiser
     step and discarded for a skipped one.
@@ -49,8 +60,10 @@ class DecoupledPrototypes(OnlineGMM, PrototypeSet):
     kind = "decoupled"
 
     def __init__(self, num_prototypes: int, dim: int, *, beta0: float = 1.0, anneal_steps: int = 0,
-                 seed_after_steps: int = 0, refresh_every_steps: int = 0, **mixture_options) -> None:
+                 seed_after_steps: int = 0, refresh_every_steps: int = 0, space: str = "whitened",
+                 space_momentum: float = 0.99, space_shrinkage: float = 0.01, **mixture_options) -> None:
         super().__init__(num_prototypes, dim, **mixture_options)
+        self.embedding_space = EmbeddingSpace(dim, space, space_momentum, space_shrinkage)
         if not 0.0 < beta0 <= 1.0:
             raise ValueError(f"beta0 must be in (0, 1], got {beta0}")
         if anneal_steps < 0 or seed_after_steps < 0 or refresh_every_steps < 0:
@@ -61,8 +74,26 @@ class DecoupledPrototypes(OnlineGMM, PrototypeSet):
         self.beta0, self.anneal_steps = beta0, anneal_steps
         self.seed_after_steps, self.refresh_every_steps = seed_after_steps, refresh_every_steps
         self._pending: MixtureUpdate | None = None
+        self._pending_space: dict[str, torch.Tensor] | None = None
         self._pending_step = -1
         self._step_means: torch.Tensor | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint written before the mixture had a space holds means fitted on the sphere:
+        # it loads into a sphere mixture (whose statistics are unused), and is refused by any
+        # other space, whose scores would compare the sphere's means with transformed embeddings.
+        missing = [name for name in self.embedding_space.state_dict()
+                   if f"{prefix}embedding_space.{name}" not in state_dict]
+        if missing and f"{prefix}means" in state_dict:
+            if not self.embedding_space.identity:
+                raise ValueError(
+                    f"this checkpoint of decoupled prototypes has no embedding-space statistics: it was "
+                    f"written before gmm.space existed, and its means live on the sphere. Load it into "
+                    f"DecoupledPrototypes(..., space='sphere') (gmm.space=sphere), not space="
+                    f"{self.embedding_space.space!r}")
+            for name, value in self.embedding_space.state_dict().items():
+                state_dict.setdefault(f"{prefix}embedding_space.{name}", value.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def beta_at(self, step: int) -> float:
         """The E-step's inverse temperature at ``step``."""
@@ -92,12 +123,16 @@ class DecoupledPrototypes(OnlineGMM, PrototypeSet):
         # the mixture sees the rows sample-major, so that rows gathered from several processes come
         # in the order of one process holding the joined batch (the seeding depends on the order)
         h = embeddings.detach().view(views, batch, self.dim).transpose(0, 1).reshape(n, self.dim)
+        self._pending_space = self.embedding_space.propose(h)
+        h = self.embedding_space(h, self._pending_space)
         gamma, self._step_means, self._pending = self.propose(h, beta=self.beta_at(step))
         self._pending_step = step
         return gamma.view(batch, views, -1).transpose(0, 1).reshape(n, -1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Scores ``z @ mu^T`` ``[N, K]`` against :attr:`step_means`; the means get no gradient."""
+        """Scores ``T(z) @ mu^T`` ``[N, K]`` against :attr:`step_means`, ``T`` the map into the
+        mixture's space (the identity on the sphere); the means get no gradient."""
+        z = self.embedding_space(z, self._pending_space)
         return z @ self.step_means.detach().t().to(z.dtype)
 
     def normalized_scores(self, z: torch.Tensor) -> torch.Tensor:
@@ -114,6 +149,7 @@ class DecoupledPrototypes(OnlineGMM, PrototypeSet):
         """Write the pending EM step (call it once the step's loss is known to be finite), then
         seed or refresh from the buffer when that is due after this step."""
         if self._pending is not None:
+            self.embedding_space.apply(self._pending_space)
             self.apply(self._pending)
         done = self._pending_step + 1
         self.discard()
@@ -128,6 +164,7 @@ class DecoupledPrototypes(OnlineGMM, PrototypeSet):
     def discard(self) -> None:
         """Drop the pending update (a skipped step): the mixture stays as it was."""
         self._pending, self._step_means, self._pending_step = None, None, -1
+        self._pending_space = None
 
     # ---- the PrototypeSet interface ------------------------------------------------------
     @property
