@@ -49,3 +49,21 @@ def test_the_package_is_typed():
     import nocollapse
 
     assert (Path(nocollapse.__file__).parent / "py.typed").is_file()
+
+
+def test_docs_api_lists_every_public_name_and_the_index_is_current():
+    pytest.importorskip("lightly", reason="the index documents the lightly integration too")
+    import importlib.util
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("update_api_reference", root / "tools" / "update_api_reference.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    text = tool.API_DOC.read_text()
+    block = re.search(re.escape(tool.START) + r"\n(.*?)\n" + re.escape(tool.END), text, re.S)
+    assert block, "docs/api.md lost its name index: python tools/update_api_reference.py"
+    assert block.group(1) == tool.name_index(), "run: python tools/update_api_reference.py"
+    for module_name in PUBLIC_MODULES:
+        for name in importlib.import_module(module_name).__all__:
+            assert f"| `{name}` |" in block.group(1), (module_name, name)

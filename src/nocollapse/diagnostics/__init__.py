@@ -40,8 +40,11 @@ from .plots import (
 )
 from .prototypes import (
     STANDARD_EPS,
+    UniqueEstimate,
     default_eps_grid,
     pairwise_cosine_stats,
+    prototype_geometry,
+    unique_estimate,
     unique_curve,
     unique_fraction,
     unique_prototypes,
@@ -80,6 +83,9 @@ __all__ = [
     "teacher_student_kl",
     "unique_curve",
     "unique_fraction",
+    "unique_estimate",
+    "UniqueEstimate",
+    "prototype_geometry",
     "unique_prototypes",
     "write_plots",
 ]
