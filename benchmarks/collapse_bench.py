@@ -1,0 +1,439 @@
+"""The labelled collapse benchmark: short runs, healthy and broken, whose labels come from a
+ground truth measured on a held-out probe, and the scores of the collapse alarms against it.
+
+Ground truth (fixed before any alarm is tuned; the alarms never see it)
+------------------------------------------------------------------------
+The probe is a fixed held-out batch: the digits test split (450 images), encoded every
+``PROBE_EVERY`` = 10 optimisation steps from step 10 on (and at step 0), with the network in eval
+mode. On the probe's L2-normalised embeddings ``e`` (the bottleneck or projection the method's
+loss or prototypes read; the backbone features for methods without one) and, with K prototypes
+or codes, its assignment probabilities ``p`` (the method's own, for its scores):
+
+* **representation collapse**: the mean pairwise cosine of ``e`` is above
+  ``REPRESENTATION_COSINE`` = 0.9 (every embedding nearly the same direction) *and* the mean
+  per-dimension standard deviation of ``e`` has fallen below ``SPREAD_FRACTION`` = 0.5 of its
+  value at step 0. The second condition keeps a head whose embeddings sit in a narrow cone from
+  the start (lightly's stock DINO head: mean cosine above 0.9 at initialisation) from counting
+  as collapsed before it has trained;
+* **dimensional collapse**: RankMe (``effective_rank``) of the *centred* ``e`` (the probe mean
+  removed, so that a shared direction is not counted as one dimension of the data) is below
+  ``DIMENSIONAL_FRACTION`` = 0.25 of the highest the same architecture's healthy run reaches
+  (its pair's healthy run, or the run itself when it is the healthy one);
+* **cluster collapse**: the probe's arg-max uses at most ``max(2, 1 % of min(K, N))`` prototypes
+  or codes (N = 450 probe images);
+* **uniform collapse**: every probe assignment has an entropy of at least
+  ``1 - UNIFORM_MARGIN`` = 0.98 of ln K;
+* a kind's **onset** is the first probe step of ``PERSISTENCE`` = 2 consecutive probe checks at
+  which it holds;
+* **failing**: any kind has an onset, or the final k-NN (weighted, k = 20, training split to
+  probe, backbone features) is not above the random initialisation's;
+* **healthy**: not failing;
+* **partial prototype collapse** (recorded, a warning, not a failure): fewer than
+  ``PARTIAL_UNIQUE`` = 1/2 of the prototypes unique at ε = 0.1 at the end.
+
+Runs
+----
+*Trainer runs* are ``nocollapse train`` in process (the digits default and the digits recipes,
+with the failure switch of each method), probed through a subclass of the trainer that measures
+the probe at its log steps. *User-loop runs* are plain PyTorch loops on the flat digits through
+the public :class:`nocollapse.CollapseMonitor`: a SimSiam-style loop with and without the
+stop-gradient, a healthy InfoNCE loop, and lightly's DINO loop, healthy and with its centre
+frozen at zero and a teacher temperature of 0.005 (needs the ``lightly`` extra; skipped
+without it). Each run's alarms are those its monitor raised, at its own ``log_every`` (5 for
+the trainer's digits runs, 5 in the loops) and patience (5 checks), after a warm-up of one epoch.
+
+Scores
+------
+Per alarm, on the runs of one seed: detections (fired on a failing run whose ground truth has
+the alarm's kind), the delay from that kind's onset in steps, misses (a failing run of the kind
+it did not catch), false alarms (fired on a healthy run). Per run: its label, the kinds and
+onsets, and what fired when. Alarms are tuned on seed 0 and scored on seed 1.
+
+    python benchmarks/collapse_bench.py --seeds 0 --quick --out docs/collapse_bench_seed0.json
+    python benchmarks/collapse_bench.py --seeds 1 --out docs/collapse_bench_seed1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+PROBE_EVERY = 10
+REPRESENTATION_COSINE = 0.9
+SPREAD_FRACTION = 0.5
+DIMENSIONAL_FRACTION = 0.25
+UNIFORM_MARGIN = 0.02
+PERSISTENCE = 2
+PARTIAL_UNIQUE = 0.5
+KINDS = ("representation", "dimensional", "cluster", "uniform")
+#: the kind each current alarm claims; the others are warnings (wasted capacity) or run checks
+ALARM_KIND = {"representation_collapse": "representation", "one_hot_collapse": "cluster",
+              "uniform_collapse": "uniform"}
+WARNINGS = {"unused_prototypes": "unused", "prototype_collapse": "partial"}
+
+
+# --------------------------------------------------------------------------- ground truth
+def probe_state(embeddings: torch.Tensor, probs: torch.Tensor | None, step: int) -> dict:
+    """The probe's ground-truth measures at one step."""
+    from nocollapse.diagnostics import effective_rank
+
+    e = F.normalize(embeddings.float(), dim=1)
+    n = e.shape[0]
+    total = e.sum(0)
+    mean_cosine = float((total @ total - n) / (n * (n - 1)))
+    state = {"step": step, "mean_cosine": mean_cosine, "spread": float(e.std(0).mean()),
+             "rankme": float(effective_rank(e - e.mean(0)))}
+    if probs is not None:
+        k = probs.shape[1]
+        entropy = -(probs.clamp_min(1e-12).log() * probs).sum(1)
+        state.update(argmax_used=int(probs.argmax(1).unique().numel()), num_prototypes=k,
+                     min_entropy_ratio=float(entropy.min() / math.log(k)) if k > 1 else 0.0)
+    return state
+
+
+def kind_holds(kind: str, state: dict, healthy_rank: float | None, initial_spread: float) -> bool:
+    if kind == "representation":
+        return state["mean_cosine"] > REPRESENTATION_COSINE and state["spread"] < SPREAD_FRACTION * initial_spread
+    if kind == "dimensional":
+        return healthy_rank is not None and state["rankme"] < DIMENSIONAL_FRACTION * healthy_rank
+    if "argmax_used" not in state:
+        return False
+    if kind == "cluster":
+        return state["argmax_used"] <= max(2, 0.01 * min(state["num_prototypes"], 450))
+    return state["min_entropy_ratio"] >= 1.0 - UNIFORM_MARGIN      # uniform
+
+
+def label_run(run: dict, healthy_rank: float | None) -> dict:
+    """Kinds with their onsets, and the label, from a run's probe history and k-NN."""
+    onsets = {}
+    initial_spread = run["probe"][0]["spread"]
+    for kind in KINDS:
+        streak = []
+        for state in run["probe"]:
+            streak = streak + [state["step"]] if kind_holds(kind, state, healthy_rank, initial_spread) else []
+            if len(streak) >= PERSISTENCE:
+                onsets[kind] = streak[0]
+                break
+    knn_ok = run["knn_top1"] > run["knn_top1_init"]
+    partial = run.get("unique_0.1") is not None and run["unique_0.1"] < PARTIAL_UNIQUE
+    return {"onsets": onsets, "knn_above_init": knn_ok, "failing": bool(onsets) or not knn_ok,
+            "kinds_at_end": [k for k in KINDS if run["probe"] and kind_holds(k, run["probe"][-1], healthy_rank, initial_spread)],
+            "partial_prototype_collapse": partial}
+
+
+# --------------------------------------------------------------------------- trainer runs
+TRAINER_CASES = {
+    # name: (config, overrides, healthy partner or None)
+    "dino_decoupled": (None, [], None),
+    "dino_learned": (None, ["method.prototypes=learned"], None),
+    "dino_learned_no_centering": (None, ["method.prototypes=learned", "dino.teacher_norm=none"], "dino_learned"),
+    "dino_flat_teacher": (None, ["method.prototypes=learned", "dino.teacher_norm=centering", "dino.teacher_temp=1.0",
+                                 "dino.warmup_teacher_temp=1.0"], "dino_learned"),
+    "dino_learned_high_lr": (None, ["method.prototypes=learned", "optim.lr=0.01"], "dino_learned"),
+    "carp": (None, ["method.name=carp", "method.prototypes=learned"], None),
+    "carp_no_entropy": (None, ["method.name=carp", "method.prototypes=learned", "carp.entropy_weight=0"], "carp"),
+    "swav": ("digits/swav", [], None),
+    "swav_softmax_codes": ("digits/swav", ["swav.codes=softmax"], "swav"),
+    "barlow_twins": ("digits/barlow_twins", [], None),
+    "barlow_twins_no_offdiag": ("digits/barlow_twins", ["barlow_twins.lambda_offdiag=0"], "barlow_twins"),
+    "vicreg": ("digits/vicreg", [], None),
+    "vicreg_no_variance": ("digits/vicreg", ["vicreg.variance_weight=0"], "vicreg"),
+    "byol": ("digits/byol", [], None),
+    "byol_no_predictor": ("digits/byol", ["byol.predictor=false"], "byol"),
+    "simsiam": ("digits/simsiam", [], None),
+    "simsiam_no_stop_gradient": ("digits/simsiam", ["simsiam.stop_gradient=false"], "simsiam"),
+}
+QUICK_TRAINER = ("dino_learned", "dino_learned_no_centering", "simsiam", "simsiam_no_stop_gradient",
+                 "vicreg", "vicreg_no_variance")
+
+
+def run_trainer_case(name: str, seed: int, epochs: int) -> dict:
+    from nocollapse.analysis import encode_split
+    from nocollapse.config import build_config
+    from nocollapse.engine.trainer import Trainer
+
+    config, overrides, _ = TRAINER_CASES[name]
+    configs = Path(__file__).resolve().parents[1] / "src" / "nocollapse" / "configs"
+    sets = [*overrides, f"train.epochs={epochs}", f"train.seed={seed}", "train.threads=1", "train.progress=false",
+            "diagnostics.plots=false", "train.log_every=5", "eval.save_features=false"]
+    cfg, _ = build_config(configs / f"{config or 'digits'}.yaml", sets)
+    history: list[dict] = []
+
+    class ProbedTrainer(Trainer):
+        def probe(self) -> None:
+            out = encode_split(self.method, self.splits.test, self.image_size, self.splits, 512, self.device,
+                               with_head=True)
+            embeddings = out.embeddings if out.embeddings is not None else out.features
+            probs = None
+            if self.method.num_prototypes:
+                with torch.no_grad():
+                    scores = self.method.scores(out.embeddings.to(self.device)) if out.embeddings is not None else None
+                    if scores is not None:
+                        probs = self.method.probs_from_scores(scores)
+                        probs = None if probs is None else probs.float().cpu()
+            history.append(probe_state(embeddings, probs, self.position.step))
+
+        def _log_step(self, step, loss, out, progress) -> None:
+            super()._log_step(step, loss, out, progress)
+            if self.position.step % PROBE_EVERY == 0:
+                self.probe()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = ProbedTrainer(cfg, Path(tmp) / "run")
+        start = time.perf_counter()
+        summary = trainer.fit()
+        seconds = time.perf_counter() - start
+        alarms = [{"name": a.name, "step": a.step} for a in trainer.monitor.alarms]
+    unique = (summary.get("unique_prototypes") or {}).get("0.1")
+    return {"name": name, "kind": "trainer", "seed": seed, "config": config or "digits", "overrides": overrides,
+            "steps": summary["steps"], "seconds": round(seconds, 1), "knn_top1": summary["knn_top1"],
+            "knn_top1_init": summary["knn_top1_init"], "unique_0.1": unique, "alarms": alarms, "probe": history}
+
+
+# --------------------------------------------------------------------------- user loops
+def digits_split(seed: int):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    train_x, test_x, train_y, test_y = train_test_split(x, y, test_size=450, random_state=0, stratify=y)
+    return train_x, train_y, test_x, test_y
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    noise = 0.3 * torch.randn(x.shape, generator=gen)
+    keep = (torch.rand(x.shape, generator=gen) > 0.2).float()
+    return (x + noise) * keep
+
+
+def mlp(out_dim: int, hidden: int = 256, batchnorm_out: bool = False, in_dim: int = 64) -> nn.Sequential:
+    layers = [nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim)]
+    if batchnorm_out:
+        layers.append(nn.BatchNorm1d(out_dim))
+    return nn.Sequential(*layers)
+
+
+def knn(train_f, train_y, test_f, test_y) -> float:
+    from nocollapse.evaluation import knn_accuracy
+
+    return float(knn_accuracy(train_f, train_y, test_f, test_y, k=20, temperature=0.07, num_classes=10)["top1"])
+
+
+def run_loop_case(name: str, seed: int, epochs: int) -> dict:
+    """A user's own loop with the public monitor (module doc)."""
+    from nocollapse import CollapseMonitor
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    train_x, train_y, test_x, test_y = digits_split(seed)
+    batch, steps_per_epoch = 128, len(train_x) // 128
+    dim = 64
+    history: list[dict] = []
+    backbone = mlp(128)
+    k = None
+    if name.startswith("loop_simsiam"):
+        projector, predictor = mlp(dim, batchnorm_out=True, in_dim=128), nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Linear(32, dim))
+        params = [*backbone.parameters(), *projector.parameters(), *predictor.parameters()]
+        stop_gradient = name == "loop_simsiam"
+    elif name == "loop_infonce":
+        projector = mlp(dim, in_dim=128)
+        params = [*backbone.parameters(), *projector.parameters()]
+    else:                                             # lightly DINO
+        from lightly.loss import DINOLoss
+        from lightly.models.modules import DINOProjectionHead
+        from lightly.models.utils import deactivate_requires_grad, update_momentum
+
+        from nocollapse.integrations.lightly import dino_teacher_probabilities
+
+        k = 64
+        projector = DINOProjectionHead(128, 256, 32, output_dim=k)
+        student = nn.Sequential(backbone, projector)
+        teacher = nn.Sequential(mlp(128), DINOProjectionHead(128, 256, 32, output_dim=k))  # weight norm: no deepcopy
+        teacher.load_state_dict(student.state_dict())
+        deactivate_requires_grad(teacher)
+        frozen = name == "loop_lightly_dino_frozen_centre"
+        criterion = DINOLoss(output_dim=k, warmup_teacher_temp_epochs=0,
+                             teacher_temp=0.005 if frozen else 0.04, center_momentum=1.0 if frozen else 0.9)
+        params = list(student.parameters())
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    monitor = CollapseMonitor(num_prototypes=k, embedding_dim=dim if k is None else 32,
+                              warmup_steps=steps_per_epoch, log_every=5, patience=5, tensorboard=False)
+
+    def embed(x):                                    # the probe's embeddings and probabilities
+        if name.startswith("loop_lightly"):    # the teacher's embeddings and DINO targets
+            z = F.normalize(teacher[1].layers(teacher[0](x)), dim=1)
+            return z, dino_teacher_probabilities(criterion, teacher(x), epoch=epochs)
+        return F.normalize(projector(backbone(x)), dim=1), None
+
+    def probe(step):
+        modules = [backbone, projector] + ([teacher] if name.startswith("loop_lightly") else [])
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            e, p = embed(test_x)
+        for m in modules:
+            m.train()
+        history.append(probe_state(e, p, step))
+
+    with torch.no_grad():
+        backbone.eval()
+        init = knn(backbone(train_x), train_y, backbone(test_x), test_y)
+        backbone.train()
+    probe(0)
+    step = 0
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        order = torch.randperm(len(train_x), generator=gen)
+        for idx in order[: steps_per_epoch * batch].split(batch):
+            x1, x2 = augment(train_x[idx], gen), augment(train_x[idx], gen)
+            update = {}
+            if name.startswith("loop_simsiam"):
+                z1, z2 = projector(backbone(x1)), projector(backbone(x2))
+                p1, p2 = predictor(z1), predictor(z2)
+                t1, t2 = (z1.detach(), z2.detach()) if stop_gradient else (z1, z2)
+                loss = -0.5 * (F.cosine_similarity(p1, t2).mean() + F.cosine_similarity(p2, t1).mean())
+                update["embeddings"] = F.normalize(z1.detach(), dim=1)
+            elif name == "loop_infonce":
+                z1, z2 = F.normalize(projector(backbone(x1)), dim=1), F.normalize(projector(backbone(x2)), dim=1)
+                logits = z1 @ z2.t() / 0.2
+                target = torch.arange(len(idx))
+                loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+                update["embeddings"] = z1.detach()
+            else:
+                with torch.no_grad():
+                    teacher_out = [teacher(x1), teacher(x2)]
+                    h = F.normalize(teacher[1].layers(teacher[0](x1)), dim=1)
+                student_out = [student(x1), student(x2)]
+                update["probs"] = dino_teacher_probabilities(criterion, teacher_out[0], epoch=epoch)
+                loss = criterion(teacher_out, student_out, epoch=epoch)
+                if frozen:
+                    criterion.center.zero_()
+                update["embeddings"] = h
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if name.startswith("loop_lightly"):
+                update_momentum(student, teacher, m=0.99)
+            step += 1
+            monitor.update(step, loss=loss.detach(), **update)
+            if step % PROBE_EVERY == 0:
+                probe(step)
+        monitor.end_epoch(step)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        backbone.eval()
+        end = knn(backbone(train_x), train_y, backbone(test_x), test_y)
+    return {"name": name, "kind": "loop", "seed": seed, "steps": step, "seconds": round(seconds, 1),
+            "knn_top1": end, "knn_top1_init": init, "unique_0.1": None,
+            "alarms": [{"name": a.name, "step": a.step} for a in monitor.alarms], "probe": history}
+
+
+LOOP_CASES = {"loop_simsiam": None, "loop_simsiam_no_stop_gradient": "loop_simsiam", "loop_infonce": None,
+              "loop_lightly_dino": None, "loop_lightly_dino_frozen_centre": "loop_lightly_dino"}
+
+
+# --------------------------------------------------------------------------- scores
+def score(runs: list[dict]) -> dict:
+    """Per alarm: detections with delays, misses and false alarms; per run: label and alarms."""
+    per_alarm: dict[str, dict] = {}
+    for alarm, kind in ALARM_KIND.items():
+        detections, misses, false_alarms = [], [], []
+        for run in runs:
+            fired = next((a["step"] for a in run["alarms"] if a["name"] == alarm), None)
+            label = run["label"]
+            if not label["failing"]:
+                if fired is not None:
+                    false_alarms.append(run["name"])
+                continue
+            onset = label["onsets"].get(kind)
+            if onset is None:
+                continue
+            if fired is None:
+                misses.append(run["name"])
+            else:
+                detections.append({"run": run["name"], "delay": fired - onset})
+        delays = sorted(d["delay"] for d in detections)
+        per_alarm[alarm] = {"kind": kind, "detections": detections, "misses": misses, "false_alarms": false_alarms,
+                            "median_delay": delays[len(delays) // 2] if delays else None,
+                            "worst_delay": delays[-1] if delays else None}
+    caught, uncaught = [], []
+    for run in runs:
+        if not run["label"]["failing"]:
+            continue
+        kinds = set(run["label"]["onsets"])
+        fired_kinds = {ALARM_KIND[a["name"]] for a in run["alarms"] if a["name"] in ALARM_KIND}
+        (caught if kinds & fired_kinds else uncaught).append(run["name"])
+    healthy_with_collapse_alarm = [r["name"] for r in runs if not r["label"]["failing"]
+                                   and any(a["name"] in ALARM_KIND for a in r["alarms"])]
+    return {"per_alarm": per_alarm, "failing_caught_by_right_kind": caught, "failing_not_caught": uncaught,
+            "healthy_with_a_collapse_alarm": healthy_with_collapse_alarm}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--quick", action="store_true", help="a subset at fewer steps, for tuning (< 10 min)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20; --quick 10)")
+    parser.add_argument("--cases", nargs="*", default=None, help="only these runs (and their healthy partners)")
+    parser.add_argument("--out", type=Path, required=True, help="JSON record; runs already in it are kept")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    epochs = args.epochs or (10 if args.quick else 20)
+    try:
+        import lightly  # noqa: F401
+        loops = dict(LOOP_CASES)
+    except ImportError:
+        loops = {k: v for k, v in LOOP_CASES.items() if not k.startswith("loop_lightly")}
+    trainer_names = list(QUICK_TRAINER if args.quick else TRAINER_CASES)
+    loop_names = (["loop_simsiam", "loop_simsiam_no_stop_gradient", "loop_infonce", "loop_lightly_dino",
+                   "loop_lightly_dino_frozen_centre"] if args.quick else list(loops))
+    loop_names = [n for n in loop_names if n in loops]
+    if args.cases:
+        wanted = set(args.cases)
+        wanted |= {TRAINER_CASES[c][2] for c in wanted if c in TRAINER_CASES and TRAINER_CASES[c][2]}
+        wanted |= {loops[c] for c in wanted if loops.get(c)}
+        trainer_names = [n for n in trainer_names if n in wanted]
+        loop_names = [n for n in loop_names if n in wanted]
+    record = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    done = {(r["name"], r["seed"]) for r in record["runs"]}
+    for seed in args.seeds:
+        for name in trainer_names + loop_names:
+            if (name, seed) in done:
+                continue
+            run = run_trainer_case(name, seed, epochs) if name in trainer_names else run_loop_case(name, seed, epochs)
+            record["runs"].append(run)
+            args.out.write_text(json.dumps(record, indent=1))
+            print(json.dumps({k: run[k] for k in ("name", "seed", "steps", "seconds", "knn_top1", "knn_top1_init",
+                                                  "alarms")}), flush=True)
+    partners = {**{n: c[2] for n, c in TRAINER_CASES.items()}, **LOOP_CASES}
+    by_key = {(r["name"], r["seed"]): r for r in record["runs"]}
+    for run in record["runs"]:
+        partner = by_key.get((partners.get(run["name"]) or run["name"], run["seed"]))
+        healthy_rank = max((s["rankme"] for s in partner["probe"]), default=None) if partner else None
+        run["label"] = label_run(run, healthy_rank)
+    record["definitions"] = {"probe_every": PROBE_EVERY, "representation_cosine": REPRESENTATION_COSINE,
+                             "spread_fraction": SPREAD_FRACTION,
+                             "dimensional_fraction": DIMENSIONAL_FRACTION, "uniform_margin": UNIFORM_MARGIN,
+                             "persistence": PERSISTENCE, "partial_unique": PARTIAL_UNIQUE, "epochs": epochs}
+    record["scores"] = {str(seed): score([r for r in record["runs"] if r["seed"] == seed]) for seed in args.seeds}
+    args.out.write_text(json.dumps(record, indent=1))
+    for run in record["runs"]:
+        label = run["label"]
+        print(f"{run['name']:28s} seed {run['seed']} {'FAILING' if label['failing'] else 'healthy':8s} "
+              f"onsets {label['onsets']} knn {run['knn_top1_init']:.3f}->{run['knn_top1']:.3f} "
+              f"alarms {[(a['name'], a['step']) for a in run['alarms']]}")
+    print(json.dumps(record["scores"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
