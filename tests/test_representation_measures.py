@@ -77,3 +77,20 @@ def test_lidar_counts_the_directions_that_separate_samples():
     assert lidar(few) <= 4.0 + 1e-6
     with pytest.raises(ValueError, match="q >= 2"):
         lidar(torch.randn(10, 1, d))
+
+
+def test_lidar_is_blind_to_representation_collapse_and_embedding_std_is_not():
+    """The documented blind spot: every sample at nearly one point, its views isotropic noise
+    around it. LiDAR counts the directions in which samples differ more than their views, at any
+    scale, so it reads like a healthy embedding's; the per-dimension spread shows the collapse."""
+    from nocollapse.diagnostics import embedding_std
+
+    g = torch.Generator().manual_seed(0)
+    n, q, d = 400, 4, 16
+    healthy_samples = torch.randn(n, 1, d, generator=g)
+    healthy = healthy_samples + 0.3 * torch.randn(n, q, d, generator=g)
+    point = torch.ones(1, 1, d)
+    collapsed_samples = point + 1e-3 * torch.randn(n, 1, d, generator=g)
+    collapsed = collapsed_samples + 3e-4 * torch.randn(n, q, d, generator=g)
+    assert lidar(collapsed) > 0.8 * lidar(healthy)
+    assert embedding_std(collapsed[:, 0]) < 0.01 * embedding_std(healthy[:, 0])

@@ -96,6 +96,13 @@ def effective_rank(embeddings: Tensor, eps: float = 1e-12, center: bool = False)
     collapsed batch. Use ``N >> D`` samples (e.g. a queue) for a meaningful value.
     RankMe itself uses ``eps = 1e-7``, which adds up to ``(n - r) eps ln(1/eps)`` nats of
     entropy for a rank-``r`` matrix; the default here is much smaller.
+
+    What it can and cannot see: it shows *dimensional* collapse (few directions carry the
+    embeddings). Uncentred, a shared mean direction counts as one direction, so embeddings in a
+    narrow cone around it (a head without batch norm) read as low-rank although they may vary in
+    many directions: pass ``center=True`` to measure the spread around the mean. It cannot see
+    *cluster* collapse (a handful of tight, well-separated clumps still span many directions) or
+    whether the directions it counts carry information about the images rather than noise.
     """
     return effective_rank_from_singular_values(singular_values(embeddings, center), eps)
 
@@ -139,6 +146,12 @@ def alpha_req(embeddings: Tensor, fit_range: tuple[int, int] = (10, 100)) -> dic
     Failure modes: the centred covariance has rank at most ``min(N - 1, D)``, so ranks beyond it
     are zeros; the fit range is clipped to the non-zero eigenvalues and needs at least 3 of them
     (use ``N`` well above ``D``, and skip the first few eigenvalues, which rarely follow the law).
+
+    What it can and cannot see: only the *shape* of the spectrum inside the fit range. Complete
+    representation collapse (every embedding the same point) leaves a spectrum of rounding noise
+    whose decay can look healthy, dimensional collapse into fewer directions than ``fit_lo``
+    falls outside the range, and cluster collapse changes the spectrum little. Read it together
+    with :func:`embedding_std` and :func:`effective_rank`.
     """
     z = _as_matrix(embeddings)
     z = z - z.mean(dim=0, keepdim=True)
@@ -177,6 +190,14 @@ def lidar(views: Tensor, delta: float = 1e-6, eps: float = 1e-7) -> float:
     Failure modes: with ``N - 1 < D`` the between-sample scatter has rank at most ``N - 1``, which
     caps LiDAR; with ``N q`` small against D the within scatter is singular and ``delta`` sets the
     result in the directions the views never vary in (raise N or q rather than delta).
+
+    What it can and cannot see: the ratio is invariant to the scale of each direction, so LiDAR
+    counts the directions in which samples differ more than their views, *however small* those
+    differences are. It is blind to representation collapse: when every sample is mapped to
+    nearly one point and the views only add isotropic noise, the remaining tiny between-sample
+    differences still exceed the view noise in most directions and LiDAR stays near a healthy
+    embedding's (``tests/test_representation_measures.py`` builds such a case). Check the scale separately
+    (:func:`embedding_std`, :func:`mean_direction_norm`).
     """
     if not isinstance(views, Tensor) or views.ndim != 3 or views.shape[1] < 2:
         raise ValueError("views must be [N, q, D] with q >= 2 views per sample")
