@@ -1,0 +1,83 @@
+"""The alarm benchmark's ground truth and scores (benchmarks/collapse_bench.py) on hand-made
+probe histories: each collapse kind is recognised from its definition, onsets need two
+consecutive probe checks, and alarms are scored as detections, misses, false or wrong-kind alarms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def bench(import_benchmark):
+    return import_benchmark("collapse_bench")
+
+
+def state(step, cosine=0.1, spread=0.12, rank=30.0, used=None, entropy=None, k=64):
+    s = {"step": step, "mean_cosine": cosine, "spread": spread, "rankme": rank}
+    if used is not None:
+        s.update(argmax_used=used, num_prototypes=k, min_entropy_ratio=entropy if entropy is not None else 0.5)
+    return s
+
+
+def run(name, probe, knn=(0.5, 0.6), alarms=(), unique=None):
+    return {"name": name, "probe": probe, "knn_top1_init": knn[0], "knn_top1": knn[1], "unique_0.1": unique,
+            "alarms": [{"name": n, "step": s} for n, s in alarms]}
+
+
+def test_probe_state_measures_a_point_and_a_spread_batch(bench):
+    g = torch.Generator().manual_seed(0)
+    spread = bench.probe_state(torch.randn(300, 16, generator=g), None, 0)
+    point = bench.probe_state(torch.ones(300, 16) + 1e-3 * torch.randn(300, 16, generator=g), None, 0)
+    assert abs(spread["mean_cosine"]) < 0.05 and point["mean_cosine"] > 0.99
+    assert point["spread"] < 0.01 * spread["spread"]
+    probs = torch.full((300, 8), 1 / 8)
+    uniform = bench.probe_state(torch.randn(300, 16, generator=g), probs, 0)
+    assert uniform["min_entropy_ratio"] == pytest.approx(1.0) and uniform["argmax_used"] == 1
+
+
+def test_each_kind_needs_two_consecutive_checks_and_gives_its_onset(bench):
+    probe = [state(0), state(10, cosine=0.95, spread=0.01), state(20), state(30, cosine=0.95, spread=0.01),
+             state(40, cosine=0.95, spread=0.01), state(50, rank=5.0), state(60, rank=5.0)]
+    label = bench.label_run(run("r", probe), healthy_rank=30.0)
+    assert label["onsets"] == {"representation": 30, "dimensional": 50}
+    assert label["failing"]
+    # a cone from the start (high cosine, spread not falling) is not representation collapse
+    cone = [state(s, cosine=0.95, spread=0.03) for s in (0, 10, 20)]
+    assert bench.label_run(run("cone", cone), 30.0)["onsets"] == {}
+
+
+def test_cluster_uniform_and_the_knn_criterion(bench):
+    cluster = [state(0, used=40), state(10, used=2), state(20, used=1)]
+    assert bench.label_run(run("c", cluster), 30.0)["onsets"] == {"cluster": 10}
+    uniform = [state(0, used=40, entropy=0.5), state(10, used=40, entropy=0.99), state(20, used=40, entropy=0.985)]
+    assert bench.label_run(run("u", uniform), 30.0)["onsets"] == {"uniform": 10}
+    # no onset, but the k-NN does not beat the init: failing; above it: healthy
+    assert bench.label_run(run("k", [state(0), state(10)], knn=(0.6, 0.6)), 30.0)["failing"]
+    healthy = bench.label_run(run("h", [state(0), state(10)], knn=(0.6, 0.7), unique=0.3), 30.0)
+    assert not healthy["failing"] and healthy["partial_prototype_collapse"]
+    # the cluster bound follows min(K, N): 1 % of 450 probe images for a large K
+    assert bench.kind_holds("cluster", state(0, used=4, k=65536), 30.0, 0.12)
+    assert not bench.kind_holds("cluster", state(0, used=5, k=65536), 30.0, 0.12)
+
+
+def test_scores_count_detections_misses_false_and_wrong_kind_alarms(bench):
+    runs = [
+        run("caught", [state(0), state(10, cosine=0.95, spread=0.01), state(20, cosine=0.95, spread=0.01)],
+            alarms=[("representation_collapse", 35)]),
+        run("missed", [state(0), state(10, cosine=0.95, spread=0.01), state(20, cosine=0.95, spread=0.01)]),
+        run("healthy", [state(0), state(10)], knn=(0.5, 0.7), alarms=[("uniform_collapse", 20)]),
+        run("other kind", [state(0), state(10, rank=1.0), state(20, rank=1.0)], alarms=[("uniform_collapse", 25)]),
+    ]
+    for r in runs:
+        r["label"] = bench.label_run(r, 30.0)
+    scores = bench.score(runs)
+    rep = scores["per_alarm"]["representation_collapse"]
+    assert rep["detections"] == [{"run": "caught", "delay": 25}] and rep["misses"] == ["missed"]
+    uni = scores["per_alarm"]["uniform_collapse"]
+    assert uni["false_alarms"] == ["healthy"] and uni["wrong_kind"] == ["other kind"]
+    assert scores["failing_caught_by_right_kind"] == ["caught"]
+    assert scores["healthy_with_a_collapse_alarm"] == ["healthy"]
+    assert math.isclose(rep["median_delay"], 25)
