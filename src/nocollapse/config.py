@@ -208,6 +208,8 @@ class EvalConfig:
 class DiagnosticsConfig:
     enabled: bool = setting(True, "collapse metrics during training (cheap ones every log step, geometry every epoch)")
     alarms: bool = setting(True, "raise collapse alarms (each once, with a likely cause and remedy)")
+    warnings: bool = setting(True, "also report wasted capacity as warnings (unused_prototypes, prototype_collapse); "
+                             "false silences them and keeps the collapse alarms")
     alarm_warmup_epochs: float = setting(1.0, "no alarm before this many epochs", 0.0)
     alarm_patience: int = setting(5, "consecutive log steps a failure must persist before its alarm fires", 1)
     prototype_collapse_eps: str = choice("0.1", ("0.025", "0.1", "0.25", "0.5"),

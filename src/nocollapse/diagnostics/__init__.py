@@ -19,7 +19,7 @@ Example::
     print(format_report(prototype_report(protos)))
 """
 
-from .alarms import ALARM_NAMES, Alarm, AlarmMonitor
+from .alarms import ALARM_NAMES, ALARM_RULES, COLLAPSE_ALARMS, WARNINGS, Alarm, AlarmMonitor, AlarmRule
 from .assignments import assignment_stats, mixture_stats, prototype_utilization, teacher_student_kl
 from .embeddings import (
     alpha_req,
@@ -53,6 +53,10 @@ from .report import flat_metrics, format_report, prototype_report, write_plots
 
 __all__ = [
     "ALARM_NAMES",
+    "ALARM_RULES",
+    "AlarmRule",
+    "COLLAPSE_ALARMS",
+    "WARNINGS",
     "Alarm",
     "AlarmMonitor",
     "CheckpointError",

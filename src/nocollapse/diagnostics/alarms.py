@@ -10,6 +10,14 @@ so the loss starts at ln K). An alarm fires at most once per monitor; the state
 A metric that is missing from an update skips that check and leaves its counter
 unchanged.
 
+Every alarm is one declared :class:`AlarmRule` in :data:`ALARM_RULES` (name, tier, check, cause,
+remedy), in one of three tiers (:data:`TIERS`): **collapse** alarms say training is failing
+(``uniform_collapse``, ``one_hot_collapse``, ``representation_collapse``); **warnings** report
+wasted capacity, which a run that learns well may have (``unused_prototypes``,
+``prototype_collapse``), are printed as ``WARNING`` and can be silenced
+(``CollapseMonitor(warnings=False)``, ``diagnostics.warnings=false``); ``skipped_steps`` is a
+fault of the run, not a collapse.
+
 Alarms and the metric keys they read:
 
 ``uniform_collapse``
@@ -53,73 +61,108 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Alarm", "AlarmMonitor", "ALARM_NAMES"]
+__all__ = ["Alarm", "AlarmMonitor", "AlarmRule", "ALARM_NAMES", "ALARM_RULES", "COLLAPSE_ALARMS", "WARNINGS",
+           "TIERS"]
 
-ALARM_NAMES: tuple[str, ...] = (
-    "uniform_collapse",
-    "one_hot_collapse",
-    "representation_collapse",
-    "unused_prototypes",
-    "prototype_collapse",
-    "skipped_steps",
+#: ``collapse``: training is failing; ``warning``: capacity is wasted, training may be fine;
+#: ``run``: not a collapse, a fault of the run (non-finite losses).
+TIERS: tuple[str, ...] = ("collapse", "warning", "run")
+
+
+@dataclass(frozen=True)
+class AlarmRule:
+    """One alarm or warning, declared once: its name, tier, the :class:`AlarmMonitor` method that
+    checks it (returning ``None`` when its metrics are missing, ``(nan, "")`` when healthy, or
+    ``(value, message)`` when the condition holds), and the likely cause and remedy it prints."""
+
+    name: str
+    tier: str
+    check: str
+    cause: str
+    remedy: str
+
+
+ALARM_RULES: tuple[AlarmRule, ...] = (
+    AlarmRule(
+        name="uniform_collapse", tier="collapse", check="_check_uniform",
+        cause=(
+            "every sample is assigned uniformly over the prototypes: the teacher temperature is "
+            "too high, centering dominates the teacher output, the prototypes themselves have "
+            "collapsed (all logits equal), or teacher and student are identical / not updated"
+        ),
+        remedy=(
+            "lower the teacher temperature (e.g. 0.04) or shorten its warm-up, check the centre "
+            "update, freeze the last layer for the first epoch, remove BatchNorm from the head, "
+            "check that the teacher is an EMA of the student, or use decoupled prototypes"
+        ),
+    ),
+    AlarmRule(
+        name="one_hot_collapse", tier="collapse", check="_check_one_hot",
+        cause=(
+            "all samples go to the same prototype with probability ~1: sharpening without enough "
+            "centering, a teacher temperature that is too low, or a centre momentum that is too "
+            "slow"
+        ),
+        remedy=(
+            "enable or strengthen centering (faster centre momentum), raise the teacher "
+            "temperature, add a KL-to-uniform / entropy term or Sinkhorn-Knopp balancing"
+        ),
+    ),
+    AlarmRule(
+        name="representation_collapse", tier="collapse", check="_check_representation",
+        cause=(
+            "all embeddings point in the same direction: no effective negative / uniformity term, "
+            "a missing stop-gradient or EMA teacher, or a learning rate that is too high"
+        ),
+        remedy=(
+            "check the stop-gradient / EMA teacher, lower the learning rate, increase the weight "
+            "of the variance / uniformity / entropy term, use a larger batch"
+        ),
+    ),
+    AlarmRule(
+        name="unused_prototypes", tier="warning", check="_check_unused",
+        cause=(
+            "most prototypes are never the arg-max of any sample: partial prototype collapse or "
+            "prototypes that drifted away from the data (dead prototypes)"
+        ),
+        remedy=(
+            "use fewer prototypes, balance assignments (Sinkhorn-Knopp, KL to uniform), add KoLeo "
+            "on prototypes, re-seed dead prototypes, or use decoupled prototypes"
+        ),
+    ),
+    AlarmRule(
+        name="prototype_collapse", tier="warning", check="_check_prototype_collapse",
+        cause=(
+            "many prototypes converged to nearly the same direction (partial prototype collapse), "
+            "typical of prototypes learned jointly with the encoder"
+        ),
+        remedy=(
+            "use decoupled (EM-updated) prototypes, a KoLeo-proto regulariser, or a fixed / "
+            "orthogonal prototype set"
+        ),
+    ),
+    AlarmRule(
+        name="skipped_steps", tier="run", check="_check_skipped_steps",
+        cause=(
+            "the loss is NaN or infinite on most batches: a learning rate too high for this batch "
+            "size, a temperature too low, fp16 overflow, or input that is not what the model "
+            "expects"
+        ),
+        remedy=(
+            "lower optim.lr or lengthen optim.warmup_epochs, check the temperatures, train in "
+            "bf16 or fp32, lower optim.clip_grad; train.nonfinite=stop stops at the first such "
+            "step and names it"
+        ),
+    ),
 )
 
-_CAUSES: dict[str, str] = {
-    "uniform_collapse": (
-        "every sample is assigned uniformly over the prototypes: the teacher temperature is "
-        "too high, centering dominates the teacher output, the prototypes themselves have "
-        "collapsed (all logits equal), or teacher and student are identical / not updated"
-    ),
-    "one_hot_collapse": (
-        "all samples go to the same prototype with probability ~1: sharpening without "
-        "enough centering, a teacher temperature that is too low, or a centre momentum "
-        "that is too slow"
-    ),
-    "representation_collapse": (
-        "all embeddings point in the same direction: no effective negative / uniformity "
-        "term, a missing stop-gradient or EMA teacher, or a learning rate that is too high"
-    ),
-    "unused_prototypes": (
-        "most prototypes are never the arg-max of any sample: partial prototype collapse "
-        "or prototypes that drifted away from the data (dead prototypes)"
-    ),
-    "prototype_collapse": (
-        "many prototypes converged to nearly the same direction (partial prototype "
-        "collapse), typical of prototypes learned jointly with the encoder"
-    ),
-    "skipped_steps": (
-        "the loss is NaN or infinite on most batches: a learning rate too high for this batch "
-        "size, a temperature too low, fp16 overflow, or input that is not what the model expects"
-    ),
-}
-
-_REMEDIES: dict[str, str] = {
-    "uniform_collapse": (
-        "lower the teacher temperature (e.g. 0.04) or shorten its warm-up, check the centre "
-        "update, freeze the last layer for the first epoch, remove BatchNorm from the head, "
-        "check that the teacher is an EMA of the student, or use decoupled prototypes"
-    ),
-    "one_hot_collapse": (
-        "enable or strengthen centering (faster centre momentum), raise the teacher "
-        "temperature, add a KL-to-uniform / entropy term or Sinkhorn-Knopp balancing"
-    ),
-    "representation_collapse": (
-        "check the stop-gradient / EMA teacher, lower the learning rate, increase the "
-        "weight of the variance / uniformity / entropy term, use a larger batch"
-    ),
-    "unused_prototypes": (
-        "use fewer prototypes, balance assignments (Sinkhorn-Knopp, KL to uniform), add "
-        "KoLeo on prototypes, re-seed dead prototypes, or use decoupled prototypes"
-    ),
-    "prototype_collapse": (
-        "use decoupled (EM-updated) prototypes, a KoLeo-proto regulariser, or a fixed / "
-        "orthogonal prototype set"
-    ),
-    "skipped_steps": (
-        "lower optim.lr or lengthen optim.warmup_epochs, check the temperatures, train in bf16 or "
-        "fp32, lower optim.clip_grad; train.nonfinite=stop stops at the first such step and names it"
-    ),
-}
+_RULES: dict[str, AlarmRule] = {rule.name: rule for rule in ALARM_RULES}
+#: every alarm and warning name, in declaration order (the names ``stop_on`` and ``enabled`` take)
+ALARM_NAMES: tuple[str, ...] = tuple(_RULES)
+#: the alarms that say training is failing
+COLLAPSE_ALARMS: tuple[str, ...] = tuple(r.name for r in ALARM_RULES if r.tier == "collapse")
+#: the warnings: wasted capacity (unused prototypes, partial prototype collapse), not a failure
+WARNINGS: tuple[str, ...] = tuple(r.name for r in ALARM_RULES if r.tier == "warning")
 
 
 @dataclass(frozen=True)
@@ -132,8 +175,16 @@ class Alarm:
     message: str
     cause: str
     remedy: str
+    tier: str = "collapse"     # state dicts written before the tiers existed load as before
 
     def __str__(self) -> str:
+        if self.tier == "warning":
+            return (
+                f"[nocollapse] WARNING {self.name} at step {self.step} (wasted capacity, not a "
+                f"failure): {self.message}\n"
+                f"  likely cause: {self.cause}\n"
+                f"  remedy, if that capacity matters: {self.remedy}"
+            )
         return (
             f"[nocollapse] ALARM {self.name} at step {self.step}: {self.message}\n"
             f"  likely cause: {self.cause}\n"
@@ -248,7 +299,9 @@ class AlarmMonitor:
         """Restore a :meth:`state_dict`: an alarm that fired before does not fire again."""
         counters = state.get("counters", {})
         self._counters = {name: int(counters.get(name, 0)) for name in ALARM_NAMES}
-        self._fired = {name: Alarm(**data) for name, data in state.get("fired", {}).items()}
+        # the tier comes from the rule, so that alarms saved before the tiers existed get theirs
+        self._fired = {name: Alarm(**{**data, "tier": _RULES[name].tier if name in _RULES else data.get("tier", "collapse")})
+                       for name, data in state.get("fired", {}).items()}
 
     # ----------------------------------------------------------------- checks
     def _k(self, metrics: Mapping[str, Any]) -> int | None:
@@ -380,19 +433,12 @@ class AlarmMonitor:
         step = int(step)
         if step < self.warmup_steps:
             return []
-        checks = {
-            "uniform_collapse": self._check_uniform,
-            "one_hot_collapse": self._check_one_hot,
-            "representation_collapse": self._check_representation,
-            "unused_prototypes": self._check_unused,
-            "prototype_collapse": self._check_prototype_collapse,
-            "skipped_steps": self._check_skipped_steps,
-        }
         new: list[Alarm] = []
         for name in self.enabled:
             if name in self._fired:
                 continue
-            result = checks[name](metrics)
+            rule = _RULES[name]
+            result = getattr(self, rule.check)(metrics)
             if result is None:  # metric missing: skip, keep the counter
                 continue
             value, message = result
@@ -406,8 +452,9 @@ class AlarmMonitor:
                     step=step,
                     value=float(value),
                     message=f"{message} ({self._counters[name]} consecutive checks)",
-                    cause=_CAUSES[name],
-                    remedy=_REMEDIES[name],
+                    cause=rule.cause,
+                    remedy=rule.remedy,
+                    tier=rule.tier,
                 )
                 self._fired[name] = alarm
                 new.append(alarm)

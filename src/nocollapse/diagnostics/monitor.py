@@ -39,7 +39,7 @@ import torch
 from ..config import Config
 from ..utils import distributed as dist_utils
 from ..utils.metrics_log import MetricsLogger, read_jsonl
-from .alarms import ALARM_NAMES, Alarm, AlarmMonitor
+from .alarms import ALARM_NAMES, WARNINGS, Alarm, AlarmMonitor
 from .assignments import assignment_stats, mixture_stats, teacher_student_kl
 from .embeddings import effective_rank, embedding_std, mean_direction_norm
 from .plots import plot_training_curves
@@ -78,6 +78,9 @@ class CollapseMonitor:
         log_every: compute the step metrics and check the alarms every this many updates.
         patience: consecutive checks a failure must persist before its alarm fires.
         alarms: raise alarms at all.
+        warnings: also report wasted capacity (``unused_prototypes``, ``prototype_collapse``: the
+            warning tier of :data:`~nocollapse.diagnostics.alarms.WARNINGS`); ``False`` silences
+            them and keeps the collapse alarms.
         uniform_loss: the loss of a collapsed model if it is not ln K (ln N_B for CARP).
         fixed_prototypes: prototypes distinct by construction: no geometry is measured.
         prototype_collapse_eps / prototype_collapse_threshold: the epoch alarm on unique prototypes.
@@ -88,7 +91,7 @@ class CollapseMonitor:
 
     def __init__(self, num_prototypes: int | None = None, embedding_dim: int | None = None, *,
                  warmup_steps: int = 0, log_every: int = 1, patience: int = 5, alarms: bool = True,
-                 uniform_loss: float | None = None, fixed_prototypes: bool = False,
+                 warnings: bool = True, uniform_loss: float | None = None, fixed_prototypes: bool = False,
                  prototype_collapse_eps: str = "0.1", prototype_collapse_threshold: float = 0.5,
                  queue_size: int = 4096, log_dir: str | Path | None = None, tensorboard: bool = True,
                  probe: Any = None) -> None:
@@ -100,6 +103,7 @@ class CollapseMonitor:
         self.log_every = log_every
         self.patience = patience
         self.alarms_enabled = alarms
+        self.warnings_enabled = warnings
         self.uniform_loss = uniform_loss
         self.fixed_prototypes = fixed_prototypes
         self.prototype_collapse_eps = prototype_collapse_eps
@@ -129,7 +133,8 @@ class CollapseMonitor:
 
     # ---- set-up ------------------------------------------------------------------------
     def _build_alarms(self) -> None:
-        step_names = tuple(n for n in ALARM_NAMES if n != "prototype_collapse") if self.alarms_enabled else ()
+        step_names = tuple(n for n in ALARM_NAMES if n != "prototype_collapse"
+                           and (self.warnings_enabled or n not in WARNINGS)) if self.alarms_enabled else ()
         k = self.num_prototypes if self.num_prototypes and self.num_prototypes >= 2 else None
         self.step_alarms = AlarmMonitor(
             k, self.embedding_dim,
@@ -139,7 +144,8 @@ class CollapseMonitor:
         self.epoch_alarms = AlarmMonitor(
             k, warmup_steps=self.warmup_steps, patience=1, unique_fraction_threshold=self.prototype_collapse_threshold,
             unique_eps=self.prototype_collapse_eps,
-            enabled=("prototype_collapse",) if self.alarms_enabled and not self.fixed_prototypes else ())
+            enabled=("prototype_collapse",) if (self.alarms_enabled and self.warnings_enabled
+                                                and not self.fixed_prototypes) else ())
         if self.num_prototypes and self.argmax_counts is None:
             self.argmax_counts = torch.zeros(self.num_prototypes, dtype=torch.long)
 
@@ -404,7 +410,7 @@ class TrainingMonitor(CollapseMonitor):
         super().__init__(
             method.num_prototypes, method.embedding_dim,
             warmup_steps=int(round(d.alarm_warmup_epochs * steps_per_epoch)), patience=d.alarm_patience,
-            alarms=d.alarms, uniform_loss=method.uniform_loss(),
+            alarms=d.alarms, warnings=d.warnings, uniform_loss=method.uniform_loss(),
             fixed_prototypes=bool(getattr(method, "fixed_prototypes", False)),
             prototype_collapse_eps=d.prototype_collapse_eps,
             prototype_collapse_threshold=d.prototype_collapse_threshold, queue_size=d.queue_size,

@@ -1,0 +1,65 @@
+"""Alarms in tiers, each one declared rule (diagnostics/alarms.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from nocollapse.diagnostics.alarms import (
+    ALARM_NAMES,
+    ALARM_RULES,
+    COLLAPSE_ALARMS,
+    TIERS,
+    WARNINGS,
+    Alarm,
+    AlarmMonitor,
+)
+from nocollapse.diagnostics.monitor import CollapseMonitor
+
+
+def test_every_alarm_is_one_rule_with_a_tier_a_check_a_cause_and_a_remedy():
+    assert ALARM_NAMES == tuple(rule.name for rule in ALARM_RULES)
+    assert len(set(ALARM_NAMES)) == len(ALARM_NAMES)
+    for rule in ALARM_RULES:
+        assert rule.tier in TIERS and callable(getattr(AlarmMonitor, rule.check)) and rule.cause and rule.remedy
+    assert set(COLLAPSE_ALARMS) == {"uniform_collapse", "one_hot_collapse", "representation_collapse"}
+    assert set(WARNINGS) == {"unused_prototypes", "prototype_collapse"}
+
+
+def unused_metrics():
+    return {"argmax_used": 2, "num_samples": 64, "max_prob": 0.5}
+
+
+def test_a_warning_reads_as_wasted_capacity_and_an_alarm_as_a_failure():
+    monitor = AlarmMonitor(64, warmup_steps=0, patience=1)
+    fired = {a.name: a for a in monitor.update(1, {**unused_metrics(), "loss": 1.0, "embedding_std": 1e-6,
+                                                   "embedding_dim": 16})}
+    warning, alarm = fired["unused_prototypes"], fired["representation_collapse"]
+    assert warning.tier == "warning" and str(warning).startswith("[nocollapse] WARNING unused_prototypes")
+    assert "not a failure" in str(warning)
+    assert alarm.tier == "collapse" and str(alarm).startswith("[nocollapse] ALARM representation_collapse")
+
+
+def test_warnings_can_be_silenced_and_the_collapse_alarms_stay():
+    for warnings in (True, False):
+        monitor = CollapseMonitor(num_prototypes=64, embedding_dim=16, patience=1, warnings=warnings,
+                                  tensorboard=False)
+        probs = torch.zeros(64, 64)
+        probs[:, :2] = 0.5                     # two of the 64 prototypes a batch of 64 can use
+        flat = torch.ones(64, 16)              # every embedding the same: representation collapse
+        monitor.update(step=1, probs=probs, embeddings=flat)
+        names = {a.name for a in monitor.alarms}
+        assert "representation_collapse" in names
+        assert ("unused_prototypes" in names) == warnings
+        epoch = monitor.end_epoch(step=1, prototypes=torch.ones(64, 16))
+        assert epoch["unique_0.1"] == 1 / 64
+        assert ("prototype_collapse" in {a.name for a in monitor.alarms}) == warnings
+
+
+def test_state_written_before_the_tiers_loads():
+    old = {"counters": {}, "fired": {"unused_prototypes": {"name": "unused_prototypes", "step": 3, "value": 0.1,
+                                                         "message": "m", "cause": "c", "remedy": "r"}}}
+    monitor = AlarmMonitor(8)
+    monitor.load_state_dict(old)
+    assert isinstance(monitor.fired["unused_prototypes"], Alarm)
+    assert monitor.fired["unused_prototypes"].tier == "warning"
+    assert monitor.update(5, unused_metrics()) == []        # fired before: not again
