@@ -63,3 +63,18 @@ def test_state_written_before_the_tiers_loads():
     assert isinstance(monitor.fired["unused_prototypes"], Alarm)
     assert monitor.fired["unused_prototypes"].tier == "warning"
     assert monitor.update(5, unused_metrics()) == []        # fired before: not again
+
+
+def test_the_final_report_warns_on_test_usage_under_its_own_name():
+    from nocollapse.diagnostics import format_report, prototype_report, report_warnings
+
+    g = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(64, 8, generator=g)
+    # 200 images whose nearest prototype is one of two: 2 of min(64, 200) used
+    nearest = torch.randint(0, 2, (200,), generator=g)
+    report = prototype_report(prototypes, nearest=nearest)
+    warnings = report_warnings(report)
+    assert [w["name"] for w in warnings] == ["unused_prototypes_test"] and warnings[0]["tier"] == "warning"
+    assert "unused_prototypes_test" in format_report(report)
+    spread = prototype_report(prototypes, nearest=torch.arange(200) % 64)
+    assert report_warnings(spread) == [] and "warnings" not in format_report(spread)

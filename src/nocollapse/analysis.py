@@ -37,7 +37,7 @@ from .diagnostics.embeddings import (
     singular_values,
 )
 from .diagnostics.plots import plot_spectrum, plot_training_curves
-from .diagnostics.report import prototype_report, write_plots
+from .diagnostics.report import prototype_report, report_warnings, write_plots
 from .evaluation.clustering import assignment_clustering, kmeans_clustering
 from .evaluation.features import extract_outputs
 from .utils.checkpoint import atomic_save, describe_unreadable
@@ -295,6 +295,7 @@ def run_summary(cfg, method, *, steps: int, processes: int, device: torch.device
     }
     summary.update({k: report[k] for k in SUMMARY_KEYS if k in report})
     summary["alarms"] = [a.to_dict() for a in alarms]
+    summary["warnings"] = report_warnings(report)
     files = sorted(set(skipped_images))
     summary.update({
         "skipped_images": {"count": len(files) + substituted, "files": files[:50],
@@ -374,6 +375,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                                       f"no update (train.nonfinite=skip)"))
     if summary.get("alarms"):
         rows.append(("alarms", ", ".join(a["name"] for a in summary["alarms"])))
+    for warning in summary.get("warnings") or []:
+        rows.append((f"warning {warning['name']}", warning["message"]))
     width = max(len(r[0]) for r in rows)
     lines = ["", "nocollapse train: summary", "-" * 60]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]

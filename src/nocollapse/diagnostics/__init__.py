@@ -49,7 +49,7 @@ from .prototypes import (
     unique_fraction,
     unique_prototypes,
 )
-from .report import flat_metrics, format_report, prototype_report, write_plots
+from .report import flat_metrics, format_report, prototype_report, report_warnings, write_plots
 
 __all__ = [
     "ALARM_NAMES",
@@ -82,6 +82,7 @@ __all__ = [
     "plot_unique_vs_eps",
     "project_to_circle",
     "prototype_report",
+    "report_warnings",
     "prototype_utilization",
     "singular_values",
     "teacher_student_kl",

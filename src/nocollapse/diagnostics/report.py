@@ -26,7 +26,36 @@ from .prototypes import (
     unique_prototypes,
 )
 
-__all__ = ["prototype_report", "format_report", "flat_metrics", "write_plots"]
+__all__ = ["prototype_report", "format_report", "flat_metrics", "write_plots", "report_warnings",
+           "UNUSED_TEST_FRACTION"]
+
+#: the final report warns when fewer than this share of min(K, N) prototypes are some evaluated
+#: image's nearest (the same share the training warning ``unused_prototypes`` uses)
+UNUSED_TEST_FRACTION = 0.5
+
+
+def report_warnings(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The warnings of a final report, in the warning tier (wasted capacity, not a failure).
+
+    ``unused_prototypes_test``: fewer than :data:`UNUSED_TEST_FRACTION` of ``min(K, N)``
+    prototypes are the nearest (highest-scoring) prototype of some evaluated image. It reads the
+    evaluated images against the prototypes, so it can differ from the training warning
+    ``unused_prototypes``, which reads the arg-max of the training batch's *teacher* assignments:
+    those are balanced by Sinkhorn-Knopp or centring, and a run can use most prototypes there
+    while its test images land on a few. The two are named apart for that reason; the summary
+    (``summary.json``, ``warnings``), the printed summary and ``nocollapse diagnose`` all take
+    this one from here.
+    """
+    out = []
+    capped = report.get("nearest_utilization_capped")
+    if capped is not None and capped < UNUSED_TEST_FRACTION:
+        out.append({
+            "name": "unused_prototypes_test", "tier": "warning", "value": float(capped),
+            "message": (f"only {report.get('nearest_used')} prototypes ({100.0 * capped:.1f} % of min(K, N)) are "
+                        f"the nearest of some evaluated image (threshold {UNUSED_TEST_FRACTION:.0%}); the "
+                        f"training warning unused_prototypes reads the balanced teacher assignments instead"),
+        })
+    return out
 
 
 def _eps_key(eps: float) -> str:
@@ -246,6 +275,10 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append(_row("perplexity", f"{mix['perplexity']:.1f}", f"of {mix['num_components']}"))
         rule = "recent usage below the idle threshold" if mix.get("dead_by") == "usage" else "pi_k < 0.1/K"
         lines.append(_row("idle components", f"{mix['dead']}", rule))
+    warnings = report_warnings(report)
+    if warnings:
+        lines += ["", "warnings (wasted capacity, not a failure)"]
+        lines += [f"  {w['name']}: {w['message']}" for w in warnings]
     return "\n".join(lines)
 
 
