@@ -17,14 +17,19 @@ or codes, its assignment probabilities ``p`` (the method's own, for its scores):
   as collapsed before it has trained;
 * **dimensional collapse**: RankMe (``effective_rank``) of the *centred* ``e`` (the probe mean
   removed, so that a shared direction is not counted as one dimension of the data) is below
-  ``DIMENSIONAL_FRACTION`` = 0.25 of the highest the same architecture's healthy run reaches
-  (its pair's healthy run, or the run itself when it is the healthy one);
+  ``DIMENSIONAL_FRACTION`` = 0.25 of the same architecture's healthy run (its pair's healthy
+  run) at the same probe step. The healthy run of a pair is the reference and is not checked
+  for it (a revision made before any alarm was tuned: comparing with the healthy run's highest
+  value flagged the early steps of every healthy run, whose rank grows fourfold while it learns);
 * **cluster collapse**: the probe's arg-max uses at most ``max(2, 1 % of min(K, N))`` prototypes
   or codes (N = 450 probe images);
 * **uniform collapse**: every probe assignment has an entropy of at least
   ``1 - UNIFORM_MARGIN`` = 0.98 of ln K;
 * a kind's **onset** is the first probe step of ``PERSISTENCE`` = 2 consecutive probe checks at
-  which it holds;
+  which it holds, counted only when it still holds at the last probe check; a kind that held and
+  went away is recorded as **transient** and does not make the run failing (a revision made
+  before any alarm was tuned: the decoupled default's probe used 4 means at steps 80-90 and 24
+  at the end, with the best k-NN of the DINO runs);
 * **failing**: any kind has an onset, or the final k-NN (weighted, k = 20, training split to
   probe, backbone features) is not above the random initialisation's;
 * **healthy**: not failing;
@@ -100,11 +105,12 @@ def probe_state(embeddings: torch.Tensor, probs: torch.Tensor | None, step: int)
     return state
 
 
-def kind_holds(kind: str, state: dict, healthy_rank: float | None, initial_spread: float) -> bool:
+def kind_holds(kind: str, state: dict, healthy_rank: dict[int, float] | None, initial_spread: float) -> bool:
     if kind == "representation":
         return state["mean_cosine"] > REPRESENTATION_COSINE and state["spread"] < SPREAD_FRACTION * initial_spread
     if kind == "dimensional":
-        return healthy_rank is not None and state["rankme"] < DIMENSIONAL_FRACTION * healthy_rank
+        reference = (healthy_rank or {}).get(state["step"])
+        return reference is not None and state["rankme"] < DIMENSIONAL_FRACTION * reference
     if "argmax_used" not in state:
         return False
     if kind == "cluster":
@@ -112,20 +118,22 @@ def kind_holds(kind: str, state: dict, healthy_rank: float | None, initial_sprea
     return state["min_entropy_ratio"] >= 1.0 - UNIFORM_MARGIN      # uniform
 
 
-def label_run(run: dict, healthy_rank: float | None) -> dict:
-    """Kinds with their onsets, and the label, from a run's probe history and k-NN."""
-    onsets = {}
+def label_run(run: dict, healthy_rank: dict[int, float] | None) -> dict:
+    """Kinds with their onsets, and the label, from a run's probe history and k-NN.
+    ``healthy_rank``: the healthy partner's probe RankMe by step (None for a reference run)."""
+    onsets, transient = {}, {}
     initial_spread = run["probe"][0]["spread"]
     for kind in KINDS:
         streak = []
         for state in run["probe"]:
             streak = streak + [state["step"]] if kind_holds(kind, state, healthy_rank, initial_spread) else []
             if len(streak) >= PERSISTENCE:
-                onsets[kind] = streak[0]
+                at_end = kind_holds(kind, run["probe"][-1], healthy_rank, initial_spread)
+                (onsets if at_end else transient)[kind] = streak[0]
                 break
     knn_ok = run["knn_top1"] > run["knn_top1_init"]
     partial = run.get("unique_0.1") is not None and run["unique_0.1"] < PARTIAL_UNIQUE
-    return {"onsets": onsets, "knn_above_init": knn_ok, "failing": bool(onsets) or not knn_ok,
+    return {"onsets": onsets, "transient": transient, "knn_above_init": knn_ok, "failing": bool(onsets) or not knn_ok,
             "kinds_at_end": [k for k in KINDS if run["probe"] and kind_holds(k, run["probe"][-1], healthy_rank, initial_spread)],
             "partial_prototype_collapse": partial}
 
@@ -420,8 +428,8 @@ def main() -> None:
     partners = {**{n: c[2] for n, c in TRAINER_CASES.items()}, **LOOP_CASES}
     by_key = {(r["name"], r["seed"]): r for r in record["runs"]}
     for run in record["runs"]:
-        partner = by_key.get((partners.get(run["name"]) or run["name"], run["seed"]))
-        healthy_rank = max((s["rankme"] for s in partner["probe"]), default=None) if partner else None
+        partner = by_key.get((partners.get(run["name"]), run["seed"])) if partners.get(run["name"]) else None
+        healthy_rank = {s["step"]: s["rankme"] for s in partner["probe"]} if partner else None
         run["label"] = label_run(run, healthy_rank)
     record["definitions"] = {"probe_every": PROBE_EVERY, "representation_cosine": REPRESENTATION_COSINE,
                              "spread_fraction": SPREAD_FRACTION,

@@ -22,6 +22,9 @@ def state(step, cosine=0.1, spread=0.12, rank=30.0, used=None, entropy=None, k=6
     return s
 
 
+RANKS = {step: 30.0 for step in range(0, 200, 10)}
+
+
 def run(name, probe, knn=(0.5, 0.6), alarms=(), unique=None):
     return {"name": name, "probe": probe, "knn_top1_init": knn[0], "knn_top1": knn[1], "unique_0.1": unique,
             "alarms": [{"name": n, "step": s} for n, s in alarms]}
@@ -40,23 +43,38 @@ def test_probe_state_measures_a_point_and_a_spread_batch(bench):
 
 def test_each_kind_needs_two_consecutive_checks_and_gives_its_onset(bench):
     probe = [state(0), state(10, cosine=0.95, spread=0.01), state(20), state(30, cosine=0.95, spread=0.01),
-             state(40, cosine=0.95, spread=0.01), state(50, rank=5.0), state(60, rank=5.0)]
-    label = bench.label_run(run("r", probe), healthy_rank=30.0)
+             state(40, cosine=0.95, spread=0.01), state(50, cosine=0.95, spread=0.01, rank=5.0),
+             state(60, cosine=0.95, spread=0.01, rank=5.0)]
+    label = bench.label_run(run("r", probe), healthy_rank=RANKS)
     assert label["onsets"] == {"representation": 30, "dimensional": 50}
     assert label["failing"]
     # a cone from the start (high cosine, spread not falling) is not representation collapse
     cone = [state(s, cosine=0.95, spread=0.03) for s in (0, 10, 20)]
-    assert bench.label_run(run("cone", cone), 30.0)["onsets"] == {}
+    assert bench.label_run(run("cone", cone), RANKS)["onsets"] == {}
+    # a kind that went away by the end is transient, and not a failure
+    dip = [state(0), state(10, rank=5.0), state(20, rank=5.0), state(30)]
+    label = bench.label_run(run("dip", dip), RANKS)
+    assert label["onsets"] == {} and label["transient"] == {"dimensional": 10} and not label["failing"]
+    # the reference run of a pair is not checked for dimensional collapse
+    assert bench.label_run(run("ref", dip), None)["transient"] == {}
+
+
+def test_dimensional_collapse_is_judged_against_the_healthy_run_at_the_same_step(bench):
+    early = {0: 4.0, 10: 4.0, 20: 40.0}             # the healthy run's rank grows while it learns
+    probe = [state(0, rank=3.0), state(10, rank=3.0), state(20, rank=3.0)]
+    assert bench.label_run(run("slow", probe), early)["onsets"] == {}
+    assert bench.kind_holds("dimensional", state(20, rank=3.0), early, 0.12)
+    assert not bench.kind_holds("dimensional", state(10, rank=3.0), early, 0.12)
 
 
 def test_cluster_uniform_and_the_knn_criterion(bench):
     cluster = [state(0, used=40), state(10, used=2), state(20, used=1)]
-    assert bench.label_run(run("c", cluster), 30.0)["onsets"] == {"cluster": 10}
+    assert bench.label_run(run("c", cluster), RANKS)["onsets"] == {"cluster": 10}
     uniform = [state(0, used=40, entropy=0.5), state(10, used=40, entropy=0.99), state(20, used=40, entropy=0.985)]
-    assert bench.label_run(run("u", uniform), 30.0)["onsets"] == {"uniform": 10}
+    assert bench.label_run(run("u", uniform), RANKS)["onsets"] == {"uniform": 10}
     # no onset, but the k-NN does not beat the init: failing; above it: healthy
-    assert bench.label_run(run("k", [state(0), state(10)], knn=(0.6, 0.6)), 30.0)["failing"]
-    healthy = bench.label_run(run("h", [state(0), state(10)], knn=(0.6, 0.7), unique=0.3), 30.0)
+    assert bench.label_run(run("k", [state(0), state(10)], knn=(0.6, 0.6)), RANKS)["failing"]
+    healthy = bench.label_run(run("h", [state(0), state(10)], knn=(0.6, 0.7), unique=0.3), RANKS)
     assert not healthy["failing"] and healthy["partial_prototype_collapse"]
     # the cluster bound follows min(K, N): 1 % of 450 probe images for a large K
     assert bench.kind_holds("cluster", state(0, used=4, k=65536), 30.0, 0.12)
@@ -72,7 +90,7 @@ def test_scores_count_detections_misses_false_and_wrong_kind_alarms(bench):
         run("other kind", [state(0), state(10, rank=1.0), state(20, rank=1.0)], alarms=[("uniform_collapse", 25)]),
     ]
     for r in runs:
-        r["label"] = bench.label_run(r, 30.0)
+        r["label"] = bench.label_run(r, RANKS)
     scores = bench.score(runs)
     rep = scores["per_alarm"]["representation_collapse"]
     assert rep["detections"] == [{"run": "caught", "delay": 25}] and rep["misses"] == ["missed"]
