@@ -42,9 +42,9 @@ Runs
 with the failure switch of each method), probed through a subclass of the trainer that measures
 the probe at its log steps. *User-loop runs* are plain PyTorch loops on the flat digits through
 the public :class:`nocollapse.CollapseMonitor`: a SimSiam-style loop with and without the
-stop-gradient, a healthy InfoNCE loop, and lightly's DINO loop, healthy and with its centre
-frozen at zero and a teacher temperature of 0.005 (needs the ``lightly`` extra; skipped
-without it). Each run's alarms are those its monitor raised, at its own ``log_every`` (5 for
+stop-gradient (with the recipe's batch norm at the projector's output, and without it), a
+healthy InfoNCE loop, and lightly's DINO loop, healthy and with its centre frozen at zero and
+a teacher temperature of 0.005 (needs the ``lightly`` extra; skipped without it). Each run's alarms are those its monitor raised, at its own ``log_every`` (5 for
 the trainer's digits runs, 5 in the loops) and patience (5 checks), after a warm-up of one epoch.
 
 Scores
@@ -249,9 +249,13 @@ def run_loop_case(name: str, seed: int, epochs: int) -> dict:
     backbone = mlp(128)
     k = None
     if name.startswith("loop_simsiam"):
-        projector, predictor = mlp(dim, batchnorm_out=True, in_dim=128), nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Linear(32, dim))
+        # "plain": no batch norm at the projector's output, as in a user's first SimSiam-style loop;
+        # the recipe's output batch norm keeps every dimension's variance even when it collapses
+        plain = name.startswith("loop_simsiam_plain")
+        projector = mlp(dim, batchnorm_out=not plain, in_dim=128)
+        predictor = nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Linear(32, dim))
         params = [*backbone.parameters(), *projector.parameters(), *predictor.parameters()]
-        stop_gradient = name == "loop_simsiam"
+        stop_gradient = not name.endswith("no_stop_gradient")
     elif name == "loop_infonce":
         projector = mlp(dim, in_dim=128)
         params = [*backbone.parameters(), *projector.parameters()]
@@ -345,7 +349,8 @@ def run_loop_case(name: str, seed: int, epochs: int) -> dict:
             "alarms": [{"name": a.name, "step": a.step} for a in monitor.alarms], "probe": history}
 
 
-LOOP_CASES = {"loop_simsiam": None, "loop_simsiam_no_stop_gradient": "loop_simsiam", "loop_infonce": None,
+LOOP_CASES = {"loop_simsiam": None, "loop_simsiam_no_stop_gradient": "loop_simsiam",
+              "loop_simsiam_plain": None, "loop_simsiam_plain_no_stop_gradient": "loop_simsiam_plain", "loop_infonce": None,
               "loop_lightly_dino": None, "loop_lightly_dino_frozen_centre": "loop_lightly_dino"}
 
 
@@ -405,7 +410,8 @@ def main() -> None:
     except ImportError:
         loops = {k: v for k, v in LOOP_CASES.items() if not k.startswith("loop_lightly")}
     trainer_names = list(QUICK_TRAINER if args.quick else TRAINER_CASES)
-    loop_names = (["loop_simsiam", "loop_simsiam_no_stop_gradient", "loop_infonce", "loop_lightly_dino",
+    loop_names = (["loop_simsiam", "loop_simsiam_no_stop_gradient", "loop_simsiam_plain",
+                   "loop_simsiam_plain_no_stop_gradient", "loop_infonce", "loop_lightly_dino",
                    "loop_lightly_dino_frozen_centre"] if args.quick else list(loops))
     loop_names = [n for n in loop_names if n in loops]
     if args.cases:
