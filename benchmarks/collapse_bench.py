@@ -80,10 +80,9 @@ UNIFORM_MARGIN = 0.02
 PERSISTENCE = 2
 PARTIAL_UNIQUE = 0.5
 KINDS = ("representation", "dimensional", "cluster", "uniform")
-#: the kind each current alarm claims; the others are warnings (wasted capacity) or run checks
+#: the kind each current collapse alarm claims (warnings and run checks are not scored)
 ALARM_KIND = {"representation_collapse": "representation", "one_hot_collapse": "cluster",
               "uniform_collapse": "uniform"}
-WARNINGS = {"unused_prototypes": "unused", "prototype_collapse": "partial"}
 
 
 # --------------------------------------------------------------------------- ground truth

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import time
@@ -109,7 +108,7 @@ def run(arm: str, seed: int, args, train_images, train_labels, train_x, test_x, 
     from lightly.transforms import DINOTransform
     from lightly.utils.scheduler import cosine_schedule
 
-    from nocollapse.integrations.lightly import dino_teacher_probabilities
+    from nocollapse.integrations.lightly import dino_teacher_probabilities, last_layer_directions
 
     torch.manual_seed(seed)
     random.seed(seed)
@@ -140,7 +139,7 @@ def run(arm: str, seed: int, args, train_images, train_labels, train_x, test_x, 
 
     def vectors():
         if prototypes is None:
-            return F.normalize(student["head"].last_layer.weight_v.detach(), dim=1)
+            return last_layer_directions(student["head"].last_layer)
         return prototypes
 
     knn_init = knn_accuracy(features_of(teacher["backbone"], train_x), train_labels,

@@ -130,6 +130,13 @@ __all__ = [
 #: The collapse thresholds marked in "Why Prototypes Collapse" (Fig. 3a).
 STANDARD_EPS: tuple[float, ...] = (0.025, 0.1, 0.25, 0.5)
 
+# Defaults of the cover's tuning knobs, shared by unique_estimate and prototype_geometry (the
+# results do not depend on the first two).
+_BLOCK_SIZE = 1024
+_CHUNK_ELEMENTS = 1 << 24
+_MAX_EXTRA_COST = 1.0
+_NEIGHBOUR_SEGMENT = 256
+
 #: Up to this many prototypes the automatic choice of :func:`unique_estimate` is the exact cover
 #: on the CPU (its cost grows as K^2 for a healthy matrix; the estimate's as K).
 EXACT_MAX_ROWS = 8192
@@ -746,11 +753,11 @@ def unique_estimate(
     max_exact: int = EXACT_MAX_ROWS,
     sample_rows: int = SAMPLE_ROWS,
     seed: int = 0,
-    block_size: int = 1024,
+    block_size: int = _BLOCK_SIZE,
     screen: bool = True,
-    chunk_elements: int = 1 << 24,
-    max_extra_cost: float = 1.0,
-    neighbour_segment: int = 256,
+    chunk_elements: int = _CHUNK_ELEMENTS,
+    max_extra_cost: float = _MAX_EXTRA_COST,
+    neighbour_segment: int = _NEIGHBOUR_SEGMENT,
 ) -> UniqueEstimate:
     """Unique prototypes at each ε: the exact greedy cover or, for large K on the CPU, an
     unbiased estimate from sampled rows with its standard error (module doc, "Large K").
@@ -936,21 +943,22 @@ def prototype_geometry(
     (:func:`pairwise_cosine_stats` over ``pairwise_sample`` rows; only for K >= 2).
     """
     eps_list = _as_eps_list(eps)
-    _check_estimate_options(1024, 1 << 24, sample_rows, max_exact, 1.0, 256)
+    _check_estimate_options(_BLOCK_SIZE, _CHUNK_ELEMENTS, sample_rows, max_exact, _MAX_EXTRA_COST,
+                            _NEIGHBOUR_SEGMENT)
     device = _compute_device(_check_matrix(prototypes))
     num = prototypes.shape[0]
     use_exact = _choose_exact(exact, num, device, max_exact, sample_rows)
     unit = _normalized_rows(prototypes, device)
     est = _estimate_from_unit(unit, eps_list, use_exact=use_exact, sample_rows=sample_rows, seed=seed,
-                              block_size=1024, screen=True, chunk_elements=1 << 24, max_extra_cost=1.0,
-                              neighbour_segment=256)
+                              block_size=_BLOCK_SIZE, screen=True, chunk_elements=_CHUNK_ELEMENTS,
+                              max_extra_cost=_MAX_EXTRA_COST, neighbour_segment=_NEIGHBOUR_SEGMENT)
     metrics: dict[str, float | int] = {f"unique_{e:g}": est.fractions[e] for e in eps_list}
     metrics["unique_sampled_rows"] = est.sampled_rows
     if est.sampled_rows:
         metrics.update({f"unique_{e:g}_stderr": est.stderr[e] for e in eps_list})
     if num >= 2:
         host = unit if unit.device.type == "cpu" else unit.cpu()
-        pc = _pairwise_from_unit(host, pairwise_sample, seed, 1024)
+        pc = _pairwise_from_unit(host, pairwise_sample, seed, _BLOCK_SIZE)
         metrics["pairwise_cosine_max"] = pc["max"]
         metrics["pairwise_cosine_p99"] = pc["p99"]
     return metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import backbones as _backbones
 from .backbones import build_backbone, count_parameters
 from .heads import HyperdimensionalProjector, ProjectionMLP
 
@@ -16,13 +17,10 @@ __all__ = ["HyperdimensionalProjector", "ProjectionMLP", "ResNetBackbone", "ViTB
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: the torchvision-based backbone classes load on first access, not with the package.
-    if name == "ResNetBackbone":
-        from .resnet import ResNetBackbone
-        return ResNetBackbone
-    if name == "ViTBackbone":
-        from .vit import ViTBackbone
-        return ViTBackbone
+    # PEP 562: the torchvision-based backbone classes load on first access, through the lazy names
+    # of models/backbones.py, not with the package.
+    if name in ("ResNetBackbone", "ViTBackbone"):
+        return getattr(_backbones, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
