@@ -80,9 +80,75 @@ UNIFORM_MARGIN = 0.02
 PERSISTENCE = 2
 PARTIAL_UNIQUE = 0.5
 KINDS = ("representation", "dimensional", "cluster", "uniform")
-#: the kind each current collapse alarm claims (warnings and run checks are not scored)
-ALARM_KIND = {"representation_collapse": "representation", "one_hot_collapse": "cluster",
-              "uniform_collapse": "uniform"}
+#: the kind each collapse alarm claims (warnings and run checks are not scored)
+ALARM_KIND = {"representation_collapse": "representation", "dimensional_collapse": "dimensional",
+              "one_hot_collapse": "cluster", "uniform_collapse": "uniform"}
+
+
+# --------------------------------------------------------------------------- alarm inputs, replay
+class AlarmInputRecorder:
+    """Records what every step alarm monitor is fed during a run (the metrics of each check), so
+    that the alarms can be replayed on the same runs with other rules or thresholds (``--rescore``,
+    ``--alarm-set``) without training again. Only monitors that check ``representation_collapse``
+    are recorded: the step alarms, not the per-epoch geometry or the skipped-steps check."""
+
+    def __init__(self) -> None:
+        self.streams: dict[int, dict] = {}
+
+    def __enter__(self) -> "AlarmInputRecorder":
+        from nocollapse.diagnostics.alarms import AlarmMonitor
+
+        self._original = original = AlarmMonitor.update
+        recorder = self
+
+        def recording_update(monitor, step, metrics):
+            if "representation_collapse" in monitor.enabled:
+                stream = recorder.streams.setdefault(id(monitor), {"settings": {
+                    "num_prototypes": monitor.num_prototypes, "embedding_dim": monitor.embedding_dim,
+                    "warmup_steps": monitor.warmup_steps, "patience": monitor.patience,
+                    "uniform_loss_reference": monitor.uniform_loss_reference}, "stream": []})
+                stream["stream"].append([int(step), {k: _plain(v) for k, v in metrics.items()
+                                                     if _plain(v) is not None}])
+            return original(monitor, step, metrics)
+
+        AlarmMonitor.update = recording_update
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from nocollapse.diagnostics.alarms import AlarmMonitor
+
+        AlarmMonitor.update = self._original
+
+    def result(self) -> dict | None:
+        """The stream of the run's step monitor (a monitor rebuilt once K or D is known continues it)."""
+        if not self.streams:
+            return None
+        streams = list(self.streams.values())
+        merged = {"settings": streams[-1]["settings"], "stream": [item for s in streams for item in s["stream"]]}
+        return merged
+
+
+def _plain(value) -> float | int | None:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value if isinstance(value, int) else float(f"{value:.6g}")
+
+
+def replay_alarms(run: dict, overrides: dict | None = None) -> list[dict] | None:
+    """The collapse alarms today's rules raise on a run's recorded alarm inputs (None when the run
+    was recorded without them); ``overrides``: :class:`AlarmMonitor` keyword arguments to try."""
+    from nocollapse.diagnostics.alarms import COLLAPSE_ALARMS, AlarmMonitor
+
+    inputs = run.get("alarm_inputs")
+    if not inputs:
+        return None
+    monitor = AlarmMonitor(**{**inputs["settings"], **(overrides or {})}, enabled=COLLAPSE_ALARMS)
+    fired = []
+    for step, metrics in inputs["stream"]:
+        fired += [{"name": a.name, "step": a.step} for a in monitor.update(step, metrics)]
+    return fired
 
 
 # --------------------------------------------------------------------------- ground truth
@@ -192,7 +258,7 @@ def run_trainer_case(name: str, seed: int, epochs: int) -> dict:
             if self.position.step % PROBE_EVERY == 0:
                 self.probe()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, AlarmInputRecorder() as recorder:
         trainer = ProbedTrainer(cfg, Path(tmp) / "run")
         start = time.perf_counter()
         summary = trainer.fit()
@@ -201,7 +267,8 @@ def run_trainer_case(name: str, seed: int, epochs: int) -> dict:
     unique = (summary.get("unique_prototypes") or {}).get("0.1")
     return {"name": name, "kind": "trainer", "seed": seed, "config": config or "digits", "overrides": overrides,
             "steps": summary["steps"], "seconds": round(seconds, 1), "knn_top1": summary["knn_top1"],
-            "knn_top1_init": summary["knn_top1_init"], "unique_0.1": unique, "alarms": alarms, "probe": history}
+            "knn_top1_init": summary["knn_top1_init"], "unique_0.1": unique, "alarms": alarms, "probe": history,
+            "alarm_inputs": recorder.result()}
 
 
 # --------------------------------------------------------------------------- user loops
@@ -302,6 +369,7 @@ def run_loop_case(name: str, seed: int, epochs: int) -> dict:
     probe(0)
     step = 0
     start = time.perf_counter()
+    recorder = AlarmInputRecorder().__enter__()    # left by the end of the loop (an error ends the benchmark)
     for epoch in range(epochs):
         order = torch.randperm(len(train_x), generator=gen)
         for idx in order[: steps_per_epoch * batch].split(batch):
@@ -339,13 +407,15 @@ def run_loop_case(name: str, seed: int, epochs: int) -> dict:
             if step % PROBE_EVERY == 0:
                 probe(step)
         monitor.end_epoch(step)
+    recorder.__exit__()
     seconds = time.perf_counter() - start
     with torch.no_grad():
         backbone.eval()
         end = knn(backbone(train_x), train_y, backbone(test_x), test_y)
     return {"name": name, "kind": "loop", "seed": seed, "steps": step, "seconds": round(seconds, 1),
             "knn_top1": end, "knn_top1_init": init, "unique_0.1": None,
-            "alarms": [{"name": a.name, "step": a.step} for a in monitor.alarms], "probe": history}
+            "alarms": [{"name": a.name, "step": a.step} for a in monitor.alarms], "probe": history,
+            "alarm_inputs": recorder.result()}
 
 
 LOOP_CASES = {"loop_simsiam": None, "loop_simsiam_no_stop_gradient": "loop_simsiam",
@@ -389,8 +459,43 @@ def score(runs: list[dict]) -> dict:
         (caught if kinds & fired_kinds else uncaught).append(run["name"])
     healthy_with_collapse_alarm = [r["name"] for r in runs if not r["label"]["failing"]
                                    and any(a["name"] in ALARM_KIND for a in r["alarms"])]
+    all_delays = sorted(d["delay"] for entry in per_alarm.values() for d in entry["detections"])
+    summary = {"runs": len(runs), "healthy": sum(not r["label"]["failing"] for r in runs),
+               "failing": sum(r["label"]["failing"] for r in runs),
+               "failing_with_a_kind": sum(bool(r["label"]["onsets"]) for r in runs), "caught": len(caught),
+               "healthy_with_a_collapse_alarm": len(healthy_with_collapse_alarm),
+               "median_delay": all_delays[len(all_delays) // 2] if all_delays else None,
+               "worst_delay": all_delays[-1] if all_delays else None}
     return {"per_alarm": per_alarm, "failing_caught_by_right_kind": caught, "failing_not_caught": uncaught,
-            "healthy_with_a_collapse_alarm": healthy_with_collapse_alarm}
+            "healthy_with_a_collapse_alarm": healthy_with_collapse_alarm, "summary": summary}
+
+
+def markdown(record: dict, seed: int) -> str:
+    """The per-run and per-alarm tables of one seed, as in docs/results.md."""
+    runs = [r for r in record["runs"] if r["seed"] == seed]
+    lines = ["| run | label | onsets (step) | k-NN init → end | unique @ 0.1 | alarms (step) |",
+             "|---|---|---|---|---|---|"]
+    for run in runs:
+        label = run["label"]
+        kind = "healthy" if not label["failing"] else "failing" if label["onsets"] else "failing (k-NN only)"
+        onsets = ", ".join(f"{k} {v}" for k, v in label["onsets"].items()) or "-"
+        unique = "-" if run.get("unique_0.1") is None else f"{run['unique_0.1']:.3f}"
+        alarms = ", ".join(f"{a['name']} ({a['step']})" for a in run["alarms"]) or "none"
+        lines.append(f"| {run['name']} | {kind} | {onsets} | {run['knn_top1_init']:.3f} → {run['knn_top1']:.3f} | "
+                     f"{unique} | {alarms} |")
+    scores = score(runs)
+    lines += ["", "| alarm | kind | detections (delay) | misses | wrong kind | false alarms on healthy runs |",
+              "|---|---|---|---|---|---|"]
+    for alarm, entry in scores["per_alarm"].items():
+        detections = ", ".join(f"{d['run']} (+{d['delay']})" for d in entry["detections"]) or "-"
+        lines.append(f"| {alarm} | {entry['kind']} | {detections} | {', '.join(entry['misses']) or '-'} | "
+                     f"{', '.join(entry['wrong_kind']) or '-'} | {', '.join(entry['false_alarms']) or '-'} |")
+    summary = scores["summary"]
+    lines += ["", f"failing runs with a collapse kind caught by an alarm of that kind: {summary['caught']} of "
+              f"{summary['failing_with_a_kind']} ({summary['failing'] - summary['failing_with_a_kind']} more fail "
+              f"by k-NN only); healthy runs with a collapse alarm: {summary['healthy_with_a_collapse_alarm']} "
+              f"of {summary['healthy']}; delays: median {summary['median_delay']}, worst {summary['worst_delay']}"]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -400,9 +505,56 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20; --quick 10)")
     parser.add_argument("--cases", nargs="*", default=None, help="only these runs (and their healthy partners)")
     parser.add_argument("--out", type=Path, required=True, help="JSON record; runs already in it are kept")
+    parser.add_argument("--rescore", action="store_true",
+                        help="train nothing: replay today's collapse alarms on the recorded alarm inputs of the "
+                             "record's runs (runs recorded without them keep the alarms they raised), and score")
+    parser.add_argument("--alarm-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="AlarmMonitor keyword arguments for the replay (tuning); implies --rescore and "
+                             "leaves the record unchanged")
+    parser.add_argument("--markdown", action="store_true", help="print the tables of docs/results.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
     epochs = args.epochs or (10 if args.quick else 20)
+    record = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    overrides = {key: float(value) for key, value in (item.split("=", 1) for item in args.alarm_set)}
+    if args.rescore or overrides:
+        for run in record["runs"]:
+            replayed = replay_alarms(run, overrides)
+            if replayed is not None:
+                run["alarms"] = sorted([a for a in run["alarms"] if a["name"] not in ALARM_KIND] + replayed,
+                                       key=lambda a: a["step"])
+        seeds = sorted({r["seed"] for r in record["runs"]})
+    else:
+        train_runs(args, record, epochs)
+        seeds = args.seeds
+    partners = {**{n: c[2] for n, c in TRAINER_CASES.items()}, **LOOP_CASES}
+    by_key = {(r["name"], r["seed"]): r for r in record["runs"]}
+    for run in record["runs"]:
+        partner = by_key.get((partners.get(run["name"]), run["seed"])) if partners.get(run["name"]) else None
+        healthy_rank = {s["step"]: s["rankme"] for s in partner["probe"]} if partner else None
+        run["label"] = label_run(run, healthy_rank)
+    record["definitions"] = {"probe_every": PROBE_EVERY, "representation_cosine": REPRESENTATION_COSINE,
+                             "spread_fraction": SPREAD_FRACTION,
+                             "dimensional_fraction": DIMENSIONAL_FRACTION, "uniform_margin": UNIFORM_MARGIN,
+                             "persistence": PERSISTENCE, "partial_unique": PARTIAL_UNIQUE,
+                             "epochs": record.get("definitions", {}).get("epochs", epochs) if args.rescore else epochs}
+    record["scores"] = {str(seed): score([r for r in record["runs"] if r["seed"] == seed]) for seed in seeds}
+    if not overrides:
+        args.out.write_text(json.dumps(record, indent=1))
+    if args.markdown:
+        for seed in seeds:
+            print(f"#### Seed {seed}\n\n{markdown(record, seed)}\n")
+        return
+    for run in record["runs"]:
+        label = run["label"]
+        print(f"{run['name']:28s} seed {run['seed']} {'FAILING' if label['failing'] else 'healthy':8s} "
+              f"onsets {label['onsets']} knn {run['knn_top1_init']:.3f}->{run['knn_top1']:.3f} "
+              f"alarms {[(a['name'], a['step']) for a in run['alarms']]}")
+    print(json.dumps({seed: entry["summary"] for seed, entry in record["scores"].items()}, indent=1))
+
+
+def train_runs(args, record: dict, epochs: int) -> None:
+    """Train the chosen cases of the chosen seeds that the record does not hold yet, saving after each."""
     try:
         import lightly  # noqa: F401
         loops = dict(LOOP_CASES)
@@ -419,7 +571,6 @@ def main() -> None:
         wanted |= {loops[c] for c in wanted if loops.get(c)}
         trainer_names = [n for n in trainer_names if n in wanted]
         loop_names = [n for n in loop_names if n in wanted]
-    record = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
     done = {(r["name"], r["seed"]) for r in record["runs"]}
     for seed in args.seeds:
         for name in trainer_names + loop_names:
@@ -430,24 +581,6 @@ def main() -> None:
             args.out.write_text(json.dumps(record, indent=1))
             print(json.dumps({k: run[k] for k in ("name", "seed", "steps", "seconds", "knn_top1", "knn_top1_init",
                                                   "alarms")}), flush=True)
-    partners = {**{n: c[2] for n, c in TRAINER_CASES.items()}, **LOOP_CASES}
-    by_key = {(r["name"], r["seed"]): r for r in record["runs"]}
-    for run in record["runs"]:
-        partner = by_key.get((partners.get(run["name"]), run["seed"])) if partners.get(run["name"]) else None
-        healthy_rank = {s["step"]: s["rankme"] for s in partner["probe"]} if partner else None
-        run["label"] = label_run(run, healthy_rank)
-    record["definitions"] = {"probe_every": PROBE_EVERY, "representation_cosine": REPRESENTATION_COSINE,
-                             "spread_fraction": SPREAD_FRACTION,
-                             "dimensional_fraction": DIMENSIONAL_FRACTION, "uniform_margin": UNIFORM_MARGIN,
-                             "persistence": PERSISTENCE, "partial_unique": PARTIAL_UNIQUE, "epochs": epochs}
-    record["scores"] = {str(seed): score([r for r in record["runs"] if r["seed"] == seed]) for seed in args.seeds}
-    args.out.write_text(json.dumps(record, indent=1))
-    for run in record["runs"]:
-        label = run["label"]
-        print(f"{run['name']:28s} seed {run['seed']} {'FAILING' if label['failing'] else 'healthy':8s} "
-              f"onsets {label['onsets']} knn {run['knn_top1_init']:.3f}->{run['knn_top1']:.3f} "
-              f"alarms {[(a['name'], a['step']) for a in run['alarms']]}")
-    print(json.dumps(record["scores"], indent=1))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,12 @@ STUDY: dict[str, tuple[str, tuple[str, ...]]] = {
     "simclr": ("simclr", ()),
     "supcon": ("supcon", ()),
     "clop": ("clop", ()),
+    "swav": ("swav", ()),
+    "swav_decoupled": ("swav_decoupled", ()),
+    "barlow_twins": ("barlow_twins", ()),
+    "vicreg": ("vicreg", ()),
+    "byol": ("byol", ()),
+    "simsiam": ("simsiam", ()),
 }
 
 

@@ -21,7 +21,8 @@ def test_every_alarm_is_one_rule_with_a_tier_a_check_a_cause_and_a_remedy():
     assert len(set(ALARM_NAMES)) == len(ALARM_NAMES)
     for rule in ALARM_RULES:
         assert rule.tier in TIERS and callable(getattr(AlarmMonitor, rule.check)) and rule.cause and rule.remedy
-    assert set(COLLAPSE_ALARMS) == {"uniform_collapse", "one_hot_collapse", "representation_collapse"}
+    assert set(COLLAPSE_ALARMS) == {"uniform_collapse", "one_hot_collapse", "representation_collapse",
+                                    "dimensional_collapse"}
     assert set(WARNINGS) == {"unused_prototypes", "prototype_collapse"}
 
 

@@ -344,8 +344,10 @@ def test_alarms_quiet_on_healthy_run():
 @pytest.mark.parametrize(
     "name, broken",
     [
-        ("uniform_collapse", {"loss": math.log(1024) + 1e-3}),
-        ("one_hot_collapse", {"max_prob": 0.999, "effective_prototypes": 1.0}),
+        # a uniform collapse shows in the assignments as well as the loss (the assignments decide)
+        ("uniform_collapse", {"loss": math.log(1024) + 1e-3, "mean_entropy": math.log(1024) - 1e-3}),
+        # a one-hot collapse puts the whole batch on one prototype: one arg-max
+        ("one_hot_collapse", {"max_prob": 0.999, "effective_prototypes": 1.0, "argmax_used": 1}),
         ("representation_collapse", {"embedding_std": 1e-4, "mean_direction_norm": 0.999}),
         ("unused_prototypes", {"argmax_used": 12, "prototype_utilization": 12 / 1024}),
         ("prototype_collapse", {"unique_0.025": 0.02}),
@@ -361,6 +363,8 @@ def test_each_alarm_fires_once(name, broken):
         return m
 
     fired = run(mon, range(0, 120), metrics)
+    if name == "one_hot_collapse":  # a batch on one prototype also leaves the others unused: a warning
+        fired = [a for a in fired if a.name != "unused_prototypes"]
     assert [a.name for a in fired] == [name]
     assert fired[0].step == 52  # patience 3: steps 50, 51, 52
     text = str(fired[0])

@@ -23,11 +23,13 @@ from .alarms import ALARM_NAMES, ALARM_RULES, COLLAPSE_ALARMS, WARNINGS, Alarm, 
 from .assignments import assignment_stats, mixture_stats, prototype_utilization, teacher_student_kl
 from .embeddings import (
     alpha_req,
+    direction_rank,
     effective_rank,
     effective_rank_from_singular_values,
     embedding_std,
     lidar,
     mean_direction_norm,
+    mean_pairwise_cosine,
     singular_values,
 )
 from .foreign import CheckpointError, PrototypeKeyError, list_candidates, load_prototypes
@@ -65,6 +67,7 @@ __all__ = [
     "alpha_req",
     "assignment_stats",
     "default_eps_grid",
+    "direction_rank",
     "effective_rank",
     "effective_rank_from_singular_values",
     "embedding_std",
@@ -74,6 +77,7 @@ __all__ = [
     "list_candidates",
     "load_prototypes",
     "mean_direction_norm",
+    "mean_pairwise_cosine",
     "mixture_stats",
     "pairwise_cosine_stats",
     "plot_prototype_uniformity",

@@ -12,29 +12,47 @@ unchanged.
 
 Every alarm is one declared :class:`AlarmRule` in :data:`ALARM_RULES` (name, tier, check, cause,
 remedy), in one of three tiers (:data:`TIERS`): **collapse** alarms say training is failing
-(``uniform_collapse``, ``one_hot_collapse``, ``representation_collapse``); **warnings** report
-wasted capacity, which a run that learns well may have (``unused_prototypes``,
-``prototype_collapse``), are printed as ``WARNING`` and can be silenced
-(``CollapseMonitor(warnings=False)``, ``diagnostics.warnings=false``); ``skipped_steps`` is a
-fault of the run, not a collapse.
+(``uniform_collapse``, ``one_hot_collapse``, ``representation_collapse``,
+``dimensional_collapse``); **warnings** report wasted capacity, which a run that learns well may
+have (``unused_prototypes``, ``prototype_collapse``), are printed as ``WARNING`` and can be
+silenced (``CollapseMonitor(warnings=False)``, ``diagnostics.warnings=false``); ``skipped_steps``
+is a fault of the run, not a collapse.
+
+Two checks are relative to the run's own history: the monitor keeps the highest
+``embedding_std`` and ``direction_rank`` it has seen (warm-up included, saved with its state), so
+that a head whose embeddings start in a narrow cone, or span few directions at initialisation,
+is judged by what it reached, not by a constant. Every count is judged against what the batch can
+show, ``min(K, N)``.
 
 Alarms and the metric keys they read:
 
 ``uniform_collapse``
+    With assignments (``mean_entropy``): ``mean_entropy >= (1 - uniform_entropy_tol) ln K``,
+    every sample spread uniformly over the prototypes. Without them, the loss:
     ``|loss - ln K| < uniform_rel_tol * ln K`` (``K`` from the constructor or the
-    ``num_prototypes`` key; override the reference with ``uniform_loss_reference``,
-    e.g. ``ln 512`` for CARP whose block softmax has 512 entries), or, without a loss,
-    ``mean_entropy >= (1 - uniform_rel_tol) ln K`` (every assignment is uniform).
-    For DINO the cross-entropy of a uniform teacher and a uniform student is exactly
-    ``ln K``.
+    ``num_prototypes`` key; override the reference with ``uniform_loss_reference``, e.g.
+    ``ln 512`` for CARP whose block softmax has 512 entries). The loss alone cannot tell the
+    plateau at ln K of a DINO head that has not started to learn (sharp teacher targets, a
+    student still uniform) from uniform assignments, so the assignments decide when they are
+    reported.
 ``one_hot_collapse``
-    ``max_prob > one_hot_threshold`` and, when ``effective_prototypes`` is reported,
-    fewer than ``max(2, one_hot_max_effective_fraction * min(K, N))`` effective prototypes
-    (``N`` from ``num_samples`` when reported: a batch of N samples spreads over at most N
-    prototypes, so sharp but diverse assignments of a batch much smaller than K are healthy).
+    The batch's samples fall on at most ``max(2, one_hot_max_effective_fraction * min(K, N))``
+    prototypes (``argmax_used`` when reported, else fewer than that many
+    ``effective_prototypes``; ``N`` from ``num_samples``) while each sample sits mostly on one
+    (``max_prob > one_hot_threshold``, which keeps uniform assignments, whose arg-max is a tie,
+    out of this alarm). A batch of N samples spreads over at most N prototypes, so sharp but
+    diverse assignments of a batch much smaller than K are healthy.
 ``representation_collapse``
-    ``embedding_std < representation_fraction / sqrt(D)``, ``D`` from the constructor
-    (``embedding_dim``) or the ``embedding_dim`` key. Healthy values are about ``1/sqrt(D)``.
+    Every embedding points the same way: ``mean_cosine > representation_cosine`` (mean pairwise
+    cosine of the batch) while ``embedding_std`` has fallen below
+    ``representation_spread_fraction`` of its highest value so far; or, whatever the history,
+    ``embedding_std < representation_fraction / sqrt(D)`` (``D`` from the constructor or the
+    ``embedding_dim`` key; healthy values are about ``1/sqrt(D)``).
+``dimensional_collapse``
+    The embeddings span few directions: ``direction_rank`` (RankMe of the batch's normalised,
+    centred embeddings) below ``dimensional_fraction`` of its highest value so far. A collapse
+    that keeps every dimension's variance (Barlow Twins without its off-diagonal term, a
+    projector ending in batch norm) shows here and nowhere else.
 ``unused_prototypes``
     Fewer than ``unused_fraction`` of the prototypes are used. The fraction used is
     ``argmax_used / min(K, N)`` (or ``prototype_utilization * K / min(K, N)``) when the
@@ -120,6 +138,18 @@ ALARM_RULES: tuple[AlarmRule, ...] = (
         ),
     ),
     AlarmRule(
+        name="dimensional_collapse", tier="collapse", check="_check_dimensional",
+        cause=(
+            "the embeddings span only a few directions: no decorrelation term (Barlow Twins' "
+            "off-diagonal, VICReg's covariance) or one too weak for the embedding width, a "
+            "predictor or projector that learned a low-rank map, or a learning rate that is too high"
+        ),
+        remedy=(
+            "check the decorrelation / covariance weight, widen the projector or lower the "
+            "learning rate, add KoLeo on the embeddings, or use a larger batch"
+        ),
+    ),
+    AlarmRule(
         name="unused_prototypes", tier="warning", check="_check_unused",
         cause=(
             "most prototypes are never the arg-max of any sample: partial prototype collapse or "
@@ -197,6 +227,8 @@ class Alarm:
 
 
 _HEALTHY: tuple[float, str] = (float("nan"), "")
+#: metrics whose highest value so far the history-relative checks compare against
+_HISTORY_KEYS: tuple[str, ...] = ("embedding_std", "direction_rank")
 
 
 def _number(metrics: Mapping[str, Any], key: str) -> float | None:
@@ -221,11 +253,18 @@ class AlarmMonitor:
         embedding_dim: D for the representation check; if None, from ``embedding_dim``.
         warmup_steps: updates with ``step < warmup_steps`` are not checked.
         patience: consecutive checked updates the condition must hold.
-        uniform_rel_tol: relative tolerance around ``ln K`` (default 0.5 %).
+        uniform_rel_tol: relative tolerance of the loss around ``ln K`` (default 0.5 %).
+        uniform_entropy_tol: relative tolerance of the mean assignment entropy below ``ln K``.
         uniform_loss_reference: the loss of a uniform collapse if it is not ``ln K``.
-        one_hot_threshold: ``max_prob`` above which assignments count as one-hot.
+        one_hot_threshold: ``max_prob`` above which samples count as sitting on one prototype.
         one_hot_max_effective_fraction: see module doc.
-        representation_fraction: alarm when ``embedding_std < fraction / sqrt(D)``.
+        representation_cosine: mean pairwise cosine above which embeddings share one direction.
+        representation_spread_fraction: ... while ``embedding_std`` is below this fraction of
+            its highest value so far.
+        representation_fraction: alarm whatever the history when ``embedding_std < fraction /
+            sqrt(D)``.
+        dimensional_fraction: alarm when ``direction_rank`` is below this fraction of its
+            highest value so far.
         unused_fraction: alarm when the fraction of prototypes used is below this.
         unique_fraction_threshold: alarm when ``unique_<unique_eps>`` is below this.
         unique_eps: the ε (a key of the unique-prototype metrics: "0.025", "0.1", "0.25"
@@ -243,10 +282,14 @@ class AlarmMonitor:
         warmup_steps: int = 1000,
         patience: int = 5,
         uniform_rel_tol: float = 0.005,
+        uniform_entropy_tol: float = 0.02,
         uniform_loss_reference: float | None = None,
-        one_hot_threshold: float = 0.99,
+        one_hot_threshold: float = 0.5,
         one_hot_max_effective_fraction: float = 0.01,
+        representation_cosine: float = 0.9,
+        representation_spread_fraction: float = 0.5,
         representation_fraction: float = 0.1,
+        dimensional_fraction: float = 0.25,
         unused_fraction: float = 0.5,
         unique_fraction_threshold: float = 0.5,
         unique_eps: str = "0.025",
@@ -270,10 +313,14 @@ class AlarmMonitor:
         self.warmup_steps = warmup_steps
         self.patience = patience
         self.uniform_rel_tol = uniform_rel_tol
+        self.uniform_entropy_tol = uniform_entropy_tol
         self.uniform_loss_reference = uniform_loss_reference
         self.one_hot_threshold = one_hot_threshold
         self.one_hot_max_effective_fraction = one_hot_max_effective_fraction
+        self.representation_cosine = representation_cosine
+        self.representation_spread_fraction = representation_spread_fraction
         self.representation_fraction = representation_fraction
+        self.dimensional_fraction = dimensional_fraction
         self.unused_fraction = unused_fraction
         self.unique_fraction_threshold = unique_fraction_threshold
         self.unique_eps = str(unique_eps)
@@ -281,6 +328,8 @@ class AlarmMonitor:
         self.enabled = names
         self._counters: dict[str, int] = {name: 0 for name in ALARM_NAMES}
         self._fired: dict[str, Alarm] = {}
+        # the highest value of each history-relative metric seen so far (warm-up included)
+        self._peaks: dict[str, float] = {}
 
     # ------------------------------------------------------------------ state
     @property
@@ -289,10 +338,11 @@ class AlarmMonitor:
         return dict(self._fired)
 
     def state_dict(self) -> dict[str, Any]:
-        """The consecutive-failure counters and the alarms fired so far."""
+        """The consecutive-failure counters, the alarms fired so far and the history peaks."""
         return {
             "counters": dict(self._counters),
             "fired": {name: alarm.to_dict() for name, alarm in self._fired.items()},
+            "peaks": dict(self._peaks),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -302,6 +352,8 @@ class AlarmMonitor:
         # the tier comes from the rule, so that alarms saved before the tiers existed get theirs
         self._fired = {name: Alarm(**{**data, "tier": _RULES[name].tier if name in _RULES else data.get("tier", "collapse")})
                        for name, data in state.get("fired", {}).items()}
+        # absent from states saved before the history-relative checks: the history restarts
+        self._peaks = {str(k): float(v) for k, v in state.get("peaks", {}).items()}
 
     # ----------------------------------------------------------------- checks
     def _k(self, metrics: Mapping[str, Any]) -> int | None:
@@ -312,7 +364,15 @@ class AlarmMonitor:
 
     def _check_uniform(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
         k = self._k(m)
-        results: list[tuple[float, str]] = []
+        h = _number(m, "mean_entropy")
+        if h is not None and k is not None:
+            ln_k = math.log(k)
+            if h >= (1.0 - self.uniform_entropy_tol) * ln_k:
+                return h, (
+                    f"mean assignment entropy {h:.4f} nats is at ln K = ln {k} = {ln_k:.4f}: "
+                    "every sample is assigned uniformly"
+                )
+            return _HEALTHY
         loss = _number(m, "loss")
         ref: float | None = None
         what = ""
@@ -320,24 +380,15 @@ class AlarmMonitor:
             ref, what = float(self.uniform_loss_reference), "the loss of a collapsed model"
         elif k is not None:
             ref, what = math.log(k), f"ln K = ln {k}"
-        if loss is not None and ref is not None:
-            if abs(loss - ref) < self.uniform_rel_tol * abs(ref):
-                return loss, (
-                    f"loss {loss:.4f} sits at {what} = {ref:.4f}: every sample gets the same "
-                    "assignment (uniform over the prototypes, or for a loss with a flat collapse "
-                    "plateau such as CPLearn's, any shared one)"
-                )
-            results.append(_HEALTHY)
-        h = _number(m, "mean_entropy")
-        if h is not None and k is not None:
-            ln_k = math.log(k)
-            if h >= (1.0 - self.uniform_rel_tol) * ln_k:
-                return h, (
-                    f"mean assignment entropy {h:.4f} nats is at ln K = ln {k} = {ln_k:.4f}: "
-                    "every sample is assigned uniformly"
-                )
-            results.append(_HEALTHY)
-        return results[0] if results else None
+        if loss is None or ref is None:
+            return None
+        if abs(loss - ref) < self.uniform_rel_tol * abs(ref):
+            return loss, (
+                f"loss {loss:.4f} sits at {what} = {ref:.4f}: every sample gets the same "
+                "assignment (uniform over the prototypes, or for a loss with a flat collapse "
+                "plateau such as CPLearn's, any shared one)"
+            )
+        return _HEALTHY
 
     def _check_one_hot(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
         p = _number(m, "max_prob")
@@ -345,40 +396,71 @@ class AlarmMonitor:
             return None
         if p <= self.one_hot_threshold:
             return _HEALTHY
+        used = _number(m, "argmax_used")
         eff = _number(m, "effective_prototypes")
         k = self._k(m)
         n = _number(m, "num_samples")
         if k is not None and n is not None and n >= 1:
             k = min(k, int(n))
+        limit = max(2.0, self.one_hot_max_effective_fraction * k) if k else 2.0
+        if used is not None and k is not None:
+            if used > limit:
+                return _HEALTHY
+            return p, (
+                f"the batch's samples fall on {used:.0f} of the {k} prototypes it can use "
+                f"(mean max assignment probability {p:.3f}): assignments are one-hot on a few "
+                "prototypes"
+            )
         if eff is not None:
-            limit = max(2.0, self.one_hot_max_effective_fraction * k) if k else 2.0
             if eff >= limit:
                 return _HEALTHY
             return p, (
                 f"mean max assignment probability {p:.4f} > {self.one_hot_threshold} and only "
                 f"{eff:.2f} effective prototypes: assignments are one-hot on one prototype"
             )
-        return p, f"mean max assignment probability {p:.4f} > {self.one_hot_threshold}"
+        return None
 
     def _check_representation(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
         std = _number(m, "embedding_std")
+        if std is None:
+            return None
         dim = self.embedding_dim
         if dim is None:
             d = _number(m, "embedding_dim")
             dim = int(d) if d is not None and d >= 1 else None
-        if std is None or dim is None:
+        if dim is not None:
+            healthy = 1.0 / math.sqrt(dim)
+            limit = self.representation_fraction * healthy
+            if std < limit:
+                mdn = _number(m, "mean_direction_norm")
+                extra = f", mean direction norm {mdn:.3f}" if mdn is not None else ""
+                return std, (
+                    f"embedding std {std:.2e} < {self.representation_fraction} x 1/sqrt(D) = "
+                    f"{limit:.2e} (healthy ~ {healthy:.3f} for D = {dim}){extra}"
+                )
+        cosine = _number(m, "mean_cosine")
+        peak = self._peaks.get("embedding_std")
+        if cosine is None or peak is None:
+            return _HEALTHY if dim is not None else None
+        if cosine > self.representation_cosine and std < self.representation_spread_fraction * peak:
+            return cosine, (
+                f"mean pairwise cosine of the embeddings {cosine:.3f} > {self.representation_cosine} and "
+                f"their spread (embedding std) {std:.2e} fell below {self.representation_spread_fraction} "
+                f"of its highest value {peak:.2e}: every embedding points the same way"
+            )
+        return _HEALTHY
+
+    def _check_dimensional(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
+        rank = _number(m, "direction_rank")
+        peak = self._peaks.get("direction_rank")
+        if rank is None or peak is None:
             return None
-        healthy = 1.0 / math.sqrt(dim)
-        limit = self.representation_fraction * healthy
-        if std >= limit:
+        if rank >= self.dimensional_fraction * peak:
             return _HEALTHY
-        extra = ""
-        mdn = _number(m, "mean_direction_norm")
-        if mdn is not None:
-            extra = f", mean direction norm {mdn:.3f}"
-        return std, (
-            f"embedding std {std:.2e} < {self.representation_fraction} x 1/sqrt(D) = "
-            f"{limit:.2e} (healthy ~ {healthy:.3f} for D = {dim}){extra}"
+        return rank, (
+            f"the embeddings span {rank:.1f} effective directions (RankMe of the normalised, "
+            f"centred batch), below {self.dimensional_fraction} of the {peak:.1f} they spanned "
+            "earlier in this run"
         )
 
     def _check_unused(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
@@ -431,6 +513,10 @@ class AlarmMonitor:
     def update(self, step: int, metrics: Mapping[str, Any]) -> list[Alarm]:
         """Check one step's metrics; return the alarms that fire now (each only once)."""
         step = int(step)
+        for key in _HISTORY_KEYS:
+            value = _number(metrics, key)
+            if value is not None and value > self._peaks.get(key, -math.inf):
+                self._peaks[key] = value
         if step < self.warmup_steps:
             return []
         new: list[Alarm] = []

@@ -32,6 +32,8 @@ __all__ = [
     "effective_rank_from_singular_values",
     "embedding_std",
     "mean_direction_norm",
+    "mean_pairwise_cosine",
+    "direction_rank",
 ]
 
 
@@ -129,6 +131,46 @@ def mean_direction_norm(embeddings: Tensor) -> float:
     """
     z = _as_matrix(embeddings)
     return float(torch.linalg.vector_norm(_unit_rows(z).mean(dim=0)))
+
+
+def mean_pairwise_cosine(embeddings: Tensor) -> float:
+    r"""Mean cosine similarity over the ``N (N - 1)`` ordered pairs of distinct rows.
+
+    .. math:: \bar c = \frac{\lVert\sum_i u_i\rVert^2 - N}{N (N - 1)}, \quad u_i = z_i / \lVert z_i\rVert
+
+    (one pass, no ``N x N`` matrix; needs ``N >= 2``). 1 when every embedding points the same
+    way, about 0 for embeddings spread over the sphere, and as low as ``-1 / (N - 1)``. It sees
+    representation collapse (one shared direction), not a narrow cone that still spreads; read
+    it with :func:`embedding_std`, which measures the spread around the shared direction.
+    """
+    z = _as_matrix(embeddings)
+    n = z.shape[0]
+    if n < 2:
+        raise ValueError("mean_pairwise_cosine needs at least 2 samples")
+    total = _unit_rows(z).sum(dim=0)
+    return float((total @ total - n) / (n * (n - 1)))
+
+
+def direction_rank(embeddings: Tensor) -> float:
+    r"""RankMe effective rank of the L2-normalised rows with their mean removed.
+
+    .. math:: \operatorname{RankMe}\big(U - \mathbf 1 \bar u^\top\big), \quad u_i = z_i / \lVert z_i\rVert
+
+    The number of directions in which the samples' directions differ, whatever their scale and
+    whatever direction they share: it falls when the embeddings span only a few dimensions
+    (dimensional collapse, which leaves :func:`embedding_std` and :func:`mean_direction_norm`
+    looking healthy), and it does not count a shared mean direction as a dimension of the data,
+    as the uncentred :func:`effective_rank` does. At most ``min(N - 1, D)``. Computed from the
+    smaller Gram matrix (``N x N`` or ``D x D``) in float64.
+    """
+    z = _as_matrix(embeddings)
+    if z.shape[0] < 2:
+        raise ValueError("direction_rank needs at least 2 samples")
+    u = _unit_rows(z)
+    u = u - u.mean(dim=0, keepdim=True)
+    gram = u @ u.T if u.shape[0] <= u.shape[1] else u.T @ u
+    eigenvalues = torch.linalg.eigvalsh(gram).clamp_min(0.0)
+    return effective_rank_from_singular_values(eigenvalues.sqrt().flip(0))
 
 
 def alpha_req(embeddings: Tensor, fit_range: tuple[int, int] = (10, 100)) -> dict[str, float]:

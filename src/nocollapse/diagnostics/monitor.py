@@ -41,7 +41,7 @@ from ..utils import distributed as dist_utils
 from ..utils.metrics_log import MetricsLogger, read_jsonl
 from .alarms import ALARM_NAMES, WARNINGS, Alarm, AlarmMonitor
 from .assignments import assignment_stats, mixture_stats, teacher_student_kl
-from .embeddings import effective_rank, embedding_std, mean_direction_norm
+from .embeddings import direction_rank, effective_rank, embedding_std, mean_direction_norm, mean_pairwise_cosine
 from .plots import plot_training_curves
 from .prototypes import STANDARD_EPS, prototype_geometry
 
@@ -193,6 +193,12 @@ class CollapseMonitor:
         if embeddings is not None:
             metrics["embedding_std"] = embedding_std(embeddings)
             metrics["mean_direction_norm"] = mean_direction_norm(embeddings)
+            if embeddings.shape[0] >= 2:
+                # what representation_collapse (one shared direction) and dimensional_collapse
+                # (few directions) read; the rank is an eigen-decomposition of the smaller Gram
+                # matrix, only at log steps
+                metrics["mean_cosine"] = mean_pairwise_cosine(embeddings)
+                metrics["direction_rank"] = direction_rank(embeddings)
         alarm_input.update(metrics)
         if loss is not None:
             alarm_input["loss"] = float(loss)
