@@ -227,7 +227,8 @@ QUICK_TRAINER = ("dino_learned", "dino_learned_no_centering", "simsiam", "simsia
                  "vicreg", "vicreg_no_variance")
 
 
-def run_trainer_case(name: str, seed: int, epochs: int) -> dict:
+def run_trainer_case(name: str, seed: int, epochs: int, extra: list[str] | tuple[str, ...] = ()) -> dict:
+    """One trainer case; ``extra``: more ``--set`` overrides (the test suite's tiny sizes)."""
     from nocollapse.analysis import encode_split
     from nocollapse.config import build_config
     from nocollapse.engine.trainer import Trainer
@@ -235,7 +236,7 @@ def run_trainer_case(name: str, seed: int, epochs: int) -> dict:
     config, overrides, _ = TRAINER_CASES[name]
     configs = Path(__file__).resolve().parents[1] / "src" / "nocollapse" / "configs"
     sets = [*overrides, f"train.epochs={epochs}", f"train.seed={seed}", "train.threads=1", "train.progress=false",
-            "diagnostics.plots=false", "train.log_every=5", "eval.save_features=false"]
+            "diagnostics.plots=false", "train.log_every=5", "eval.save_features=false", *extra]
     cfg, _ = build_config(configs / f"{config or 'digits'}.yaml", sets)
     history: list[dict] = []
 
@@ -325,6 +326,13 @@ def run_loop_case(name: str, seed: int, epochs: int) -> dict:
     elif name == "loop_infonce":
         projector = mlp(dim, in_dim=128)
         params = [*backbone.parameters(), *projector.parameters()]
+    elif name.startswith("loop_barlow_twins"):
+        # lambda 1 / d: Barlow Twins' 0.0051 is sized for thousands of dimensions (d = 64 here)
+        from nocollapse.losses.barlow_twins import barlow_twins_loss
+
+        projector = mlp(dim, in_dim=128)
+        params = [*backbone.parameters(), *projector.parameters()]
+        lambda_offdiag = 0.0 if name.endswith("no_offdiag") else 1.0 / dim
     else:                                             # lightly DINO
         from lightly.loss import DINOLoss
         from lightly.models.modules import DINOProjectionHead
@@ -339,8 +347,10 @@ def run_loop_case(name: str, seed: int, epochs: int) -> dict:
         teacher.load_state_dict(student.state_dict())
         deactivate_requires_grad(teacher)
         frozen = name == "loop_lightly_dino_frozen_centre"
+        # flat teacher: a teacher temperature as high as the student's, so the centred teacher is uniform
+        teacher_temp = 0.005 if frozen else 1.0 if name == "loop_lightly_dino_flat_teacher" else 0.04
         criterion = DINOLoss(output_dim=k, warmup_teacher_temp_epochs=0,
-                             teacher_temp=0.005 if frozen else 0.04, center_momentum=1.0 if frozen else 0.9)
+                             teacher_temp=teacher_temp, center_momentum=1.0 if frozen else 0.9)
         params = list(student.parameters())
     optimizer = torch.optim.Adam(params, lr=1e-3)
     monitor = CollapseMonitor(num_prototypes=k, embedding_dim=dim if k is None else 32,
@@ -381,6 +391,10 @@ def run_loop_case(name: str, seed: int, epochs: int) -> dict:
                 t1, t2 = (z1.detach(), z2.detach()) if stop_gradient else (z1, z2)
                 loss = -0.5 * (F.cosine_similarity(p1, t2).mean() + F.cosine_similarity(p2, t1).mean())
                 update["embeddings"] = F.normalize(z1.detach(), dim=1)
+            elif name.startswith("loop_barlow_twins"):
+                z1, z2 = projector(backbone(x1)), projector(backbone(x2))
+                loss = barlow_twins_loss(z1, z2, lambda_offdiag=lambda_offdiag)
+                update["embeddings"] = z1.detach()
             elif name == "loop_infonce":
                 z1, z2 = F.normalize(projector(backbone(x1)), dim=1), F.normalize(projector(backbone(x2)), dim=1)
                 logits = z1 @ z2.t() / 0.2
@@ -420,7 +434,9 @@ def run_loop_case(name: str, seed: int, epochs: int) -> dict:
 
 LOOP_CASES = {"loop_simsiam": None, "loop_simsiam_no_stop_gradient": "loop_simsiam",
               "loop_simsiam_plain": None, "loop_simsiam_plain_no_stop_gradient": "loop_simsiam_plain", "loop_infonce": None,
-              "loop_lightly_dino": None, "loop_lightly_dino_frozen_centre": "loop_lightly_dino"}
+              "loop_barlow_twins": None, "loop_barlow_twins_no_offdiag": "loop_barlow_twins",
+              "loop_lightly_dino": None, "loop_lightly_dino_frozen_centre": "loop_lightly_dino",
+              "loop_lightly_dino_flat_teacher": "loop_lightly_dino"}
 
 
 # --------------------------------------------------------------------------- scores
@@ -561,9 +577,7 @@ def train_runs(args, record: dict, epochs: int) -> None:
     except ImportError:
         loops = {k: v for k, v in LOOP_CASES.items() if not k.startswith("loop_lightly")}
     trainer_names = list(QUICK_TRAINER if args.quick else TRAINER_CASES)
-    loop_names = (["loop_simsiam", "loop_simsiam_no_stop_gradient", "loop_simsiam_plain",
-                   "loop_simsiam_plain_no_stop_gradient", "loop_infonce", "loop_lightly_dino",
-                   "loop_lightly_dino_frozen_centre"] if args.quick else list(loops))
+    loop_names = list(loops)      # seconds each
     loop_names = [n for n in loop_names if n in loops]
     if args.cases:
         wanted = set(args.cases)

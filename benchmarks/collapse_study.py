@@ -177,6 +177,9 @@ def collect(run_dir: Path) -> dict:
         "alpha_req": summary.get("alpha_req"),
         "embedding_std": summary.get("embedding_std"),
         "spectrum": backbone_spectrum(run_dir),
+        # the CPLearn paper's dimensional-collapse plot: eigenvalues of the min-max scaled second
+        # moment of the head embeddings (no padding); absent from records collected before it
+        "embedding_spectrum": diagnosis.get("embedding_spectrum"),
         "alarms": sorted({a["name"] for a in summary.get("alarms", [])}),
         "per_epoch": epoch_records(run_dir, ("prototype_utilization_train", "knn_top1", "effective_rank",
                                              "mixture_perplexity")),

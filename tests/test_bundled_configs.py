@@ -36,8 +36,8 @@ DECOUPLED_COMPENSATION = {
 }
 
 
-@pytest.mark.parametrize("family", ["dino", "carp"])
-@pytest.mark.parametrize("scale", ["cifar10", "cifar10/gpu"])
+@pytest.mark.parametrize("family, scale", [("dino", "cifar10"), ("dino", "cifar10/gpu"), ("carp", "cifar10"),
+                                           ("carp", "cifar10/gpu"), ("swav", "cifar10")])
 def test_decoupled_recipe_differs_from_learned_only_in_prototypes(family, scale):
     """The collapse study compares prototype mechanisms; nothing else may change between the two
     but the documented compensation."""

@@ -162,6 +162,9 @@ class OptimConfig:
     momentum: float = setting(0.9, "SGD / LARS momentum", 0.0, 1.0)
     betas: list = setting([0.9, 0.999], "Adam / AdamW betas")
     lars_eta: float = setting(0.02, "LARS trust coefficient", 0.0)
+    lars_clip_lr: bool = setting(
+        False, "LARS layer learning rate min(trust ratio, lr) (apex LARC's clip mode, as solo-learn's CIFAR "
+        "recipes) instead of lr x trust ratio")
     clip_grad: float = setting(3.0, "clip the global gradient norm (0 disables)", 0.0)
 
 

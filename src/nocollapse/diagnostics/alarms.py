@@ -19,9 +19,11 @@ silenced (``CollapseMonitor(warnings=False)``, ``diagnostics.warnings=false``); 
 is a fault of the run, not a collapse.
 
 Two checks are relative to the run's own history: the monitor keeps the highest
-``embedding_std`` and ``direction_rank`` it has seen (warm-up included, saved with its state), so
-that a head whose embeddings start in a narrow cone, or span few directions at initialisation,
-is judged by what it reached, not by a constant. Every count is judged against what the batch can
+``embedding_std`` and ``direction_rank`` it has seen since the warm-up ended (saved with its
+state), so that a head whose embeddings start in a narrow cone, or span few directions at
+initialisation, is judged by what it reached, not by a constant. The warm-up's own values are
+left out: in the first steps a randomly initialised head's batch statistics (batch norm on a
+training batch) spread the embeddings in a way that training does not keep. Every count is judged against what the batch can
 show, ``min(K, N)``.
 
 Alarms and the metric keys they read:
@@ -328,7 +330,7 @@ class AlarmMonitor:
         self.enabled = names
         self._counters: dict[str, int] = {name: 0 for name in ALARM_NAMES}
         self._fired: dict[str, Alarm] = {}
-        # the highest value of each history-relative metric seen so far (warm-up included)
+        # the highest value of each history-relative metric seen since the warm-up
         self._peaks: dict[str, float] = {}
 
     # ------------------------------------------------------------------ state
@@ -513,12 +515,12 @@ class AlarmMonitor:
     def update(self, step: int, metrics: Mapping[str, Any]) -> list[Alarm]:
         """Check one step's metrics; return the alarms that fire now (each only once)."""
         step = int(step)
+        if step < self.warmup_steps:
+            return []
         for key in _HISTORY_KEYS:
             value = _number(metrics, key)
             if value is not None and value > self._peaks.get(key, -math.inf):
                 self._peaks[key] = value
-        if step < self.warmup_steps:
-            return []
         new: list[Alarm] = []
         for name in self.enabled:
             if name in self._fired:

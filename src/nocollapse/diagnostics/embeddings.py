@@ -4,10 +4,12 @@ All functions take an embedding matrix ``Z`` of shape ``[N, D]`` (N samples, D
 dimensions), detach it, compute in float64 on the CPU and return Python numbers
 (or a float64 tensor for the spectrum).
 
-* Representation collapse: all embeddings point the same way. ``embedding_std -> 0``
-  and ``mean_direction_norm -> 1``.
+* Representation collapse: all embeddings point the same way. ``embedding_std -> 0``,
+  ``mean_direction_norm -> 1`` and ``mean_pairwise_cosine -> 1``.
 * Dimensional collapse: embeddings span only a few directions. ``effective_rank`` is
-  far below ``min(N, D)``; ``alpha_req`` (the power-law decay of the spectrum) is large.
+  far below ``min(N, D)``; ``alpha_req`` (the power-law decay of the spectrum) is large;
+  ``direction_rank`` (the directions' rank, centred) falls while the per-dimension spread can
+  stay healthy.
 * ``lidar`` needs several views per sample: the effective rank of the directions that separate
   samples more than their augmentations move them.
 

@@ -17,12 +17,20 @@ class LARS(torch.optim.Optimizer):
 
         r = eta * ||w|| / ||d||      (r = 1 when either norm is 0),
 
-    then ``v <- momentum * v + r * d`` and ``w <- w - lr * v``.
+    then ``v <- momentum * v + r * d`` and ``w <- w - lr * v``: the layer's learning rate is
+    ``lr * r``.
+
+    With ``clip_lr`` (the clip mode of apex's LARC, which solo-learn's CIFAR recipes use) the
+    layer's learning rate is ``min(r, lr)`` instead: the trust ratio itself, never more than the
+    global rate. The difference matters for a layer whose gradient is small against its weights,
+    such as K prototypes of which a batch moves a few: there ``r`` is large, and ``lr * r`` moves
+    the whole matrix by ``lr * eta * ||w||`` at every step, however little the loss asks for.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.1, momentum: float = 0.9,
-                 weight_decay: float = 0.0, eta: float = 0.02) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+                 weight_decay: float = 0.0, eta: float = 0.02, clip_lr: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      clip_lr=clip_lr))
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -38,6 +46,9 @@ class LARS(torch.optim.Optimizer):
                     w_norm, d_norm = torch.norm(p), torch.norm(d)
                     ratio = torch.where((w_norm > 0) & (d_norm > 0),
                                         group["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    if group.get("clip_lr", False) and group["lr"] > 0:
+                        # the step below multiplies by lr: scale so that the layer's rate is min(r, lr)
+                        ratio = torch.clamp(ratio / group["lr"], max=1.0)
                     d = d.mul(ratio)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -84,7 +95,7 @@ def build_optimizer(cfg: Any, groups: list[dict], peak_lr: float | None = None) 
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "lars":
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                    eta=cfg.lars_eta)
+                    eta=cfg.lars_eta, clip_lr=getattr(cfg, "lars_clip_lr", False))
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 
