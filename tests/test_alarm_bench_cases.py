@@ -46,3 +46,13 @@ def test_uniform_collapse_of_lightly_dino_with_a_flat_teacher(bench):
     healthy = bench.run_loop_case("loop_lightly_dino", 0, epochs=6)
     broken = bench.run_loop_case("loop_lightly_dino_flat_teacher", 0, epochs=6)
     check_pair(bench, healthy, broken, "uniform")
+
+
+# the digits recipe's Barlow Twins (512-wide projector) on a narrower backbone at 8 px
+TINY_BARLOW_TWINS = ["data.image_size=8", "model.width_multiplier=0.125", "optim.warmup_epochs=1"]
+
+
+def test_dimensional_collapse_of_barlow_twins_without_its_off_diagonal_term(bench):
+    healthy = bench.run_trainer_case("barlow_twins", 0, epochs=20, extra=TINY_BARLOW_TWINS)
+    broken = bench.run_trainer_case("barlow_twins_no_offdiag", 0, epochs=20, extra=TINY_BARLOW_TWINS)
+    check_pair(bench, healthy, broken, "dimensional")
