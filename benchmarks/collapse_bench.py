@@ -43,9 +43,18 @@ with the failure switch of each method), probed through a subclass of the traine
 the probe at its log steps. *User-loop runs* are plain PyTorch loops on the flat digits through
 the public :class:`nocollapse.CollapseMonitor`: a SimSiam-style loop with and without the
 stop-gradient (with the recipe's batch norm at the projector's output, and without it), a
-healthy InfoNCE loop, and lightly's DINO loop, healthy and with its centre frozen at zero and
-a teacher temperature of 0.005 (needs the ``lightly`` extra; skipped without it). Each run's alarms are those its monitor raised, at its own ``log_every`` (5 for
-the trainer's digits runs, 5 in the loops) and patience (5 checks), after a warm-up of one epoch.
+healthy InfoNCE loop, a Barlow Twins loop with and without its off-diagonal term, and lightly's
+DINO loop, healthy, with its centre frozen at zero and a teacher temperature of 0.005, and with a
+flat teacher (temperature 1) (needs the ``lightly`` extra; skipped without it). Each run's alarms
+are those its monitor raised, at its own ``log_every`` (5 for the trainer's digits runs, 5 in the
+loops) and patience (5 checks), after a warm-up of one epoch.
+
+Every run also keeps what its step monitor was fed at each check (``alarm_inputs``: the
+monitor's settings and the metrics of every check). ``--rescore`` replays today's collapse
+alarms on them and scores again, and ``--alarm-set KEY=VALUE`` tries other
+:class:`~nocollapse.diagnostics.alarms.AlarmMonitor` settings, both without training: the
+alarms are a function of that stream, so thresholds are tuned on one seed's record and scored on
+another's.
 
 Scores
 ------
@@ -55,8 +64,10 @@ it did not catch), false alarms (fired on a healthy run) and wrong-kind alarms (
 failing run whose ground truth does not have the alarm's kind). Per run: its label, the kinds and
 onsets, and what fired when. Alarms are tuned on seed 0 and scored on seed 1.
 
-    python benchmarks/collapse_bench.py --seeds 0 --quick --out docs/collapse_bench_seed0.json
-    python benchmarks/collapse_bench.py --seeds 1 --out docs/collapse_bench_seed1.json
+    python benchmarks/collapse_bench.py --seeds 0 --epochs 60 --out docs/alarm_bench/seed0.json
+    python benchmarks/collapse_bench.py --seeds 1 --epochs 60 --out docs/alarm_bench/seed1.json
+    python benchmarks/collapse_bench.py --rescore --out docs/alarm_bench/seed1.json --markdown
+    python benchmarks/collapse_bench.py --out docs/alarm_bench/seed0.json --alarm-set dimensional_fraction=0.1
 """
 
 from __future__ import annotations

@@ -99,3 +99,15 @@ def test_scores_count_detections_misses_false_and_wrong_kind_alarms(bench):
     assert scores["failing_caught_by_right_kind"] == ["caught"]
     assert scores["healthy_with_a_collapse_alarm"] == ["healthy"]
     assert math.isclose(rep["median_delay"], 25)
+
+
+def test_replaying_a_runs_recorded_alarm_inputs_gives_the_alarms_it_raised(bench):
+    run = bench.run_loop_case("loop_simsiam_plain_no_stop_gradient", 0, epochs=10)
+    raised = sorted((a["name"], a["step"]) for a in run["alarms"] if a["name"] in bench.ALARM_KIND)
+    assert ("representation_collapse" in dict(raised)) and run["alarm_inputs"]["stream"]
+    replayed = sorted((a["name"], a["step"]) for a in bench.replay_alarms(run))
+    assert replayed == raised
+    # other settings, tried on the same stream without training: a threshold no batch can pass
+    strict = bench.replay_alarms(run, {"representation_cosine": 1.0, "representation_fraction": 0.0})
+    assert "representation_collapse" not in {a["name"] for a in strict}
+    assert bench.replay_alarms({"name": "old record", "alarms": []}) is None
