@@ -24,7 +24,9 @@ on one axis: ``unique_vs_eps_<dataset>.png``, ``spectra_<dataset>.png``, ``knn_b
 (seed 0 where it exists), and the claim pairs (DINO / DINO + decoupled, CARP / CARP + decoupled,
 SupCon / CLOP, the best prototype method / CPLearn) with their differences and whether each is
 inside the seed noise; prints the JSON, or markdown tables with ``--markdown``. ``--write-docs``
-refills the marked table blocks of the README and ``docs/results.md`` from the records.
+refills the marked table blocks of the README and ``docs/results.md`` from the records, the
+``study-comparison`` block with CPLearn's comparison (CPLearn, Barlow Twins, SwAV, DINO on
+CIFAR-10) and ``cplearn_comparison_spectra_cifar10.png`` with their embeddings' spectra.
 
     # one method per command, so that two queues (one thread each) can share a 2-core machine
     python benchmarks/collapse_study.py --data $CIFAR --methods carp --seeds 0 1 2 --set train.threads=1
@@ -240,7 +242,8 @@ AGGREGATED = {"knn_top1": ("knn_top1",), "linear_top1": ("linear_top1",), "kmean
               "unique_used_0.1": ("unique_prototypes_used", "0.1"), "utilization": ("nearest_utilization_capped",),
               "effective_rank": ("effective_rank",), "embedding_std": ("embedding_std",),
               "samples_per_second": ("samples_per_second",), "train_seconds": ("train_seconds",),
-              "balanced_knn_top1": ("balanced_knn_top1",), "balanced_linear_top1": ("balanced_linear_top1",)}
+              "balanced_knn_top1": ("balanced_knn_top1",), "balanced_linear_top1": ("balanced_linear_top1",),
+              "intracluster_variance_ratio": ("prototype_argmax_clustering", "intracluster_variance_ratio")}
 
 
 def aggregate(records: list[dict]) -> dict:
@@ -425,14 +428,58 @@ def markdown_tables(records: dict, speeds: dict[str, float] | None = None, full:
     return "\n".join(lines)
 
 
+# CPLearn's paper compares it with SwAV, Barlow Twins and DINO on CIFAR-10: one table and one
+# figure of the embeddings' spectra (the min-max scaled second moment, the paper's plot).
+CPLEARN_COMPARISON = ("cplearn", "barlow_twins", "swav", "dino")
+
+
+def comparison_table(methods: dict[str, list[dict]]) -> list[str]:
+    """CPLearn against SwAV, Barlow Twins and DINO (mean ± std over seeds). Barlow Twins has neither
+    prototypes nor codes: its arg-max AMI and intracluster variance are n/a (the CPLearn paper's
+    arg-max over embedding dimensions is not computed)."""
+    head = ["method", "seeds", "k-NN", "linear", "k-means AMI", "arg-max AMI", "intracluster variance ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in CPLEARN_COMPARISON:
+        runs = methods.get(name) or []
+        if not runs:
+            lines.append(f"| {name} | – | no record yet |" + " |" * (len(head) - 3))
+            continue
+        a = aggregate(runs)
+        none = "n/a (no prototypes or codes)"
+        lines.append("| " + " | ".join([
+            name, ", ".join(map(str, a["seeds"])), _cell(a["knn_top1"]), _cell(a["linear_top1"]),
+            _cell(a["kmeans_ami"]), _cell(a["argmax_ami"]) if a["argmax_ami"] else none,
+            _cell(a["intracluster_variance_ratio"]) if a["intracluster_variance_ratio"] else none]) + " |")
+    return lines
+
+
+def comparison_figure(methods: dict[str, list[dict]], path: Path) -> Path | None:
+    """The embeddings' min-max scaled second-moment spectra of the compared methods (lowest seed;
+    records collected before the spectrum was recorded have none and are left out)."""
+    from nocollapse.diagnostics.plots import distinct_styles, plot_spectrum
+
+    spectra = {}
+    for name in CPLEARN_COMPARISON:
+        runs = [r for r in methods.get(name) or [] if r.get("embedding_spectrum")]
+        if runs:
+            spectra[name] = min(runs, key=lambda r: r["seed"])["embedding_spectrum"]
+    if not spectra:
+        return None
+    return plot_spectrum(spectra, path, effective_rank_in_legend=False, styles=distinct_styles(list(STUDY)),
+                         title="Eigenvalues of the min-max scaled second moment of the embeddings (CIFAR-10)")
+
+
+COMPARISON_BLOCK = re.compile(r"(<!-- study-comparison:start -->\n).*?(<!-- study-comparison:end -->)", re.S)
 DOC_BLOCK = re.compile(r"(<!-- study-(summary|full):start -->\n).*?(<!-- study-\2:end -->)", re.S)
 
 
 def render_doc_blocks(text: str, records: dict, speeds: dict[str, float]) -> str:
     """``text`` with every ``<!-- study-summary:start --> ... <!-- study-summary:end -->`` block
     refilled with the user's tables and every ``study-full`` block with all tables."""
-    return DOC_BLOCK.sub(lambda m: m.group(1) + markdown_tables(records, speeds, full=m.group(2) == "full")
+    text = DOC_BLOCK.sub(lambda m: m.group(1) + markdown_tables(records, speeds, full=m.group(2) == "full")
                          + "\n" + m.group(3), text)
+    return COMPARISON_BLOCK.sub(lambda m: m.group(1) + "\n".join(comparison_table(records.get("cifar10", {})))
+                                + "\n" + m.group(2), text)
 
 
 def write_doc_blocks(path: Path, records: dict, speeds: dict[str, float]) -> bool:
@@ -478,6 +525,9 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = {"aggregated": {d: {n: aggregate(rs) for n, rs in m.items() if rs} for d, m in records.items()},
               "figures": figures(records, out)}
+    comparison = comparison_figure(records.get("cifar10", {}), out / "cplearn_comparison_spectra_cifar10.png")
+    if comparison is not None:
+        report["figures"].append(str(comparison))
     speeds = load_throughput(Path(args.throughput))
     report["claim_pairs"] = {d: claim_pairs(m, pair_metrics(d)) for d, m in records.items()}
     (out / "study.json").write_text(json.dumps(report, indent=1))

@@ -138,3 +138,19 @@ def test_long_tail_claim_pairs_also_compare_the_balanced_protocol(study):
     row = next(line for line in table.splitlines() if line.startswith("| supcon | clop |"))
     assert "-0.030 ± 0.007 (outside the noise)" in row                    # se = sqrt(2 * 0.00707^2 / 2)
     assert study.pair_metrics("cifar10") == ("knn_top1", "linear_top1")
+
+
+def test_cplearn_comparison_table_and_its_doc_block(study):
+    barlow = dict(_record("barlow_twins", 0, 0.40), prototype_argmax_clustering=None)
+    cplearn = [dict(_record("cplearn", s, k, fixed=True),
+                    prototype_argmax_clustering={"ami": 0.12, "intracluster_variance_ratio": r})
+               for s, k, r in ((0, 0.36, 0.5), (1, 0.37, 0.4))]
+    methods = {"cplearn": cplearn, "barlow_twins": [barlow], "dino": [_record("dino", 0, 0.45)]}
+    rows = study.comparison_table(methods)
+    assert [r.split(" | ")[0].strip("| ") for r in rows[2:]] == list(study.CPLEARN_COMPARISON)
+    assert "0.365 ± 0.007" in rows[2] and "0.450 ± 0.071" in rows[2]       # k-NN, intracluster ratio
+    assert rows[3].count("n/a (no prototypes or codes)") == 2               # Barlow Twins
+    assert "no record yet" in rows[4]                                       # SwAV
+    text = "a\n<!-- study-comparison:start -->\nold\n<!-- study-comparison:end -->\nb"
+    filled = study.render_doc_blocks(text, {"cifar10": methods}, {})
+    assert "old" not in filled and "| cplearn | 0, 1 |" in filled and filled.endswith("end -->\nb")
