@@ -233,6 +233,9 @@ TRAINER_CASES = {
     "byol_no_predictor": ("digits/byol", ["byol.predictor=false"], "byol"),
     "simsiam": ("digits/simsiam", [], None),
     "simsiam_no_stop_gradient": ("digits/simsiam", ["simsiam.stop_gradient=false"], "simsiam"),
+    # CPLearn's prior-matching weight beta = 2 puts the digits on a handful of codes (results section 7.1)
+    "cplearn": ("digits_cplearn", [], None),
+    "cplearn_beta2": ("digits_cplearn", ["cplearn.beta=2"], "cplearn"),
 }
 QUICK_TRAINER = ("dino_learned", "dino_learned_no_centering", "simsiam", "simsiam_no_stop_gradient",
                  "vicreg", "vicreg_no_variance")
