@@ -12,9 +12,13 @@ Some recipes are chaotic at this size: the contrastive ones with LARS at lr 0.3-
 relative change of the initial weights into a 1e-2 change of the loss by step 3, so that CPUs
 whose kernels round differently (AVX2 against AVX-512) disagree there by as much. The fixture
 therefore also records, per recipe and step, how far the loss moves under that 1e-6 perturbation
-(``fixtures/recipe_loss_sensitivity.json``); a step is compared at twice that, or at 1e-5,
-whichever is looser. Step 0 stays within 2e-5 for every recipe, and the DINO and CARP recipes
-within 1e-5 to 2e-4 throughout.
+(``fixtures/recipe_loss_sensitivity.json``). One random perturbation only estimates how far
+rounding moves a step: on a second machine of the development kind the recorded losses moved at
+step 3 by 9e-5 for cifar10/dino (2.9 times its recorded sensitivity), 2.4e-5 for
+cifar10/gpu/carp and 2.9 % for digits_contrastive (2.2 times). So step 0 is compared at twice
+its sensitivity or 1e-5 (one forward and backward from the seeded weights, no optimiser step
+yet), and every later step at four times its sensitivity or 1e-4, whichever is looser. A changed setting of the optimiser or
+the method moves the losses of steps 1-3 by far more.
 
 Re-record (only when a change of the losses is intended, and say so in the commit)::
 
@@ -36,6 +40,7 @@ CONFIG_ROOT = Path(__file__).resolve().parents[1] / "src" / "nocollapse" / "conf
 SHRINK = ["data.root=/nonexistent", "model.width_multiplier=0.125", "train.batch_size=8", "train.threads=1"]
 BATCH, STEPS, STEPS_PER_EPOCH, CLASSES = 8, 4, 2, 10
 PERTURBATION, BASE_TOLERANCE = 1e-6, 1e-5
+STEP_TOLERANCE, SENSITIVITY_FACTOR = 1e-4, 4.0     # steps after the first (module doc)
 
 
 def recipe_losses(recipe: str, perturbation: float = 0.0) -> list[float]:
@@ -89,7 +94,8 @@ def test_recipe_gives_the_recorded_losses(recipe):
     obtained = recipe_losses(recipe)
     sensitivity = SENSITIVITIES.get(recipe, [0.0] * len(RECORDED[recipe]))
     for step, (got, want, moved) in enumerate(zip(obtained, RECORDED[recipe], sensitivity)):
-        tolerance = max(BASE_TOLERANCE, 2 * moved)
+        tolerance = (max(BASE_TOLERANCE, 2 * moved) if step == 0
+                     else max(STEP_TOLERANCE, SENSITIVITY_FACTOR * moved))
         assert got == pytest.approx(want, rel=tolerance, abs=1e-6), (
             f"{recipe} step {step}: loss {got!r}, recorded {want!r} (tolerance {tolerance:.1e})")
 
