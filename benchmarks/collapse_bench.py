@@ -393,49 +393,48 @@ def run_loop_case(name: str, seed: int, epochs: int) -> dict:
     probe(0)
     step = 0
     start = time.perf_counter()
-    recorder = AlarmInputRecorder().__enter__()    # left by the end of the loop (an error ends the benchmark)
-    for epoch in range(epochs):
-        order = torch.randperm(len(train_x), generator=gen)
-        for idx in order[: steps_per_epoch * batch].split(batch):
-            x1, x2 = augment(train_x[idx], gen), augment(train_x[idx], gen)
-            update = {}
-            if name.startswith("loop_simsiam"):
-                z1, z2 = projector(backbone(x1)), projector(backbone(x2))
-                p1, p2 = predictor(z1), predictor(z2)
-                t1, t2 = (z1.detach(), z2.detach()) if stop_gradient else (z1, z2)
-                loss = -0.5 * (F.cosine_similarity(p1, t2).mean() + F.cosine_similarity(p2, t1).mean())
-                update["embeddings"] = F.normalize(z1.detach(), dim=1)
-            elif name.startswith("loop_barlow_twins"):
-                z1, z2 = projector(backbone(x1)), projector(backbone(x2))
-                loss = barlow_twins_loss(z1, z2, lambda_offdiag=lambda_offdiag)
-                update["embeddings"] = z1.detach()
-            elif name == "loop_infonce":
-                z1, z2 = F.normalize(projector(backbone(x1)), dim=1), F.normalize(projector(backbone(x2)), dim=1)
-                logits = z1 @ z2.t() / 0.2
-                target = torch.arange(len(idx))
-                loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
-                update["embeddings"] = z1.detach()
-            else:
-                with torch.no_grad():
-                    teacher_out = [teacher(x1), teacher(x2)]
-                    h = F.normalize(teacher[1].layers(teacher[0](x1)), dim=1)
-                student_out = [student(x1), student(x2)]
-                update["probs"] = dino_teacher_probabilities(criterion, teacher_out[0], epoch=epoch)
-                loss = criterion(teacher_out, student_out, epoch=epoch)
-                if frozen:
-                    criterion.center.zero_()
-                update["embeddings"] = h
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if name.startswith("loop_lightly"):
-                update_momentum(student, teacher, m=0.99)
-            step += 1
-            monitor.update(step, loss=loss.detach(), **update)
-            if step % PROBE_EVERY == 0:
-                probe(step)
-        monitor.end_epoch(step)
-    recorder.__exit__()
+    with AlarmInputRecorder() as recorder:
+        for epoch in range(epochs):
+            order = torch.randperm(len(train_x), generator=gen)
+            for idx in order[: steps_per_epoch * batch].split(batch):
+                x1, x2 = augment(train_x[idx], gen), augment(train_x[idx], gen)
+                update = {}
+                if name.startswith("loop_simsiam"):
+                    z1, z2 = projector(backbone(x1)), projector(backbone(x2))
+                    p1, p2 = predictor(z1), predictor(z2)
+                    t1, t2 = (z1.detach(), z2.detach()) if stop_gradient else (z1, z2)
+                    loss = -0.5 * (F.cosine_similarity(p1, t2).mean() + F.cosine_similarity(p2, t1).mean())
+                    update["embeddings"] = F.normalize(z1.detach(), dim=1)
+                elif name.startswith("loop_barlow_twins"):
+                    z1, z2 = projector(backbone(x1)), projector(backbone(x2))
+                    loss = barlow_twins_loss(z1, z2, lambda_offdiag=lambda_offdiag)
+                    update["embeddings"] = z1.detach()
+                elif name == "loop_infonce":
+                    z1, z2 = F.normalize(projector(backbone(x1)), dim=1), F.normalize(projector(backbone(x2)), dim=1)
+                    logits = z1 @ z2.t() / 0.2
+                    target = torch.arange(len(idx))
+                    loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+                    update["embeddings"] = z1.detach()
+                else:
+                    with torch.no_grad():
+                        teacher_out = [teacher(x1), teacher(x2)]
+                        h = F.normalize(teacher[1].layers(teacher[0](x1)), dim=1)
+                    student_out = [student(x1), student(x2)]
+                    update["probs"] = dino_teacher_probabilities(criterion, teacher_out[0], epoch=epoch)
+                    loss = criterion(teacher_out, student_out, epoch=epoch)
+                    if frozen:
+                        criterion.center.zero_()
+                    update["embeddings"] = h
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if name.startswith("loop_lightly"):
+                    update_momentum(student, teacher, m=0.99)
+                step += 1
+                monitor.update(step, loss=loss.detach(), **update)
+                if step % PROBE_EVERY == 0:
+                    probe(step)
+            monitor.end_epoch(step)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         backbone.eval()

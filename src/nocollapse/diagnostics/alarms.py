@@ -23,8 +23,8 @@ Two checks are relative to the run's own history: the monitor keeps the highest
 state), so that a head whose embeddings start in a narrow cone, or span few directions at
 initialisation, is judged by what it reached, not by a constant. The warm-up's own values are
 left out: in the first steps a randomly initialised head's batch statistics (batch norm on a
-training batch) spread the embeddings in a way that training does not keep. Every count is judged against what the batch can
-show, ``min(K, N)``.
+training batch) spread the embeddings in a way that training does not keep. Every count is
+judged against what the batch can show, ``min(K, N)``.
 
 Alarms and the metric keys they read:
 

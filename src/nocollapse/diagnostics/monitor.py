@@ -193,12 +193,10 @@ class CollapseMonitor:
         if embeddings is not None:
             metrics["embedding_std"] = embedding_std(embeddings)
             metrics["mean_direction_norm"] = mean_direction_norm(embeddings)
-            if embeddings.shape[0] >= 2:
-                # what representation_collapse (one shared direction) and dimensional_collapse
-                # (few directions) read; the rank is an eigen-decomposition of the smaller Gram
-                # matrix, only at log steps
-                metrics["mean_cosine"] = mean_pairwise_cosine(embeddings)
-                metrics["direction_rank"] = direction_rank(embeddings)
+            # what representation_collapse (one shared direction) and dimensional_collapse (few
+            # directions) read; the rank is an eigen-decomposition of the smaller Gram matrix
+            metrics["mean_cosine"] = mean_pairwise_cosine(embeddings)
+            metrics["direction_rank"] = direction_rank(embeddings)
         alarm_input.update(metrics)
         if loss is not None:
             alarm_input["loss"] = float(loss)
