@@ -54,6 +54,22 @@ def test_option_of_another_method_is_rejected_not_ignored():
         build_config(overrides=["method.prototypes=decoupled", "method.koleo_weight=0.1"])
 
 
+def test_override_that_switches_off_a_recipe_key_is_accepted(tmp_path):
+    """--set swav.queue_length=0 on a recipe that starts its queue at some epoch turns the queue
+    off; the recipe's queue_start_epochs becomes moot, not an error. The same key set by the user,
+    or by a file to which it does not apply, is still rejected."""
+    recipe = tmp_path / "swav.yaml"
+    recipe.write_text("method:\n  name: swav\nswav:\n  queue_length: 512\n  queue_start_epochs: 1.0\n")
+    cfg, _ = build_config(recipe, ["swav.queue_length=0"])
+    assert cfg.swav.queue_length == 0
+    with pytest.raises(ConfigError, match="swav.queue_start_epochs only apply when swav.queue_length > 0"):
+        build_config(recipe, ["swav.queue_length=0", "swav.queue_start_epochs=2"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("method:\n  name: swav\nswav:\n  queue_length: 0\n  queue_start_epochs: 1.0\n")
+    with pytest.raises(ConfigError, match="swav.queue_start_epochs only apply when swav.queue_length > 0"):
+        build_config(broken, ["train.epochs=2"])
+
+
 def test_section_and_malformed_overrides():
     with pytest.raises(ConfigError, match="is a section"):
         build_config(overrides=["optim=1"])

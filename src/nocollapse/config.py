@@ -512,8 +512,33 @@ def build_config(file: str | Path | None = None, overrides: Iterable[str] = (),
         raise ConfigError(f"{key}: {value!r} is not valid; expected {allowed or 'another type'}") from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     explicit = set(user)
-    validate(cfg, explicit=explicit)
+    validate(cfg, explicit=explicit - _switched_off_by_overrides(cfg, file, base, overrides))
     return cfg, explicit
+
+
+def _switched_off_by_overrides(cfg: Config, file: str | Path | None, base: dict[str, Any] | None,
+                               overrides: Iterable[str]) -> set[str]:
+    """The file's keys that apply to the file's own config but not once the overrides are merged.
+
+    ``--set swav.queue_length=0`` on a recipe that sets ``swav.queue_start_epochs`` makes that key
+    moot; it is the user's override, not a mistake in the file, so it is not rejected (a key the
+    file sets that does not apply to the file itself still is)."""
+    overrides = list(overrides)
+    if file is None or not overrides:
+        return set()
+    file_keys = set(_flatten(load_yaml(file))) - set(parse_overrides(overrides))
+    off_now = {k for keys in _inapplicable(cfg, file_keys).values() for k in keys}
+    if not off_now:
+        return set()
+    flat: dict[str, Any] = _flatten(base) if base else {}
+    flat.update(_flatten(load_yaml(file)))
+    try:
+        file_only: Config = OmegaConf.to_object(OmegaConf.merge(  # type: ignore[assignment]
+            OmegaConf.structured(config_schema()), OmegaConf.create(_nest(flat))))
+        off_in_file = {k for keys in _inapplicable(file_only, file_keys).values() for k in keys}
+    except (OmegaConfBaseException, ConfigError):
+        return set()
+    return off_now - off_in_file
 
 
 def validate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type: ignore[assignment]
@@ -586,13 +611,13 @@ def _owner_text(owners: tuple[str, ...]) -> str:
     return "method.name is one of " + ", ".join(repr(o) for o in owners)
 
 
-def _check_applicable(cfg: Config, explicit: Iterable[str]) -> None:
-    """Reject every explicitly set key that does not apply to the chosen method."""
+def _inapplicable(cfg: Config, keys: Iterable[str]) -> dict[str, list[str]]:
+    """The keys among ``keys`` that do not apply to ``cfg``, grouped by the condition they need."""
     owners = _schema().owners
     name = cfg.method.name
     inactive = _inactive(cfg)
     problems: dict[str, list[str]] = {}
-    for key in sorted(explicit):
+    for key in sorted(keys):
         for scope, who in owners.items():
             if key == scope or key.startswith(scope + "."):
                 if name not in who:
@@ -603,9 +628,15 @@ def _check_applicable(cfg: Config, explicit: Iterable[str]) -> None:
         for scope, condition in inactive.items():
             if key == scope or key.startswith(scope + "."):
                 problems.setdefault(condition, []).append(key)
+    return problems
+
+
+def _check_applicable(cfg: Config, explicit: Iterable[str]) -> None:
+    """Reject every explicitly set key that does not apply to the chosen method."""
+    problems = _inapplicable(cfg, explicit)
     for condition, keys in problems.items():
         raise ConfigError(f"{', '.join(keys)} only apply when {condition}; this run has "
-                          f"method.name={name!r}" + _context(cfg, condition))
+                          f"method.name={cfg.method.name!r}" + _context(cfg, condition))
 
 
 def _context(cfg: Config, condition: str) -> str:
