@@ -3,7 +3,8 @@ ground truth measured on a held-out probe, and the scores of the collapse alarms
 
 Ground truth (fixed before any alarm is tuned; the alarms never see it)
 ------------------------------------------------------------------------
-The probe is a fixed held-out batch: the digits test split (450 images), encoded every
+The probe is a fixed held-out batch: the digits test split (450 images; for the CIFAR-10 subset
+cases, the subset's 1,000 test images), encoded every
 ``PROBE_EVERY`` = 10 optimisation steps from step 10 on (and at step 0), with the network in eval
 mode. On the probe's L2-normalised embeddings ``e`` (the bottleneck or projection the method's
 loss or prototypes read; the backbone features for methods without one) and, with K prototypes
@@ -22,7 +23,7 @@ or codes, its assignment probabilities ``p`` (the method's own, for its scores):
   for it (a revision made before any alarm was tuned: comparing with the healthy run's highest
   value flagged the early steps of every healthy run, whose rank grows fourfold while it learns);
 * **cluster collapse**: the probe's arg-max uses at most ``max(2, 1 % of min(K, N))`` prototypes
-  or codes (N = 450 probe images);
+  or codes (N = the probe's images);
 * **uniform collapse**: every probe assignment has an entropy of at least
   ``1 - UNIFORM_MARGIN`` = 0.98 of ln K;
 * a kind's **onset** is the first probe step of ``PERSISTENCE`` = 2 consecutive probe checks at
@@ -39,15 +40,19 @@ or codes, its assignment probabilities ``p`` (the method's own, for its scores):
 Runs
 ----
 *Trainer runs* are ``nocollapse train`` in process (the digits default and the digits recipes,
-with the failure switch of each method), probed through a subclass of the trainer that measures
-the probe at its log steps. *User-loop runs* are plain PyTorch loops on the flat digits through
+with the failure switch of each method; CARP on the default's settings with and without its
+entropy term; and, on a CIFAR-10 subset of 300 training and 100 test images per class at 16 px,
+the study's DINO and SimSiam recipes with and without centering / the stop-gradient, batch 128,
+12 epochs), probed through a subclass of the trainer that measures the probe at its log steps.
+The CIFAR cases need ``--cifar`` (default ``$NOCOLLAPSE_CIFAR10``) and are skipped without it. *User-loop runs* are plain PyTorch loops on the flat digits through
 the public :class:`nocollapse.CollapseMonitor`: a SimSiam-style loop with and without the
 stop-gradient (with the recipe's batch norm at the projector's output, and without it), a
 healthy InfoNCE loop, a Barlow Twins loop with and without its off-diagonal term, and lightly's
 DINO loop, healthy, with its centre frozen at zero and a teacher temperature of 0.005, and with a
 flat teacher (temperature 1) (needs the ``lightly`` extra; skipped without it). Each run's alarms
 are those its monitor raised, at its own ``log_every`` (5 for the trainer's digits runs, 5 in the
-loops) and patience (5 checks), after a warm-up of one epoch.
+loops) and ``PATIENCE`` = 3 checks, after a warm-up of one epoch. (Records made before the
+patience was tuned ran at 5; ``--rescore`` replays their collapse alarms at ``PATIENCE``.)
 
 Every run also keeps what its step monitor was fed at each check (``alarm_inputs``: the
 monitor's settings and the metrics of every check). ``--rescore`` replays today's collapse
@@ -75,6 +80,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -90,6 +96,8 @@ DIMENSIONAL_FRACTION = 0.25
 UNIFORM_MARGIN = 0.02
 PERSISTENCE = 2
 PARTIAL_UNIQUE = 0.5
+#: consecutive checks before an alarm fires, in every run of the benchmark (the library's default)
+PATIENCE = 3
 KINDS = ("representation", "dimensional", "cluster", "uniform")
 #: the kind each collapse alarm claims (warnings and run checks are not scored)
 ALARM_KIND = {"representation_collapse": "representation", "dimensional_collapse": "dimensional",
@@ -155,7 +163,9 @@ def replay_alarms(run: dict, overrides: dict | None = None) -> list[dict] | None
     inputs = run.get("alarm_inputs")
     if not inputs:
         return None
-    monitor = AlarmMonitor(**{**inputs["settings"], **(overrides or {})}, enabled=COLLAPSE_ALARMS)
+    settings = {**inputs["settings"], "patience": PATIENCE, **(overrides or {})}
+    settings["patience"] = int(settings["patience"])
+    monitor = AlarmMonitor(**settings, enabled=COLLAPSE_ALARMS)
     fired = []
     for step, metrics in inputs["stream"]:
         fired += [{"name": a.name, "step": a.step} for a in monitor.update(step, metrics)]
@@ -176,7 +186,7 @@ def probe_state(embeddings: torch.Tensor, probs: torch.Tensor | None, step: int)
     if probs is not None:
         k = probs.shape[1]
         entropy = -(probs.clamp_min(1e-12).log() * probs).sum(1)
-        state.update(argmax_used=int(probs.argmax(1).unique().numel()), num_prototypes=k,
+        state.update(argmax_used=int(probs.argmax(1).unique().numel()), num_prototypes=k, probe_size=n,
                      min_entropy_ratio=float(entropy.min() / math.log(k)) if k > 1 else 0.0)
     return state
 
@@ -190,7 +200,7 @@ def kind_holds(kind: str, state: dict, healthy_rank: dict[int, float] | None, in
     if "argmax_used" not in state:
         return False
     if kind == "cluster":
-        return state["argmax_used"] <= max(2, 0.01 * min(state["num_prototypes"], 450))
+        return state["argmax_used"] <= max(2, 0.01 * min(state["num_prototypes"], state.get("probe_size", 450)))
     return state["min_entropy_ratio"] >= 1.0 - UNIFORM_MARGIN      # uniform
 
 
@@ -215,8 +225,13 @@ def label_run(run: dict, healthy_rank: dict[int, float] | None) -> dict:
 
 
 # --------------------------------------------------------------------------- trainer runs
+#: CIFAR-10 subset: the first 300 training and 100 test images of each class (3,000 / 1,000)
+CIFAR_SUBSET = {"train": 300, "test": 100}
+CIFAR_SETS = ["data.image_size=16", "train.batch_size=128", "train.epochs=12", "train.log_every=5",
+              "eval.knn_every=0"]
+
 TRAINER_CASES = {
-    # name: (config, overrides, healthy partner or None)
+    # name: (config, overrides, healthy partner or None); a case's overrides win over the shared ones
     "dino_decoupled": (None, [], None),
     "dino_learned": (None, ["method.prototypes=learned"], None),
     "dino_learned_no_centering": (None, ["method.prototypes=learned", "dino.teacher_norm=none"], "dino_learned"),
@@ -233,6 +248,17 @@ TRAINER_CASES = {
     "byol_no_predictor": ("digits/byol", ["byol.predictor=false"], "byol"),
     "simsiam": ("digits/simsiam", [], None),
     "simsiam_no_stop_gradient": ("digits/simsiam", ["simsiam.stop_gradient=false"], "simsiam"),
+    # CARP on the built-in default's digits settings; without its entropy term nothing spreads the
+    # batch over the prototypes (the paper's collapse switch)
+    "carp": (None, ["method.name=carp", "method.prototypes=learned"], None),
+    "carp_no_entropy": (None, ["method.name=carp", "method.prototypes=learned", "carp.entropy_weight=0"], "carp"),
+    # A CIFAR-10 subset (CIFAR_SUBSET below) at 16 px, batch 128, 12 epochs (276 steps): the
+    # recipes of the study with their failure switches
+    "cifar_dino": ("cifar10/dino", CIFAR_SETS, None),
+    "cifar_dino_no_centering": ("cifar10/dino", [*CIFAR_SETS, "dino.teacher_norm=none"], "cifar_dino"),
+    "cifar_simsiam": ("cifar10/simsiam", CIFAR_SETS, None),
+    "cifar_simsiam_no_stop_gradient": ("cifar10/simsiam", [*CIFAR_SETS, "simsiam.stop_gradient=false"],
+                                       "cifar_simsiam"),
     # CPLearn's prior-matching weight beta = 2 puts the digits on a handful of codes (results section 7.1)
     "cplearn": ("digits_cplearn", [], None),
     "cplearn_beta2": ("digits_cplearn", ["cplearn.beta=2"], "cplearn"),
@@ -241,16 +267,40 @@ QUICK_TRAINER = ("dino_learned", "dino_learned_no_centering", "simsiam", "simsia
                  "vicreg", "vicreg_no_variance")
 
 
-def run_trainer_case(name: str, seed: int, epochs: int, extra: list[str] | tuple[str, ...] = ()) -> dict:
-    """One trainer case; ``extra``: more ``--set`` overrides (the test suite's tiny sizes)."""
+def cifar_subset(cifar: Path, out: Path, per_class: dict[str, int] = CIFAR_SUBSET) -> Path:
+    """An image folder of links to the first ``per_class[split]`` files (sorted) of each class of
+    a CIFAR-10 ImageFolder root; made once, reused when ``out`` already holds it."""
+    cifar, out = Path(cifar), Path(out)
+    for split, count in per_class.items():
+        if not (cifar / split).is_dir():
+            raise FileNotFoundError(f"{cifar / split} is not a folder: --cifar must be a CIFAR-10 root with train/ and test/")
+        for class_dir in sorted(d for d in (cifar / split).iterdir() if d.is_dir()):
+            target = out / split / class_dir.name
+            target.mkdir(parents=True, exist_ok=True)
+            for path in sorted(class_dir.iterdir())[:count]:
+                link = target / path.name
+                if not link.exists():
+                    link.symlink_to(path.resolve())
+    return out
+
+
+def run_trainer_case(name: str, seed: int, epochs: int, extra: list[str] | tuple[str, ...] = (),
+                     cifar_root: Path | None = None) -> dict:
+    """One trainer case; ``extra``: more ``--set`` overrides (the test suite's tiny sizes);
+    ``cifar_root``: the CIFAR-10 subset folder the ``cifar_`` cases train on."""
     from nocollapse.analysis import encode_split
     from nocollapse.config import build_config
     from nocollapse.engine.trainer import Trainer
 
     config, overrides, _ = TRAINER_CASES[name]
     configs = Path(__file__).resolve().parents[1] / "src" / "nocollapse" / "configs"
-    sets = [*overrides, f"train.epochs={epochs}", f"train.seed={seed}", "train.threads=1", "train.progress=false",
-            "diagnostics.plots=false", "train.log_every=5", "eval.save_features=false", *extra]
+    sets = [f"train.epochs={epochs}", f"train.seed={seed}", "train.threads=1", "train.progress=false",
+            "diagnostics.plots=false", "train.log_every=5", "eval.save_features=false",
+            f"diagnostics.alarm_patience={PATIENCE}", *overrides, *extra]
+    if name.startswith("cifar_"):
+        if cifar_root is None:
+            raise ValueError(f"{name} needs the CIFAR-10 subset folder (--cifar DIR or $NOCOLLAPSE_CIFAR10)")
+        sets.insert(0, f"data.root={cifar_root}")
     cfg, _ = build_config(configs / f"{config or 'digits'}.yaml", sets)
     history: list[dict] = []
 
@@ -368,7 +418,7 @@ def run_loop_case(name: str, seed: int, epochs: int) -> dict:
         params = list(student.parameters())
     optimizer = torch.optim.Adam(params, lr=1e-3)
     monitor = CollapseMonitor(num_prototypes=k, embedding_dim=dim if k is None else 32,
-                              warmup_steps=steps_per_epoch, log_every=5, patience=5, tensorboard=False)
+                              warmup_steps=steps_per_epoch, log_every=5, patience=PATIENCE, tensorboard=False)
 
     def embed(x):                                    # the probe's embeddings and probabilities
         if name.startswith("loop_lightly"):    # the teacher's embeddings and DINO targets
@@ -534,6 +584,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20; --quick 10)")
     parser.add_argument("--cases", nargs="*", default=None, help="only these runs (and their healthy partners)")
     parser.add_argument("--out", type=Path, required=True, help="JSON record; runs already in it are kept")
+    parser.add_argument("--cifar", default=os.environ.get("NOCOLLAPSE_CIFAR10"),
+                        help="CIFAR-10 ImageFolder root (train/, test/) for the cifar_ cases; default "
+                             "$NOCOLLAPSE_CIFAR10, without which they are skipped")
+    parser.add_argument("--cifar-subset", default=str(Path(tempfile.gettempdir()) / "nocollapse_bench_cifar_subset"),
+                        help="where the subset's folder of links is made (reused when present)")
     parser.add_argument("--rescore", action="store_true",
                         help="train nothing: replay today's collapse alarms on the recorded alarm inputs of the "
                              "record's runs (runs recorded without them keep the alarms they raised), and score")
@@ -590,6 +645,12 @@ def train_runs(args, record: dict, epochs: int) -> None:
     except ImportError:
         loops = {k: v for k, v in LOOP_CASES.items() if not k.startswith("loop_lightly")}
     trainer_names = list(QUICK_TRAINER if args.quick else TRAINER_CASES)
+    cifar_root = None
+    if args.cifar:
+        cifar_root = cifar_subset(Path(args.cifar), Path(args.cifar_subset))
+    else:
+        print("no CIFAR-10 folder (--cifar or $NOCOLLAPSE_CIFAR10): the cifar_ cases are skipped", flush=True)
+        trainer_names = [n for n in trainer_names if not n.startswith("cifar_")]
     loop_names = list(loops)      # seconds each
     loop_names = [n for n in loop_names if n in loops]
     if args.cases:
@@ -603,7 +664,10 @@ def train_runs(args, record: dict, epochs: int) -> None:
         for name in trainer_names + loop_names:
             if (name, seed) in done:
                 continue
-            run = run_trainer_case(name, seed, epochs) if name in trainer_names else run_loop_case(name, seed, epochs)
+            if name in trainer_names:
+                run = run_trainer_case(name, seed, epochs, cifar_root=cifar_root if name.startswith("cifar_") else None)
+            else:
+                run = run_loop_case(name, seed, epochs)
             record["runs"].append(run)
             args.out.write_text(json.dumps(record, indent=1))
             print(json.dumps({k: run[k] for k in ("name", "seed", "steps", "seconds", "knn_top1", "knn_top1_init",

@@ -214,7 +214,7 @@ class DiagnosticsConfig:
     warnings: bool = setting(True, "also report wasted capacity as warnings (unused_prototypes, prototype_collapse); "
                              "false silences them and keeps the collapse alarms")
     alarm_warmup_epochs: float = setting(1.0, "no alarm before this many epochs", 0.0)
-    alarm_patience: int = setting(5, "consecutive log steps a failure must persist before its alarm fires", 1)
+    alarm_patience: int = setting(3, "consecutive log steps a failure must persist before its alarm fires", 1)
     prototype_collapse_eps: str = choice("0.1", ("0.025", "0.1", "0.25", "0.5"),
                                           "epsilon at which the prototype_collapse alarm counts unique prototypes")
     prototype_collapse_threshold: float = setting(

@@ -282,7 +282,7 @@ class AlarmMonitor:
         embedding_dim: int | None = None,
         *,
         warmup_steps: int = 1000,
-        patience: int = 5,
+        patience: int = 3,
         uniform_rel_tol: float = 0.005,
         uniform_entropy_tol: float = 0.02,
         uniform_loss_reference: float | None = None,

@@ -90,7 +90,7 @@ class CollapseMonitor:
     """
 
     def __init__(self, num_prototypes: int | None = None, embedding_dim: int | None = None, *,
-                 warmup_steps: int = 0, log_every: int = 1, patience: int = 5, alarms: bool = True,
+                 warmup_steps: int = 0, log_every: int = 1, patience: int = 3, alarms: bool = True,
                  warnings: bool = True, uniform_loss: float | None = None, fixed_prototypes: bool = False,
                  prototype_collapse_eps: str = "0.1", prototype_collapse_threshold: float = 0.5,
                  queue_size: int = 4096, log_dir: str | Path | None = None, tensorboard: bool = True,
