@@ -79,3 +79,31 @@ def test_the_final_report_warns_on_test_usage_under_its_own_name():
     assert "unused_prototypes_test" in format_report(report)
     spread = prototype_report(prototypes, nearest=torch.arange(200) % 64)
     assert report_warnings(spread) == [] and "warnings" not in format_report(spread)
+
+
+def test_uniform_collapse_waits_while_the_assignments_sharpen():
+    """A head that starts at ln K entropy and sharpens (CARP's first steps on digits: 5.508, 5.506,
+    5.502, ... nats at K = 256) is learning; a teacher that climbs to ln K and stays has collapsed.
+    Hand-made streams within 2 % of ln K; only the direction differs."""
+    import math
+
+    ln_k = math.log(256)
+
+    def run(entropies, monitor=None):
+        monitor = monitor or AlarmMonitor(num_prototypes=256, warmup_steps=0, patience=3, enabled=("uniform_collapse",))
+        fired = [a for step, h in enumerate(entropies) for a in monitor.update(step, {"mean_entropy": h})]
+        return monitor, fired
+
+    _, fired = run([ln_k - 0.035 - 0.003 * i for i in range(10)])            # falling by 0.003 per check
+    assert fired == []
+    _, fired = run([ln_k - 0.010 + 0.001 * min(i, 5) for i in range(10)])    # climbing, then flat
+    assert [(a.name, a.step) for a in fired] == [("uniform_collapse", 2)]
+    # a drop within uniform_falling_tol * ln K (float noise on a plateau) still counts
+    _, fired = run([ln_k - 1e-3, ln_k - 1e-3 - 0.5e-4 * ln_k, ln_k - 1e-3 - 1e-4 * ln_k])
+    assert [a.step for a in fired] == [2]
+    # the previous entropy resumes with the state: a falling stream split across a resume stays quiet
+    first, fired = run([ln_k - 0.035 - 0.003 * i for i in range(2)])
+    resumed = AlarmMonitor(num_prototypes=256, warmup_steps=0, patience=3, enabled=("uniform_collapse",))
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.update(2, {"mean_entropy": ln_k - 0.035 - 0.006 - 0.003}) == []
+    assert resumed.state_dict()["counters"]["uniform_collapse"] == 0

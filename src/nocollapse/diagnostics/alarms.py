@@ -30,7 +30,10 @@ Alarms and the metric keys they read:
 
 ``uniform_collapse``
     With assignments (``mean_entropy``): ``mean_entropy >= (1 - uniform_entropy_tol) ln K``,
-    every sample spread uniformly over the prototypes. Without them, the loss:
+    every sample spread uniformly over the prototypes, and not falling: a check at which the
+    entropy is more than ``uniform_falling_tol * ln K`` below the previous check's does not
+    count. A head that starts uniform and sharpens (CARP's first tens of steps) is learning; a
+    uniform collapse stays at ln K or climbs to it. Without assignments, the loss:
     ``|loss - ln K| < uniform_rel_tol * ln K`` (``K`` from the constructor or the
     ``num_prototypes`` key; override the reference with ``uniform_loss_reference``, e.g.
     ``ln 512`` for CARP whose block softmax has 512 entries). The loss alone cannot tell the
@@ -257,6 +260,8 @@ class AlarmMonitor:
         patience: consecutive checked updates the condition must hold.
         uniform_rel_tol: relative tolerance of the loss around ``ln K`` (default 0.5 %).
         uniform_entropy_tol: relative tolerance of the mean assignment entropy below ``ln K``.
+        uniform_falling_tol: a drop of the mean entropy since the previous check larger than this
+            fraction of ``ln K`` keeps ``uniform_collapse`` from counting the check.
         uniform_loss_reference: the loss of a uniform collapse if it is not ``ln K``.
         one_hot_threshold: ``max_prob`` above which samples count as sitting on one prototype.
         one_hot_max_effective_fraction: see module doc.
@@ -285,6 +290,7 @@ class AlarmMonitor:
         patience: int = 3,
         uniform_rel_tol: float = 0.005,
         uniform_entropy_tol: float = 0.02,
+        uniform_falling_tol: float = 1e-4,
         uniform_loss_reference: float | None = None,
         one_hot_threshold: float = 0.5,
         one_hot_max_effective_fraction: float = 0.01,
@@ -316,6 +322,7 @@ class AlarmMonitor:
         self.patience = patience
         self.uniform_rel_tol = uniform_rel_tol
         self.uniform_entropy_tol = uniform_entropy_tol
+        self.uniform_falling_tol = uniform_falling_tol
         self.uniform_loss_reference = uniform_loss_reference
         self.one_hot_threshold = one_hot_threshold
         self.one_hot_max_effective_fraction = one_hot_max_effective_fraction
@@ -332,6 +339,8 @@ class AlarmMonitor:
         self._fired: dict[str, Alarm] = {}
         # the highest value of each history-relative metric seen since the warm-up
         self._peaks: dict[str, float] = {}
+        # the mean assignment entropy at the previous checked update (uniform_collapse's trend)
+        self._previous_entropy: float | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -345,6 +354,7 @@ class AlarmMonitor:
             "counters": dict(self._counters),
             "fired": {name: alarm.to_dict() for name, alarm in self._fired.items()},
             "peaks": dict(self._peaks),
+            "previous_entropy": self._previous_entropy,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -356,6 +366,8 @@ class AlarmMonitor:
                        for name, data in state.get("fired", {}).items()}
         # absent from states saved before the history-relative checks: the history restarts
         self._peaks = {str(k): float(v) for k, v in state.get("peaks", {}).items()}
+        previous = state.get("previous_entropy")
+        self._previous_entropy = None if previous is None else float(previous)
 
     # ----------------------------------------------------------------- checks
     def _k(self, metrics: Mapping[str, Any]) -> int | None:
@@ -369,6 +381,9 @@ class AlarmMonitor:
         h = _number(m, "mean_entropy")
         if h is not None and k is not None:
             ln_k = math.log(k)
+            previous = self._previous_entropy
+            if previous is not None and h < previous - self.uniform_falling_tol * ln_k:
+                return _HEALTHY  # near ln K but sharpening: a head leaving its uniform start
             if h >= (1.0 - self.uniform_entropy_tol) * ln_k:
                 return h, (
                     f"mean assignment entropy {h:.4f} nats is at ln K = ln {k} = {ln_k:.4f}: "
@@ -546,4 +561,7 @@ class AlarmMonitor:
                 )
                 self._fired[name] = alarm
                 new.append(alarm)
+        entropy = _number(metrics, "mean_entropy")
+        if entropy is not None:
+            self._previous_entropy = entropy
         return new
