@@ -79,6 +79,25 @@ def test_cluster_uniform_and_the_knn_criterion(bench):
     # the cluster bound follows min(K, N): 1 % of 450 probe images for a large K
     assert bench.kind_holds("cluster", state(0, used=4, k=65536), 30.0, 0.12)
     assert not bench.kind_holds("cluster", state(0, used=5, k=65536), 30.0, 0.12)
+    # ... and 1 % of the probe's own size when the probe records it (the CIFAR subset's 1,000)
+    assert bench.kind_holds("cluster", {**state(0, used=10, k=65536), "probe_size": 1000}, 30.0, 0.12)
+    assert not bench.kind_holds("cluster", {**state(0, used=11, k=65536), "probe_size": 1000}, 30.0, 0.12)
+
+
+def test_cifar_subset_links_the_first_images_of_each_class_and_is_reused(bench, tmp_path):
+    for split, count in (("train", 5), ("test", 3)):
+        for name in ("cat", "dog"):
+            folder = tmp_path / "cifar" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                (folder / f"{i:04d}.jpg").write_bytes(b"x")
+    out = bench.cifar_subset(tmp_path / "cifar", tmp_path / "subset", {"train": 2, "test": 1})
+    assert sorted(p.name for p in (out / "train" / "cat").iterdir()) == ["0000.jpg", "0001.jpg"]
+    assert [p.name for p in (out / "test" / "dog").iterdir()] == ["0000.jpg"]
+    assert (out / "train" / "cat" / "0000.jpg").resolve() == (tmp_path / "cifar" / "train" / "cat" / "0000.jpg").resolve()
+    bench.cifar_subset(tmp_path / "cifar", tmp_path / "subset", {"train": 2, "test": 1})  # made once, reused
+    with pytest.raises(FileNotFoundError, match="CIFAR-10 root"):
+        bench.cifar_subset(tmp_path / "nowhere", tmp_path / "other")
 
 
 def test_scores_count_detections_misses_false_and_wrong_kind_alarms(bench):
