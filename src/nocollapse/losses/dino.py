@@ -41,11 +41,13 @@ def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[to
         raise ValueError("dino_loss needs at least one teacher view and one student crop")
     total = student_logits[0].new_zeros((), dtype=torch.float32)
     pairs = 0
+    # each crop's log-softmax once, not once per teacher view it is compared with (multi-crop:
+    # 2 x fewer B x K passes, and autograd keeps one copy per crop instead of one per pair)
+    log_probs = [F.log_softmax(s.float() / student_temperature, dim=-1) for s in student_logits]
     for j, q in enumerate(teacher_probs):
-        for i, s in enumerate(student_logits):
+        for i, log_p in enumerate(log_probs):
             if i == j:
                 continue
-            log_p = F.log_softmax(s.float() / student_temperature, dim=-1)
             total = total + torch.sum(-q * log_p, dim=-1).mean()
             pairs += 1
     if pairs == 0:
