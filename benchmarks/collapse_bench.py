@@ -67,7 +67,9 @@ Per alarm, on the runs of one seed: detections (fired on a failing run whose gro
 the alarm's kind), the delay from that kind's onset in steps, misses (a failing run of the kind
 it did not catch), false alarms (fired on a healthy run) and wrong-kind alarms (fired on a
 failing run whose ground truth does not have the alarm's kind). Per run: its label, the kinds and
-onsets, and what fired when. Alarms are tuned on seed 0 and scored on seed 1.
+onsets, and what fired when. Alarms are tuned on seed 0 and scored on a seed
+not looked at while tuning (seed 1 for the first round, seed 2 for the second: docs/results.md,
+sections 17 and 18).
 
     python benchmarks/collapse_bench.py --seeds 0 --epochs 60 --out docs/alarm_bench/seed0.json
     python benchmarks/collapse_bench.py --seeds 1 --epochs 60 --out docs/alarm_bench/seed1.json
