@@ -44,12 +44,13 @@ with the failure switch of each method; CARP on the default's settings with and 
 entropy term; and, on a CIFAR-10 subset of 300 training and 100 test images per class at 16 px,
 the study's DINO and SimSiam recipes with and without centering / the stop-gradient, batch 128,
 12 epochs), probed through a subclass of the trainer that measures the probe at its log steps.
-The CIFAR cases need ``--cifar`` (default ``$NOCOLLAPSE_CIFAR10``) and are skipped without it. *User-loop runs* are plain PyTorch loops on the flat digits through
-the public :class:`nocollapse.CollapseMonitor`: a SimSiam-style loop with and without the
-stop-gradient (with the recipe's batch norm at the projector's output, and without it), a
-healthy InfoNCE loop, a Barlow Twins loop with and without its off-diagonal term, and lightly's
-DINO loop, healthy, with its centre frozen at zero and a teacher temperature of 0.005, and with a
-flat teacher (temperature 1) (needs the ``lightly`` extra; skipped without it). Each run's alarms
+The CIFAR cases need ``--cifar`` (default ``$NOCOLLAPSE_CIFAR10``) and are skipped without it.
+*User-loop runs* are plain PyTorch loops on the flat digits through the public
+:class:`nocollapse.CollapseMonitor`: a SimSiam-style loop with and without the stop-gradient
+(with the recipe's batch norm at the projector's output, and without it), a healthy InfoNCE loop,
+a Barlow Twins loop with and without its off-diagonal term, and lightly's DINO loop, healthy,
+with its centre frozen at zero and a teacher temperature of 0.005, and with a flat teacher
+(temperature 1) (needs the ``lightly`` extra; skipped without it). Each run's alarms
 are those its monitor raised, at its own ``log_every`` (5 for the trainer's digits runs, 5 in the
 loops) and ``PATIENCE`` = 3 checks, after a warm-up of one epoch. (Records made before the
 patience was tuned ran at 5; ``--rescore`` replays their collapse alarms at ``PATIENCE``.)
@@ -647,12 +648,6 @@ def train_runs(args, record: dict, epochs: int) -> None:
     except ImportError:
         loops = {k: v for k, v in LOOP_CASES.items() if not k.startswith("loop_lightly")}
     trainer_names = list(QUICK_TRAINER if args.quick else TRAINER_CASES)
-    cifar_root = None
-    if args.cifar:
-        cifar_root = cifar_subset(Path(args.cifar), Path(args.cifar_subset))
-    else:
-        print("no CIFAR-10 folder (--cifar or $NOCOLLAPSE_CIFAR10): the cifar_ cases are skipped", flush=True)
-        trainer_names = [n for n in trainer_names if not n.startswith("cifar_")]
     loop_names = list(loops)      # seconds each
     loop_names = [n for n in loop_names if n in loops]
     if args.cases:
@@ -661,13 +656,23 @@ def train_runs(args, record: dict, epochs: int) -> None:
         wanted |= {loops[c] for c in wanted if loops.get(c)}
         trainer_names = [n for n in trainer_names if n in wanted]
         loop_names = [n for n in loop_names if n in wanted]
+    cifar_root = None
+    if any(n.startswith("cifar_") for n in trainer_names):
+        if args.cifar:
+            try:
+                cifar_root = cifar_subset(Path(args.cifar), Path(args.cifar_subset))
+            except FileNotFoundError as exc:
+                raise SystemExit(f"collapse_bench: {exc}") from None
+        else:
+            print("no CIFAR-10 folder (--cifar or $NOCOLLAPSE_CIFAR10): the cifar_ cases are skipped", flush=True)
+            trainer_names = [n for n in trainer_names if not n.startswith("cifar_")]
     done = {(r["name"], r["seed"]) for r in record["runs"]}
     for seed in args.seeds:
         for name in trainer_names + loop_names:
             if (name, seed) in done:
                 continue
             if name in trainer_names:
-                run = run_trainer_case(name, seed, epochs, cifar_root=cifar_root if name.startswith("cifar_") else None)
+                run = run_trainer_case(name, seed, epochs, cifar_root=cifar_root)
             else:
                 run = run_loop_case(name, seed, epochs)
             record["runs"].append(run)

@@ -488,12 +488,19 @@ def build_config(file: str | Path | None = None, overrides: Iterable[str] = (),
     the default included; used to reject keys that do not apply to the chosen method). ``base``
     is a trusted, complete config (a run directory's ``config.yaml``) and is not counted as
     explicit."""
-    user: dict[str, Any] = {}
-    if file is not None:
-        user.update(_flatten(load_yaml(file)))
-    user.update(parse_overrides(overrides))
-    flat: dict[str, Any] = _flatten(base) if base else {}
-    flat.update(user)
+    base_flat: dict[str, Any] = _flatten(base) if base else {}
+    file_flat: dict[str, Any] = _flatten(load_yaml(file)) if file is not None else {}
+    override_flat = parse_overrides(overrides)
+    user = {**file_flat, **override_flat}
+    cfg = _merged_config({**base_flat, **user})
+    explicit = set(user)
+    validate(cfg, explicit=explicit - _switched_off_by_overrides(cfg, base_flat, file_flat, override_flat))
+    return cfg, explicit
+
+
+def _merged_config(flat: dict[str, Any]) -> Config:
+    """The schema's defaults with the flat ``key: value`` settings merged in (not validated)."""
+    flat = dict(flat)
     _check_known(flat)
     for key, value in flat.items():
         info = _field_info(key)
@@ -510,34 +517,27 @@ def build_config(file: str | Path | None = None, overrides: Iterable[str] = (),
         value = flat.get(key, "?")
         allowed = describe_key(key)
         raise ConfigError(f"{key}: {value!r} is not valid; expected {allowed or 'another type'}") from None
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    explicit = set(user)
-    validate(cfg, explicit=explicit - _switched_off_by_overrides(cfg, file, base, overrides))
-    return cfg, explicit
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-def _switched_off_by_overrides(cfg: Config, file: str | Path | None, base: dict[str, Any] | None,
-                               overrides: Iterable[str]) -> set[str]:
+def _switched_off_by_overrides(cfg: Config, base_flat: dict[str, Any], file_flat: dict[str, Any],
+                               override_flat: dict[str, Any]) -> set[str]:
     """The file's keys that apply to the file's own config but not once the overrides are merged.
 
     ``--set swav.queue_length=0`` on a recipe that sets ``swav.queue_start_epochs`` makes that key
     moot; it is the user's override, not a mistake in the file, so it is not rejected (a key the
     file sets that does not apply to the file itself still is)."""
-    overrides = list(overrides)
-    if file is None or not overrides:
+    file_keys = set(file_flat) - set(override_flat)
+    if not file_keys or not override_flat:
         return set()
-    file_keys = set(_flatten(load_yaml(file))) - set(parse_overrides(overrides))
     off_now = {k for keys in _inapplicable(cfg, file_keys).values() for k in keys}
     if not off_now:
         return set()
-    flat: dict[str, Any] = _flatten(base) if base else {}
-    flat.update(_flatten(load_yaml(file)))
     try:
-        file_only: Config = OmegaConf.to_object(OmegaConf.merge(  # type: ignore[assignment]
-            OmegaConf.structured(config_schema()), OmegaConf.create(_nest(flat))))
+        file_only = _merged_config({**base_flat, **file_flat})
         off_in_file = {k for keys in _inapplicable(file_only, file_keys).values() for k in keys}
-    except (OmegaConfBaseException, ConfigError):
-        return set()
+    except ConfigError:
+        return set()      # the file alone does not make a config: every key it sets is checked
     return off_now - off_in_file
 
 
