@@ -82,9 +82,9 @@ def test_the_final_report_warns_on_test_usage_under_its_own_name():
 
 
 def test_uniform_collapse_waits_while_the_assignments_sharpen():
-    """A head that starts at ln K entropy and sharpens (CARP's first steps on digits: 5.508, 5.506,
-    5.502, ... nats at K = 256) is learning; a teacher that climbs to ln K and stays has collapsed.
-    Hand-made streams within 2 % of ln K; only the direction differs."""
+    """A head that starts at ln K entropy and sharpens (CARP's first tens of steps on digits) is
+    learning; a teacher that climbs to ln K and stays has collapsed. Hand-made streams within 2 %
+    of ln K; only the direction differs."""
     import math
 
     ln_k = math.log(256)
