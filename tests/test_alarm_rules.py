@@ -107,3 +107,21 @@ def test_uniform_collapse_waits_while_the_assignments_sharpen():
     resumed.load_state_dict(first.state_dict())
     assert resumed.update(2, {"mean_entropy": ln_k - 0.035 - 0.006 - 0.003}) == []
     assert resumed.state_dict()["counters"]["uniform_collapse"] == 0
+
+
+def test_one_hot_collapse_counts_a_few_prototypes_against_the_batch_size():
+    # a batch of 128 sharp samples: max(2, 3 % of min(K, 128)) = 3.84, so 3 arg-max prototypes are a
+    # collapse and 4 are not; a batch of 1,024 allows up to 30 (3 % of 1,024 = 30.72)
+    def fired(used, n, k=256):
+        monitor = AlarmMonitor(k, warmup_steps=0, patience=1)
+        return {a.name for a in monitor.update(1, {"argmax_used": used, "num_samples": n, "max_prob": 0.95})}
+
+    assert "one_hot_collapse" in fired(3, 128)
+    assert "one_hot_collapse" not in fired(4, 128)
+    assert "one_hot_collapse" in fired(30, 1024, k=65536)
+    assert "one_hot_collapse" not in fired(31, 1024, k=65536)
+    assert "one_hot_collapse" in fired(2, 16)          # never fewer than 2
+    # assignments spread over the prototypes (a tie's arg-max) are not one-hot, whatever the count
+    monitor = AlarmMonitor(256, warmup_steps=0, patience=1)
+    fired_names = {a.name for a in monitor.update(1, {"argmax_used": 1, "num_samples": 128, "max_prob": 0.004})}
+    assert "one_hot_collapse" not in fired_names

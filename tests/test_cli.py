@@ -76,7 +76,7 @@ def test_bad_config_key_fails_before_training(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("prototypes", ["learned", "decoupled"])
+@pytest.mark.parametrize("prototypes", ["learned", pytest.param("decoupled", marks=pytest.mark.long)])
 def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(
         tmp_path, tiny_overrides, prototypes):
     common = [*tiny_overrides, f"method.prototypes={prototypes}", "train.deterministic=true"]

@@ -92,7 +92,7 @@ def test_our_trainer_uses_the_same_monitor():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("collapse", [False, True])
+@pytest.mark.parametrize("collapse", [pytest.param(False, marks=pytest.mark.long), True])
 def test_plain_loop_example_runs_and_its_collapse_variant_raises_alarms(tmp_path, collapse):
     args = [sys.executable, str(ROOT / "examples" / "plain_loop.py"), "--out", str(tmp_path), "--epochs", "12"]
     result = subprocess.run(args + (["--collapse"] if collapse else []), capture_output=True, text=True,

@@ -74,7 +74,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# variants of a path another case already crosses in two processes: left to the full suite (long)
+LONG_CASES = ("dino-learned-koleo", "dino-decoupled-posterior", "carp-decoupled-embedding-koleo")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.long) if c in LONG_CASES else c for c in CASES])
 def test_two_processes_equal_one_process_on_the_joined_batch(case):
     single = _train_steps(0, 1, CASES[case])
     ranks = run_distributed(_train_steps, 2, args=(CASES[case],))
@@ -97,6 +101,7 @@ def _cli_train(rank: int, world_size: int, out: str, overrides: list[str]) -> di
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_cli_under_two_processes_logs_and_checkpoints_once(tmp_path):
     from conftest import TINY
 

@@ -32,13 +32,14 @@ def test_lightly_dino_example_trains_with_decoupled_prototypes_in_the_stock_head
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_lightly_dino_example_on_the_sphere_shows_what_the_whitening_fixes(tmp_path):
     result = run_example("lightly_dino.py", "--out", str(tmp_path), "--epochs", "3", "--space", "sphere")
     assert result["last_epoch"]["unique_0.1"] < 0.75             # the stock head's cone merges the means
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prototypes", ["learned", "decoupled"])
+@pytest.mark.parametrize("prototypes", [pytest.param("learned", marks=pytest.mark.long), "decoupled"])
 def test_lightly_swav_example_trains_with_either_prototypes(tmp_path, prototypes):
     result = run_example("lightly_swav.py", "--out", str(tmp_path), "--epochs", "3", "--prototypes", prototypes)
     assert result["steps"] == 3 * (1797 // 128)

@@ -14,6 +14,7 @@ def gpu_check(import_benchmark):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_dry_run_takes_every_path_and_reports_one_json(gpu_check, tmp_path, capsys):
     out = tmp_path / "check.json"
     result = gpu_check.main(["--dry-run", "--out", str(out)])

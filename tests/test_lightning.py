@@ -121,7 +121,7 @@ def test_bad_settings_are_clear_errors():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("collapse", [False, True])
+@pytest.mark.parametrize("collapse", [pytest.param(False, marks=pytest.mark.long), True])
 def test_lightning_example_runs_and_the_collapsed_run_stops(tmp_path, collapse):
     command = [sys.executable, str(ROOT / "examples" / "lightning_swav.py"), "--out", str(tmp_path), "--epochs", "8"]
     if collapse:

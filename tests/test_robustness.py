@@ -140,7 +140,7 @@ def _wait_for_step(out: Path, step: int, proc, timeout: float = 120.0) -> None:
     raise AssertionError("training did not reach the step in time")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.long)])
 def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, sig):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     full, killed = tmp_path / "full", tmp_path / "killed"

@@ -235,7 +235,7 @@ CASES = {
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param("learned", marks=pytest.mark.long), "decoupled", "learned-queue"])
 def test_two_processes_equal_one_process_on_the_joined_batch(case):
     single = _swav_steps(0, 1, CASES[case])
     ranks = run_distributed(_swav_steps, 2, args=(CASES[case],))

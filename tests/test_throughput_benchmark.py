@@ -42,7 +42,8 @@ def test_a_decoupled_recipe_times_its_mixture_update(throughput, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["swav", "barlow_twins", "vicreg", "byol", "simsiam"])
+@pytest.mark.parametrize("name", ["swav", pytest.param("barlow_twins", marks=pytest.mark.long),
+                                  pytest.param("vicreg", marks=pytest.mark.long), "byol", "simsiam"])
 def test_each_baseline_is_counted_with_its_recipe_head_and_its_papers_head(throughput, tmp_path, name):
     throughput.main(["--flops-only", "--methods", name, f"{name}_paper", "--set", "train.batch_size=16",
                      "--out", str(tmp_path)])
