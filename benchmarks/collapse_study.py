@@ -466,7 +466,7 @@ def comparison_figure(methods: dict[str, list[dict]], path: Path) -> Path | None
     if not spectra:
         return None
     return plot_spectrum(spectra, path, effective_rank_in_legend=False, styles=distinct_styles(list(STUDY)),
-                         title="Eigenvalues of the min-max scaled second moment of the embeddings (CIFAR-10)")
+                         title="Min-max scaled second moment of the embeddings, CIFAR-10")
 
 
 COMPARISON_BLOCK = re.compile(r"(<!-- study-comparison:start -->\n).*?(<!-- study-comparison:end -->)", re.S)
