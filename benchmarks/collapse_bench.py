@@ -648,8 +648,7 @@ def train_runs(args, record: dict, epochs: int) -> None:
     except ImportError:
         loops = {k: v for k, v in LOOP_CASES.items() if not k.startswith("loop_lightly")}
     trainer_names = list(QUICK_TRAINER if args.quick else TRAINER_CASES)
-    loop_names = list(loops)      # seconds each
-    loop_names = [n for n in loop_names if n in loops]
+    loop_names = list(loops)
     if args.cases:
         wanted = set(args.cases)
         wanted |= {TRAINER_CASES[c][2] for c in wanted if c in TRAINER_CASES and TRAINER_CASES[c][2]}
