@@ -125,3 +125,23 @@ def test_one_hot_collapse_counts_a_few_prototypes_against_the_batch_size():
     monitor = AlarmMonitor(256, warmup_steps=0, patience=1)
     fired_names = {a.name for a in monitor.update(1, {"argmax_used": 1, "num_samples": 128, "max_prob": 0.004})}
     assert "one_hot_collapse" not in fired_names
+
+
+def test_the_rank_history_starts_at_step_0_and_the_spread_history_after_the_warm_up():
+    """A run whose embeddings fall from 60 directions to 2 inside the warm-up is judged against the
+    60 (a twentieth of it is 3), while the spread the first steps show (std 0.12, then 0.04 with
+    the batch's cosine at 0.95) is not the reference of the representation check: only the
+    spread reached after the warm-up is."""
+    monitor = AlarmMonitor(warmup_steps=100, patience=3,
+                           enabled=("dimensional_collapse", "representation_collapse"))
+    early = {"direction_rank": 60.0, "embedding_std": 0.12, "mean_cosine": 0.5, "embedding_dim": 64}
+    collapsed = {"direction_rank": 2.0, "embedding_std": 0.04, "mean_cosine": 0.95, "embedding_dim": 64}
+    assert monitor.update(0, early) == []
+    assert monitor.update(50, collapsed) == []                 # warm-up: recorded, not checked
+    fired = [monitor.update(step, collapsed) for step in (100, 110, 120)]
+    assert [[a.name for a in f] for f in fired] == [[], [], ["dimensional_collapse"]]
+    assert "60.0 they spanned" in fired[2][0].message
+    assert monitor.state_dict()["peaks"] == {"direction_rank": 60.0, "embedding_std": 0.04}
+    # the same run with the warm-up's rank out of view (a rank already low at step 0) stays quiet
+    quiet = AlarmMonitor(warmup_steps=100, patience=3, enabled=("dimensional_collapse",))
+    assert [quiet.update(step, collapsed) for step in (0, 100, 110, 120)] == [[], [], [], []]

@@ -19,12 +19,20 @@ silenced (``CollapseMonitor(warnings=False)``, ``diagnostics.warnings=false``); 
 is a fault of the run, not a collapse.
 
 Two checks are relative to the run's own history: the monitor keeps the highest
-``embedding_std`` and ``direction_rank`` it has seen since the warm-up ended (saved with its
-state), so that a head whose embeddings start in a narrow cone, or span few directions at
-initialisation, is judged by what it reached, not by a constant. The warm-up's own values are
-left out: in the first steps a randomly initialised head's batch statistics (batch norm on a
-training batch) spread the embeddings in a way that training does not keep. Every count is
-judged against what the batch can show, ``min(K, N)``.
+``embedding_std`` and ``direction_rank`` it has seen (saved with its state), so that a head whose
+embeddings start in a narrow cone, or span few directions at initialisation, is judged by what it
+reached, not by a constant. The two histories start at different times:
+
+- ``direction_rank`` from the first update, warm-up included, so that a run that collapses
+  inside the warm-up (before any alarm is checked) is still judged against the rank it had. Its
+  threshold (``dimensional_fraction``, a fall to a twentieth) leaves room for the rank a random
+  initialisation shows and training does not keep.
+- ``embedding_std`` from the end of the warm-up: in the first steps a randomly initialised
+  head's batch statistics (batch norm on a training batch) spread the embeddings in a way that
+  training does not keep, and the representation check's fall to one half of the peak is too
+  close to that spread.
+
+Every count is judged against what the batch can show, ``min(K, N)``.
 
 Alarms and the metric keys they read:
 
@@ -235,8 +243,9 @@ class Alarm:
 
 
 _HEALTHY: tuple[float, str] = (float("nan"), "")
-#: metrics whose highest value so far the history-relative checks compare against
-_HISTORY_KEYS: tuple[str, ...] = ("embedding_std", "direction_rank")
+#: metrics whose highest value so far the history-relative checks compare against, and whether
+#: the warm-up's values count (see the module doc: the rank's do, the spread's do not)
+_HISTORY_KEYS: dict[str, bool] = {"embedding_std": False, "direction_rank": True}
 
 
 def _number(metrics: Mapping[str, Any], key: str) -> float | None:
@@ -259,7 +268,8 @@ class AlarmMonitor:
     Args:
         num_prototypes: K; if None, taken from the ``num_prototypes`` metric.
         embedding_dim: D for the representation check; if None, from ``embedding_dim``.
-        warmup_steps: updates with ``step < warmup_steps`` are not checked.
+        warmup_steps: updates with ``step < warmup_steps`` are not checked (their ``direction_rank``
+            still counts towards its history peak).
         patience: consecutive checked updates the condition must hold.
         uniform_rel_tol: relative tolerance of the loss around ``ln K`` (default 0.5 %).
         uniform_entropy_tol: relative tolerance of the mean assignment entropy below ``ln K``.
@@ -340,7 +350,7 @@ class AlarmMonitor:
         self.enabled = names
         self._counters: dict[str, int] = {name: 0 for name in ALARM_NAMES}
         self._fired: dict[str, Alarm] = {}
-        # the highest value of each history-relative metric seen since the warm-up
+        # the highest value of each history-relative metric (the rank's from step 0, see module doc)
         self._peaks: dict[str, float] = {}
         # the mean assignment entropy at the previous checked update (uniform_collapse's trend)
         self._previous_entropy: float | None = None
@@ -533,12 +543,15 @@ class AlarmMonitor:
     def update(self, step: int, metrics: Mapping[str, Any]) -> list[Alarm]:
         """Check one step's metrics; return the alarms that fire now (each only once)."""
         step = int(step)
-        if step < self.warmup_steps:
-            return []
-        for key in _HISTORY_KEYS:
+        in_warmup = step < self.warmup_steps
+        for key, from_start in _HISTORY_KEYS.items():
+            if in_warmup and not from_start:
+                continue
             value = _number(metrics, key)
             if value is not None and value > self._peaks.get(key, -math.inf):
                 self._peaks[key] = value
+        if in_warmup:
+            return []
         new: list[Alarm] = []
         for name in self.enabled:
             if name in self._fired:
