@@ -52,7 +52,9 @@ a Barlow Twins loop with and without its off-diagonal term, and lightly's DINO l
 with its centre frozen at zero and a teacher temperature of 0.005, and with a flat teacher
 (temperature 1) (needs the ``lightly`` extra; skipped without it). Each run's alarms
 are those its monitor raised, at its own ``log_every`` (5 for the trainer's digits runs, 5 in the
-loops) and ``PATIENCE`` = 3 checks, after a warm-up of one epoch. (Records made before the
+loops) and ``PATIENCE`` = 3 checks, after a warm-up of one epoch, with ``HELD_OUT`` = 256
+training images (not the probe's) encoded in eval mode at every check for the held-out metrics
+(records made before they existed have none). (Records made before the
 patience was tuned ran at 5; ``--rescore`` replays their collapse alarms at ``PATIENCE``.)
 
 Every run also keeps what its step monitor was fed at each check (``alarm_inputs``: the
@@ -101,6 +103,9 @@ PERSISTENCE = 2
 PARTIAL_UNIQUE = 0.5
 #: consecutive checks before an alarm fires, in every run of the benchmark (the library's default)
 PATIENCE = 3
+#: training images the monitor encodes in eval mode at every check, in the trainer runs (the
+#: library's default, ``diagnostics.held_out_images``) and the user loops (``held_out=``)
+HELD_OUT = 256
 KINDS = ("representation", "dimensional", "cluster", "uniform")
 #: the kind each collapse alarm claims (warnings and run checks are not scored)
 ALARM_KIND = {"representation_collapse": "representation", "dimensional_collapse": "dimensional",
@@ -299,6 +304,7 @@ def run_trainer_case(name: str, seed: int, epochs: int, extra: list[str] | tuple
     configs = Path(__file__).resolve().parents[1] / "src" / "nocollapse" / "configs"
     sets = [f"train.epochs={epochs}", f"train.seed={seed}", "train.threads=1", "train.progress=false",
             "diagnostics.plots=false", "train.log_every=5", "eval.save_features=false",
+            f"diagnostics.held_out_images={HELD_OUT}",
             f"diagnostics.alarm_patience={PATIENCE}", *overrides, *extra]
     if name.startswith("cifar_"):
         if cifar_root is None:
@@ -420,8 +426,21 @@ def run_loop_case(name: str, seed: int, epochs: int) -> dict:
                              teacher_temp=teacher_temp, center_momentum=1.0 if frozen else 0.9)
         params = list(student.parameters())
     optimizer = torch.optim.Adam(params, lr=1e-3)
+    held_out_x = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:HELD_OUT]]
+
+    def held_out_embeddings():                      # the monitor's held-out images, in eval mode
+        modules = [backbone, projector] + ([teacher] if name.startswith("loop_lightly") else [])
+        for m in modules:
+            m.eval()
+        try:
+            return embed(held_out_x)[0]
+        finally:
+            for m in modules:
+                m.train()
+
     monitor = CollapseMonitor(num_prototypes=k, embedding_dim=dim if k is None else 32,
-                              warmup_steps=steps_per_epoch, log_every=5, patience=PATIENCE, tensorboard=False)
+                              warmup_steps=steps_per_epoch, log_every=5, patience=PATIENCE, tensorboard=False,
+                              held_out=held_out_embeddings if HELD_OUT else None)
 
     def embed(x):                                    # the probe's embeddings and probabilities
         if name.startswith("loop_lightly"):    # the teacher's embeddings and DINO targets

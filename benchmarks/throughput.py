@@ -13,7 +13,11 @@ noise hits every part alike (median of ``--repeats`` calls per round, median ove
   backward of a stand-in loss, on all crops;
 * ``optimizer``: the optimiser's step alone;
 * ``mixture_update``: the E-step and statistics of decoupled prototypes on the teacher embeddings;
-* ``backbone``: a bare backbone forward + backward on the same crops (the reference).
+* ``backbone``: a bare backbone forward + backward on the same crops (the reference);
+* ``held_out_check``: the collapse alarms' held-out check (``diagnostics.held_out_images``
+  un-augmented images through the evaluation network in eval mode), which the trainer runs once
+  per log step; ``held_out_check_share_per_step`` is its cost spread over ``train.log_every`` steps,
+  as a share of the step.
 
 Each case is also counted once in FLOPs (``torch.utils.flop_counter``: matrix products and
 convolutions, forward and backward; elementwise work, softmaxes and the augmentation count zero),
@@ -54,7 +58,8 @@ import nocollapse
 from common import STUDY, time_call
 from nocollapse.config import build_config
 from nocollapse.data.batch import Batch
-from nocollapse.data.views import BatchedViews, build_view_spec
+from nocollapse.analysis import HeldOutEncoder
+from nocollapse.data.views import BatchedViews, build_view_spec, normalize_uint8
 from nocollapse.engine.trainer import optimisation_step
 from nocollapse.methods import build_method
 from nocollapse.models.backbones import build_backbone
@@ -144,9 +149,15 @@ def measure(name: str, args) -> dict:
     def optimizer_step() -> None:
         optimizer.step()  # on the gradients the last case left (their values do not change the cost)
 
+    # the alarms' held-out check (diagnostics.held_out_images, every log step): the evaluation
+    # network in eval mode on that many un-augmented images
+    held_out = HeldOutEncoder(method, [normalize_uint8(images[:cfg.diagnostics.held_out_images], SIZE, CIFAR_MEAN,
+                                                       CIFAR_STD)]) if cfg.diagnostics.held_out_images >= 2 else None
     cases = {"step": lambda: step(True), "step_without_augmentation": lambda: step(False),
              "augmentation": lambda: views(images), "backbone": backbone_step,
              "student_forward_backward": student_forward_backward, "optimizer": optimizer_step}
+    if held_out is not None:
+        cases["held_out_check"] = held_out
     teacher = getattr(method, "teacher", None) or getattr(method, "target", None)
     if teacher is not None:
         def teacher_forward() -> None:
@@ -196,6 +207,10 @@ def measure(name: str, args) -> dict:
         "method_overhead_seconds": round(overhead, 4),
         "method_overhead_share": round(overhead / med["step"], 3),
         "ratio_step_to_backbone": round(ratio, 3),
+        # the held-out check runs once per log step: its share of a step at the recipe's log_every
+        **({"held_out_check_share_per_step": round(med["held_out_check"] / cfg.train.log_every / med["step"], 4),
+            "held_out_images": cfg.diagnostics.held_out_images, "log_every": cfg.train.log_every}
+           if "held_out_check" in med else {}),
         "ratio_step_to_backbone_rounds": [round(r, 3) for r in rounds],
         "ratio_step_to_backbone_spread": round(max(rounds) - min(rounds), 3),
         "ratio_step_without_augmentation_to_backbone": round(ratio_no_aug, 3),

@@ -145,3 +145,37 @@ def test_the_rank_history_starts_at_step_0_and_the_spread_history_after_the_warm
     # the same run with the warm-up's rank out of view (a rank already low at step 0) stays quiet
     quiet = AlarmMonitor(warmup_steps=100, patience=3, enabled=("dimensional_collapse",))
     assert [quiet.update(step, collapsed) for step in (0, 100, 110, 120)] == [[], [], [], []]
+
+
+def test_held_out_images_show_a_collapse_that_the_training_batch_hides():
+    """VICReg without its variance term: batch norm in training mode keeps the batch's cosine at
+    0.85 while the held-out images in eval mode sit at 0.99. Either view failing counts a check;
+    the held-out limit (0.97) is stricter than the batch's (0.92), so a held-out cone of 0.95 that
+    a learning DINO head shows does not."""
+    monitor = AlarmMonitor(warmup_steps=10, patience=3, enabled=("representation_collapse",))
+    start = {"embedding_std": 0.04, "mean_cosine": 0.3, "held_out_embedding_std": 0.04,
+             "held_out_mean_cosine": 0.3, "embedding_dim": 64}
+    hidden = {"embedding_std": 0.015, "mean_cosine": 0.85, "held_out_embedding_std": 0.003,
+              "held_out_mean_cosine": 0.99, "embedding_dim": 64}
+    cone = {**hidden, "held_out_embedding_std": 0.015, "held_out_mean_cosine": 0.95}
+    assert monitor.update(10, start) == []
+    assert [monitor.update(step, hidden) for step in (15, 20)] == [[], []]
+    fired = monitor.update(25, hidden)
+    assert [a.name for a in fired] == ["representation_collapse"] and "held-out images'" in fired[0].message
+    quiet = AlarmMonitor(warmup_steps=10, patience=3, enabled=("representation_collapse",))
+    assert [quiet.update(step, s) for step, s in ((10, start), (15, cone), (20, cone), (25, cone), (30, cone))] \
+        == [[]] * 5
+    # the batch alone still decides where there are no held-out metrics, and neither view -> unmeasured
+    batch_only = {k: v for k, v in hidden.items() if not k.startswith("held_out_")}
+    assert AlarmMonitor(warmup_steps=0, patience=1)._check_representation({}) is None
+    assert AlarmMonitor(warmup_steps=0, patience=1, enabled=("representation_collapse",)).update(
+        0, {**batch_only, "mean_cosine": 0.95}) == []           # no peak yet: 0.95 against itself
+
+
+def test_held_out_rank_has_its_own_history():
+    monitor = AlarmMonitor(warmup_steps=10, patience=2, enabled=("dimensional_collapse",))
+    monitor.update(0, {"direction_rank": 20.0, "held_out_direction_rank": 60.0})   # warm-up: history only
+    assert monitor.update(10, {"direction_rank": 19.0, "held_out_direction_rank": 2.0}) == []
+    fired = monitor.update(15, {"direction_rank": 19.0, "held_out_direction_rank": 2.0})
+    assert [a.name for a in fired] == ["dimensional_collapse"] and "held-out" in fired[0].message
+    assert monitor.state_dict()["peaks"]["held_out_direction_rank"] == 60.0

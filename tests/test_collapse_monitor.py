@@ -147,3 +147,61 @@ def test_monitor_arguments_get_clear_errors(tmp_path):
     assert monitor.updates == 0                                        # nothing was recorded
     with pytest.warns(UserWarning, match="needs|log_dir"):
         assert monitor.plot(tmp_path) == []
+
+
+def test_held_out_function_is_called_at_checks_only_and_feeds_the_alarms():
+    calls = []
+    collapsed = torch.nn.functional.normalize(torch.ones(32, 8) + 1e-4 * torch.randn(32, 8), dim=1)
+    spread = torch.randn(32, 8)
+
+    def held_out():
+        calls.append(torch.is_grad_enabled())
+        return spread if len(calls) <= 2 else collapsed
+
+    monitor = CollapseMonitor(embedding_dim=8, log_every=2, patience=2, warmup_steps=0, held_out=held_out)
+    batch = torch.randn(16, 8)                          # a healthy training batch throughout
+    metrics = [monitor.update(step, embeddings=batch) for step in range(10)]
+    assert len(calls) == 5 and not any(calls)          # steps 0, 2, 4, 6, 8, under no_grad
+    assert {"held_out_embedding_std", "held_out_mean_cosine", "held_out_direction_rank"} <= set(metrics[0])
+    assert metrics[1] == {}
+    assert metrics[4]["held_out_mean_cosine"] > 0.99
+    assert [a.name for a in monitor.alarms] == ["representation_collapse"] and monitor.alarms[0].step == 6
+
+
+def test_held_out_must_be_a_function_of_a_matrix():
+    with pytest.raises(TypeError, match="held_out must be a function"):
+        CollapseMonitor(held_out=torch.randn(4, 8))
+    monitor = CollapseMonitor(embedding_dim=8, held_out=lambda: torch.randn(8))
+    with pytest.raises(ValueError, match=r"held_out\(\) must return a \[P, D\] tensor"):
+        monitor.update(0, embeddings=torch.randn(4, 8))
+
+
+def test_the_trainer_encodes_a_fixed_held_out_draw_in_eval_mode_and_logs_its_metrics(tmp_path, tiny_overrides):
+    from nocollapse.config import build_config
+    from nocollapse.engine.trainer import Trainer
+
+    cfg, _ = build_config(overrides=[*tiny_overrides, "train.epochs=1", "diagnostics.held_out_images=40",
+                                     "diagnostics.plots=false"])
+    Trainer(cfg, tmp_path / "run").fit()
+    trainer = Trainer(cfg, tmp_path / "fresh")
+    try:
+        trainer.setup()
+        encoder = trainer.monitor.held_out
+        modules = list(encoder.network.modules())
+        modules[-1].eval()                              # a module kept in eval mode stays so
+        modes = [m.training for m in modules]
+        first, second = encoder(), encoder()
+        assert first.shape == (40, trainer.method.embedding_dim) and torch.equal(first, second)
+        assert [m.training for m in modules] == modes and any(modes) and not all(modes)
+    finally:
+        trainer.release()
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if "loss" in s]
+    assert steps and all({"held_out_mean_cosine", "held_out_direction_rank"} <= set(s) for s in steps)
+    off, _ = build_config(overrides=[*tiny_overrides, "diagnostics.held_out_images=0"])
+    trainer = Trainer(off, tmp_path / "off")
+    try:
+        trainer.setup()
+        assert trainer.monitor.held_out is None
+    finally:
+        trainer.release()

@@ -5,6 +5,8 @@ Shared by the end of ``nocollapse train``, ``nocollapse diagnose`` and ``nocolla
 * :func:`encode_split` runs the method's evaluation network (the teacher's backbone and, when the
   method has one, its projection head) over a split and returns backbone features, bottleneck
   embeddings and the method's prototype assignment probabilities;
+* :class:`HeldOutEncoder` encodes a fixed set of training images in eval mode for the
+  held-out metrics of the collapse alarms, during training;
 * :func:`method_report` turns the test split's outputs into the collapse report of
   ``nocollapse.diagnostics`` (unique prototypes, utilisation, effective prototypes, effective
   rank and spectrum of the backbone features, mixture weights);
@@ -39,6 +41,7 @@ from .diagnostics.embeddings import (
 from .diagnostics.plots import plot_spectrum, plot_training_curves
 from .diagnostics.report import prototype_report, report_warnings, write_plots
 from .evaluation.clustering import assignment_clustering, kmeans_clustering
+from .data.loader import eval_batches
 from .evaluation.features import extract_outputs
 from .utils.checkpoint import atomic_save, describe_unreadable
 from .utils.run_directory import record
@@ -118,6 +121,50 @@ def encode_split(method, source: ImageSource, size: int, splits: DatasetSplits, 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().cpu()
+
+
+class HeldOutEncoder:
+    """The eval-mode embeddings ``[P, D]`` of a fixed set of images, for
+    :class:`~nocollapse.diagnostics.monitor.CollapseMonitor`'s ``held_out`` function.
+
+    ``batches``: the images, normalised and on the method's device; :meth:`from_source` draws
+    ``count`` images of a split (seeded), decodes them once un-augmented, as for evaluation, and
+    keeps them (``count x 3 x size x size`` floats: 3 MiB for 256 images at 32 px). Each call runs
+    the method's evaluation network (its bottleneck embeddings, or the backbone features for a
+    method without a head) with norm layers in eval mode and restores each module's mode."""
+
+    def __init__(self, method, batches: list[torch.Tensor]) -> None:
+        self.network = _EvalNetwork(method)
+        self.batches = list(batches)
+        self.count = sum(len(b) for b in self.batches)
+        if self.count < 2:
+            raise ValueError(f"the held-out set needs at least 2 readable images, got {self.count}")
+
+    @classmethod
+    def from_source(cls, method, source: ImageSource, count: int, size: int, splits: DatasetSplits,
+                    batch_size: int, device: torch.device, seed: int = 0,
+                    bad_images: str = "skip") -> "HeldOutEncoder":
+        if count < 2:
+            raise ValueError(f"the held-out set needs at least 2 images, got {count}")
+        if len(source) > count:
+            generator = torch.Generator().manual_seed(seed)
+            source = source.subset(torch.randperm(len(source), generator=generator)[:count].sort().values)
+        return cls(method, [images for images, _ in eval_batches(source, size, splits.mean, splits.std, batch_size,
+                                                                 device, 0, bad_images)])
+
+    def __call__(self) -> torch.Tensor:
+        # each module's own mode is put back (a teacher may be kept in eval mode while training)
+        modes = [(module, module.training) for module in self.network.modules()]
+        self.network.eval()
+        try:
+            with torch.no_grad():
+                outputs = [self.network(images) for images in self.batches]
+        finally:
+            for module, training in modes:
+                module.training = training
+        picked = [out[1] if isinstance(out, tuple) and out[1] is not None else
+                  (out[0] if isinstance(out, tuple) else out) for out in outputs]
+        return torch.cat([t.float() for t in picked])
 
 
 def method_report(method, test: SplitOutputs, seed: int = 0) -> dict[str, Any]:

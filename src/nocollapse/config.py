@@ -220,6 +220,9 @@ class DiagnosticsConfig:
     prototype_collapse_threshold: float = setting(
         0.5, "prototype_collapse fires when fewer than this fraction of prototypes are unique", 0.0, 1.0)
     queue_size: int = setting(4096, "recent training features kept for the per-epoch effective rank", 16)
+    held_out_images: int = setting(256, "training images (a fixed seeded draw, un-augmented) encoded in eval mode "
+                                   "at every log step for the representation and dimensional alarms: batch norm in "
+                                   "training mode can spread a collapsed batch again; 0 turns it off", 0)
     online_probe: bool = setting(False, "an online k-NN and linear probe on the detached backbone features, fed "
                                  "every step with the training labels (all of them: an evaluation, never seen "
                                  "by the method); reports online_knn_top1 / online_linear_top1")

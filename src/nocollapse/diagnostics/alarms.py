@@ -34,6 +34,16 @@ reached, not by a constant. The two histories start at different times:
 
 Every count is judged against what the batch can show, ``min(K, N)``.
 
+**Held-out embeddings.** A training batch goes through the network in training mode: batch norm
+re-centres and re-scales it with its own statistics, which can spread a collapsed batch again
+(VICReg without its variance term: a batch cosine of 0.6-0.94 while held-out images in eval mode
+sit at 0.98-1.0). When an update also carries the ``held_out_`` metrics (``held_out_mean_cosine``,
+``held_out_embedding_std``, ``held_out_direction_rank``: the same measures on a fixed set of images
+encoded in eval mode, which :class:`~nocollapse.diagnostics.monitor.CollapseMonitor` computes
+from its ``held_out`` function), the representation and dimensional checks count a check as
+failing when either view shows the collapse. Each held-out metric keeps its own history, started
+as its batch counterpart's.
+
 Alarms and the metric keys they read:
 
 ``uniform_collapse``
@@ -63,10 +73,15 @@ Alarms and the metric keys they read:
     cosine of the batch) while ``embedding_std`` has fallen below
     ``representation_spread_fraction`` of its highest value so far; or, whatever the history,
     ``embedding_std < representation_fraction / sqrt(D)`` (``D`` from the constructor or the
-    ``embedding_dim`` key; healthy values are about ``1/sqrt(D)``).
+    ``embedding_dim`` key; healthy values are about ``1/sqrt(D)``); or, on the held-out images,
+    ``held_out_mean_cosine > held_out_cosine`` while ``held_out_embedding_std`` has fallen below
+    ``representation_spread_fraction`` of its highest value so far. The held-out cosine limit is
+    higher (0.97 against 0.92) because a DINO head's held-out embeddings of a run that learns can
+    sit in a cone of cosine 0.95 for a hundred steps.
 ``dimensional_collapse``
     The embeddings span few directions: ``direction_rank`` (RankMe of the batch's normalised,
-    centred embeddings) below ``dimensional_fraction`` of its highest value so far. A collapse
+    centred embeddings) below ``dimensional_fraction`` of its highest value so far, or
+    ``held_out_direction_rank`` below the same fraction of its own highest value. A collapse
     that keeps every dimension's variance (Barlow Twins without its off-diagonal term, a
     projector ending in batch norm) shows here and nowhere else.
 ``unused_prototypes``
@@ -245,7 +260,21 @@ class Alarm:
 _HEALTHY: tuple[float, str] = (float("nan"), "")
 #: metrics whose highest value so far the history-relative checks compare against, and whether
 #: the warm-up's values count (see the module doc: the rank's do, the spread's do not)
-_HISTORY_KEYS: dict[str, bool] = {"embedding_std": False, "direction_rank": True}
+_HISTORY_KEYS: dict[str, bool] = {"embedding_std": False, "direction_rank": True,
+                                  "held_out_embedding_std": False, "held_out_direction_rank": True}
+#: the prefix of the metrics measured on held-out images in eval mode (see the module doc)
+HELD_OUT_PREFIX = "held_out_"
+
+
+def _either(first: tuple[float, str] | None, second: tuple[float, str] | None) -> tuple[float, str] | None:
+    """Combine two views of one check: failing when either fails, healthy when one is healthy and
+    the other healthy or unmeasured, unmeasured (None) when neither is measured."""
+    for result in (first, second):
+        if result is not None and result[1]:
+            return result
+    if first is None and second is None:
+        return None
+    return _HEALTHY
 
 
 def _number(metrics: Mapping[str, Any], key: str) -> float | None:
@@ -279,6 +308,7 @@ class AlarmMonitor:
         one_hot_threshold: ``max_prob`` above which samples count as sitting on one prototype.
         one_hot_max_effective_fraction: see module doc.
         representation_cosine: mean pairwise cosine above which embeddings share one direction.
+        held_out_cosine: the same limit for the held-out images' embeddings.
         representation_spread_fraction: ... while ``embedding_std`` is below this fraction of
             its highest value so far.
         representation_fraction: alarm whatever the history when ``embedding_std < fraction /
@@ -308,6 +338,7 @@ class AlarmMonitor:
         one_hot_threshold: float = 0.5,
         one_hot_max_effective_fraction: float = 0.03,
         representation_cosine: float = 0.92,
+        held_out_cosine: float = 0.97,
         representation_spread_fraction: float = 0.5,
         representation_fraction: float = 0.1,
         dimensional_fraction: float = 0.05,
@@ -340,6 +371,7 @@ class AlarmMonitor:
         self.one_hot_threshold = one_hot_threshold
         self.one_hot_max_effective_fraction = one_hot_max_effective_fraction
         self.representation_cosine = representation_cosine
+        self.held_out_cosine = held_out_cosine
         self.representation_spread_fraction = representation_spread_fraction
         self.representation_fraction = representation_fraction
         self.dimensional_fraction = dimensional_fraction
@@ -451,6 +483,11 @@ class AlarmMonitor:
         return None
 
     def _check_representation(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
+        batch = self._representation_of_batch(m)
+        held_out = self._shared_direction(m, HELD_OUT_PREFIX, self.held_out_cosine, "held-out images'")
+        return _either(batch, held_out)
+
+    def _representation_of_batch(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
         std = _number(m, "embedding_std")
         if std is None:
             return None
@@ -468,29 +505,43 @@ class AlarmMonitor:
                     f"embedding std {std:.2e} < {self.representation_fraction} x 1/sqrt(D) = "
                     f"{limit:.2e} (healthy ~ {healthy:.3f} for D = {dim}){extra}"
                 )
-        cosine = _number(m, "mean_cosine")
-        peak = self._peaks.get("embedding_std")
-        if cosine is None or peak is None:
+        result = self._shared_direction(m, "", self.representation_cosine, "")
+        if result is None:
             return _HEALTHY if dim is not None else None
-        if cosine > self.representation_cosine and std < self.representation_spread_fraction * peak:
+        return result
+
+    def _shared_direction(self, m: Mapping[str, Any], prefix: str, cosine_limit: float,
+                          whose: str) -> tuple[float, str] | None:
+        """Mean pairwise cosine above ``cosine_limit`` while the spread fell below
+        ``representation_spread_fraction`` of its peak, on the ``prefix``-ed metrics."""
+        std = _number(m, f"{prefix}embedding_std")
+        cosine = _number(m, f"{prefix}mean_cosine")
+        peak = self._peaks.get(f"{prefix}embedding_std")
+        if std is None or cosine is None or peak is None:
+            return None
+        if cosine > cosine_limit and std < self.representation_spread_fraction * peak:
             return cosine, (
-                f"mean pairwise cosine of the embeddings {cosine:.3f} > {self.representation_cosine} and "
+                f"mean pairwise cosine of the {whose + ' ' if whose else ''}embeddings {cosine:.3f} > {cosine_limit} and "
                 f"their spread (embedding std) {std:.2e} fell below {self.representation_spread_fraction} "
                 f"of its highest value {peak:.2e}: every embedding points the same way"
             )
         return _HEALTHY
 
     def _check_dimensional(self, m: Mapping[str, Any]) -> tuple[float, str] | None:
-        rank = _number(m, "direction_rank")
-        peak = self._peaks.get("direction_rank")
+        return _either(self._few_directions(m, "", "the embeddings"),
+                       self._few_directions(m, HELD_OUT_PREFIX, "the held-out images' embeddings"))
+
+    def _few_directions(self, m: Mapping[str, Any], prefix: str, whose: str) -> tuple[float, str] | None:
+        rank = _number(m, f"{prefix}direction_rank")
+        peak = self._peaks.get(f"{prefix}direction_rank")
         if rank is None or peak is None:
             return None
         if rank >= self.dimensional_fraction * peak:
             return _HEALTHY
         return rank, (
-            f"the embeddings span {rank:.1f} effective directions (RankMe of the normalised, "
-            f"centred batch), below {self.dimensional_fraction} of the {peak:.1f} they spanned "
-            "earlier in this run"
+            f"{whose} span {rank:.1f} effective directions (RankMe of the normalised, "
+            f"centred {'batch' if not prefix else 'set'}), below {self.dimensional_fraction} of the "
+            f"{peak:.1f} they spanned earlier in this run"
         )
 
     def _check_unused(self, m: Mapping[str, Any]) -> tuple[float, str] | None:

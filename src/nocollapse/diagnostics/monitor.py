@@ -14,6 +14,15 @@ a dict; given ``log_dir`` the monitor also writes them to ``log_dir/metrics.json
 TensorBoard and :meth:`CollapseMonitor.plot` draws the training curves. Under
 ``torch.distributed`` only rank 0 writes and raises alarms (every rank computes on its own shard).
 
+Given ``held_out`` (a function of no arguments returning the ``[P, D]`` embeddings of a fixed
+set of images, encoded with the network in eval mode and restored to training mode afterwards),
+every check also measures the spread, mean pairwise cosine and direction rank of those
+embeddings (``held_out_embedding_std``, ``held_out_mean_cosine``, ``held_out_direction_rank``),
+which the representation and dimensional alarms read beside the batch's: batch norm in training
+mode re-spreads a collapsed batch, held-out images in eval mode show the collapse (see
+:mod:`~nocollapse.diagnostics.alarms`). The function is called only at checks (every
+``log_every``-th update), under ``torch.no_grad``.
+
 Given a ``probe`` (an :class:`~nocollapse.evaluation.online.OnlineProbe`, or any object with its
 ``update`` / ``end_epoch`` / ``evaluate`` / ``state_dict`` methods) and ``labels`` in
 :meth:`CollapseMonitor.update`, the monitor also runs an online k-NN and linear probe on the
@@ -32,6 +41,7 @@ import logging
 import warnings
 from collections import deque
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,7 +49,7 @@ import torch
 from ..config import Config
 from ..utils import distributed as dist_utils
 from ..utils.metrics_log import MetricsLogger, read_jsonl
-from .alarms import ALARM_NAMES, WARNINGS, Alarm, AlarmMonitor
+from .alarms import ALARM_NAMES, HELD_OUT_PREFIX, WARNINGS, Alarm, AlarmMonitor
 from .assignments import assignment_stats, mixture_stats, teacher_student_kl
 from .embeddings import direction_rank, effective_rank, embedding_std, mean_direction_norm, mean_pairwise_cosine
 from .plots import plot_training_curves
@@ -87,6 +97,8 @@ class CollapseMonitor:
         queue_size: recent features kept for the per-epoch effective rank.
         log_dir: write every returned dict to ``log_dir/metrics.jsonl`` (and TensorBoard).
         probe: an online probe fed by the ``labels`` of :meth:`update` (see the module doc).
+        held_out: a function returning the ``[P, D]`` eval-mode embeddings of a fixed set of
+            images, called at every check (see the module doc).
     """
 
     def __init__(self, num_prototypes: int | None = None, embedding_dim: int | None = None, *,
@@ -94,7 +106,7 @@ class CollapseMonitor:
                  warnings: bool = True, uniform_loss: float | None = None, fixed_prototypes: bool = False,
                  prototype_collapse_eps: str = "0.1", prototype_collapse_threshold: float = 0.5,
                  queue_size: int = 4096, log_dir: str | Path | None = None, tensorboard: bool = True,
-                 probe: Any = None) -> None:
+                 probe: Any = None, held_out: Callable[[], torch.Tensor] | None = None) -> None:
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
         self.num_prototypes = num_prototypes
@@ -110,6 +122,10 @@ class CollapseMonitor:
         self.prototype_collapse_threshold = prototype_collapse_threshold
         self.queue_size = queue_size
         self.probe = probe
+        if held_out is not None and not callable(held_out):
+            raise TypeError("held_out must be a function returning the [P, D] embeddings of a fixed set of "
+                            f"images in eval mode, got {type(held_out).__name__}")
+        self.held_out = held_out
         self.main = dist_utils.rank() == 0
         self.features: deque[torch.Tensor] = deque()
         self.queued = 0
@@ -176,6 +192,18 @@ class CollapseMonitor:
             while self.queued - self.features[0].shape[0] >= self.queue_size:
                 self.queued -= self.features.popleft().shape[0]
 
+    def _held_out_metrics(self) -> dict[str, float]:
+        """The representation measures of the ``held_out`` function's embeddings."""
+        with torch.no_grad():
+            held_out = self.held_out()
+        if not isinstance(held_out, torch.Tensor) or held_out.dim() != 2 or held_out.shape[0] < 2:
+            shape = tuple(held_out.shape) if isinstance(held_out, torch.Tensor) else type(held_out).__name__
+            raise ValueError(f"held_out() must return a [P, D] tensor with P >= 2 rows, got {shape}")
+        held_out = held_out.detach().float()
+        return {f"{HELD_OUT_PREFIX}embedding_std": embedding_std(held_out),
+                f"{HELD_OUT_PREFIX}mean_cosine": mean_pairwise_cosine(held_out),
+                f"{HELD_OUT_PREFIX}direction_rank": direction_rank(held_out)}
+
     def step_metrics(self, step: int, *, probs: torch.Tensor | None = None,
                      student_probs: torch.Tensor | None = None, embeddings: torch.Tensor | None = None,
                      loss: float | None = None) -> dict[str, Any]:
@@ -197,6 +225,8 @@ class CollapseMonitor:
             # directions) read; the rank is an eigen-decomposition of the smaller Gram matrix
             metrics["mean_cosine"] = mean_pairwise_cosine(embeddings)
             metrics["direction_rank"] = direction_rank(embeddings)
+        if self.held_out is not None:
+            metrics.update(self._held_out_metrics())
         alarm_input.update(metrics)
         if loss is not None:
             alarm_input["loss"] = float(loss)
@@ -407,7 +437,8 @@ class TrainingMonitor(CollapseMonitor):
     """The :class:`CollapseMonitor` of a ``nocollapse train`` run, built from its config and method;
     the trainer logs the returned dicts itself."""
 
-    def __init__(self, cfg: Config, method, steps_per_epoch: int, probe: Any = None) -> None:
+    def __init__(self, cfg: Config, method, steps_per_epoch: int, probe: Any = None,
+                 held_out: Callable[[], torch.Tensor] | None = None) -> None:
         d = cfg.diagnostics
         self.enabled = d.enabled
         self.probe_metrics: dict[str, Any] = {}
@@ -418,7 +449,7 @@ class TrainingMonitor(CollapseMonitor):
             fixed_prototypes=bool(getattr(method, "fixed_prototypes", False)),
             prototype_collapse_eps=d.prototype_collapse_eps,
             prototype_collapse_threshold=d.prototype_collapse_threshold, queue_size=d.queue_size,
-            probe=probe if d.enabled else None)
+            probe=probe if d.enabled else None, held_out=held_out if d.enabled else None)
         # not a collapse: the share of optimisation steps skipped for a non-finite loss. The
         # fraction is cumulative, so one check that exceeds it is enough (patience 1).
         self.run_alarms = AlarmMonitor(warmup_steps=0, patience=1,

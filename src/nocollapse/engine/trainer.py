@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis import (encode_split, features_cache_path, method_report, run_summary, save_outputs,
+from ..analysis import (HeldOutEncoder, encode_split, features_cache_path, method_report, run_summary, save_outputs,
                         write_run_plots)
 from ..config import Config, ConfigError, config_from_dict, parse_overrides, to_dict, to_yaml
 from ..data import Batch, TrainBatches, build_view_spec, load_dataset, steps_per_epoch
@@ -357,7 +357,12 @@ class Trainer:
         probe = (OnlineProbe(self.splits.num_classes, bank_size=cfg.diagnostics.online_probe_bank,
                              seed=cfg.train.seed)
                  if cfg.diagnostics.online_probe else None)
-        self.monitor = TrainingMonitor(cfg, self.method, self.steps_per_epoch, probe=probe)
+        held_out = None
+        if cfg.diagnostics.enabled and cfg.diagnostics.alarms and cfg.diagnostics.held_out_images:
+            held_out = HeldOutEncoder.from_source(
+                self.method, self.splits.train, cfg.diagnostics.held_out_images, self.image_size, self.splits,
+                cfg.eval.batch_size, self.device, seed=cfg.train.seed, bad_images=cfg.data.bad_images)
+        self.monitor = TrainingMonitor(cfg, self.method, self.steps_per_epoch, probe=probe, held_out=held_out)
         if "monitor" in self.state:
             self.monitor.load_state_dict(self.state["monitor"])
         self.logger = MetricsLogger(self.run_dir, enabled=self.main,
