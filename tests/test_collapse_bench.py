@@ -126,7 +126,9 @@ def test_replaying_a_runs_recorded_alarm_inputs_gives_the_alarms_it_raised(bench
     assert ("representation_collapse" in dict(raised)) and run["alarm_inputs"]["stream"]
     replayed = sorted((a["name"], a["step"]) for a in bench.replay_alarms(run))
     assert replayed == raised
-    # other settings, tried on the same stream without training: a threshold no batch can pass
-    strict = bench.replay_alarms(run, {"representation_cosine": 1.0, "representation_fraction": 0.0})
+    # other settings, tried on the same stream without training: a threshold no batch (and no
+    # held-out set) can pass
+    strict = bench.replay_alarms(run, {"representation_cosine": 1.0, "held_out_cosine": 1.0,
+                                       "representation_fraction": 0.0})
     assert "representation_collapse" not in {a["name"] for a in strict}
     assert bench.replay_alarms({"name": "old record", "alarms": []}) is None
