@@ -205,3 +205,24 @@ def test_the_trainer_encodes_a_fixed_held_out_draw_in_eval_mode_and_logs_its_met
         assert trainer.monitor.held_out is None
     finally:
         trainer.release()
+
+
+def test_the_held_out_check_leaves_training_unchanged(tmp_path, tiny_overrides):
+    """Eval mode, no gradient, its own random draw: the losses and weights of a run are the same
+    with and without the check."""
+    from nocollapse.config import build_config
+    from nocollapse.engine.trainer import Trainer
+
+    runs = {}
+    for images in (0, 64):
+        cfg, _ = build_config(overrides=[*tiny_overrides, f"diagnostics.held_out_images={images}",
+                                         "diagnostics.plots=false", "eval.knn_every=0"])
+        trainer = Trainer(cfg, tmp_path / str(images))
+        trainer.fit()
+        records = [json.loads(line) for line in (tmp_path / str(images) / "metrics.jsonl").read_text().splitlines()]
+        runs[images] = ([r["loss"] for r in records if "loss" in r],
+                        {k: v.clone() for k, v in trainer.method.state_dict().items()})
+    assert runs[0][0] == runs[64][0] and len(runs[0][0]) >= 2
+    assert runs[0][1].keys() == runs[64][1].keys()
+    for key, value in runs[0][1].items():
+        assert torch.equal(value, runs[64][1][key]), key
