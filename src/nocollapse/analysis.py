@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .version import __version__
+from .data.loader import eval_batches
 from .data.registry import DatasetSplits
 from .data.sources import ImageSource
 from .diagnostics.assignments import AssignmentAccumulator
@@ -41,7 +42,6 @@ from .diagnostics.embeddings import (
 from .diagnostics.plots import plot_spectrum, plot_training_curves
 from .diagnostics.report import prototype_report, report_warnings, write_plots
 from .evaluation.clustering import assignment_clustering, kmeans_clustering
-from .data.loader import eval_batches
 from .evaluation.features import extract_outputs
 from .utils.checkpoint import atomic_save, describe_unreadable
 from .utils.run_directory import record

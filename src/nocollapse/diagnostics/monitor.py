@@ -40,8 +40,8 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import deque
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
