@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from nocollapse.utils.schedules import cosine_schedule, warmup_constant_schedule
-from nocollapse.losses.dino import dino_loss, teacher_probabilities, updated_center
+from nocollapse.losses import dino as dino_module
+from nocollapse.losses.dino import (dino_loss, row_blocks, softmax_cross_entropy_sum, teacher_probabilities,
+                                   updated_center)
 
 
 def test_dino_loss_two_crops_by_hand():
@@ -124,3 +126,114 @@ def test_sinkhorn_of_uniform_logits_is_uniform():
 
     q = sinkhorn_knopp(torch.zeros(6, 4), temperature=0.1)
     assert torch.allclose(q, torch.full((6, 4), 0.25))
+
+
+# --------------------------------------------------------------------------- the blocked, fused rewrite
+def _pairwise_dino_loss(student_logits, teacher_probs, temperature):
+    """The loss as it was written before the rewrite: one log-softmax per crop, then one
+    ``-q * log p`` product per (crop, view) pair, averaged over the pairs."""
+    log_probs = [torch.log_softmax(s.float() / temperature, dim=-1) for s in student_logits]
+    total, pairs = 0.0, 0
+    for j, q in enumerate(teacher_probs):
+        for i, log_p in enumerate(log_probs):
+            if i != j:
+                total = total + torch.sum(-q * log_p, dim=-1).mean()
+                pairs += 1
+    return total / pairs
+
+
+def _crops(n_crops, n_views, batch=6, k=37, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    student = [(3 * torch.randn(batch, k, generator=gen)).to(dtype).requires_grad_() for _ in range(n_crops)]
+    teacher = [torch.softmax(torch.randn(batch, k, generator=gen) / 0.04, dim=1) for _ in range(n_views)]
+    return student, teacher
+
+
+@pytest.fixture(params=[None, 40], ids=["one-block", "many-blocks"])
+def blocks(request, monkeypatch):
+    """The default block size (the test matrices fit one block) and 40 elements (one row per block)."""
+    if request.param is not None:
+        monkeypatch.setattr(dino_module, "BLOCK_ELEMENTS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("n_crops,n_views", [(2, 2), (5, 2), (4, 3), (3, 1)])
+def test_fused_loss_equals_the_pairwise_loss_in_value_and_gradient(blocks, n_crops, n_views):
+    student, teacher = _crops(n_crops, n_views)
+    fused = dino_loss(student, teacher, 0.1)
+    # with one teacher view, crop 0 (that view) is in no pair: no gradient in either form
+    grads = torch.autograd.grad(fused, student, allow_unused=True, materialize_grads=True)
+    reference_student = [s.detach().clone().requires_grad_() for s in student]
+    reference = _pairwise_dino_loss(reference_student, teacher, 0.1)
+    reference_grads = torch.autograd.grad(reference, reference_student, allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(fused, reference)
+    for got, want in zip(grads, reference_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_cross_entropy_passes_gradcheck_for_logits_and_targets(blocks):
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.rand(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s, q: softmax_cross_entropy_sum(s, q, 0.3), (logits, targets))
+
+
+def test_fused_loss_under_bf16_autocast_errs_no_more_than_the_pairwise_loss():
+    # bf16 logits, as an autocast forward of the prototype layer produces them
+    student, teacher = _crops(4, 2, batch=16, k=300, dtype=torch.bfloat16)
+    exact_student = [s.detach().double().requires_grad_() for s in student]
+    exact = _pairwise_dino_loss(exact_student, [q.double() for q in teacher], 0.1)
+    exact_grads = torch.autograd.grad(exact, exact_student)
+    errors = {}
+    for name, loss_fn in (("fused", dino_loss), ("pairwise", _pairwise_dino_loss)):
+        inputs = [s.detach().clone().requires_grad_() for s in student]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(inputs, teacher, 0.1)
+        grads = torch.autograd.grad(loss, inputs)
+        assert loss.dtype == torch.float32
+        errors[name] = (abs(float(loss.detach()) - float(exact.detach())),
+                        max(float((g.double() - e).abs().max()) for g, e in zip(grads, exact_grads)))
+    assert errors["fused"][0] <= errors["pairwise"][0] + 1e-6
+    assert errors["fused"][1] <= errors["pairwise"][1] + 1e-6
+
+
+def test_fused_cross_entropy_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same"):
+        softmax_cross_entropy_sum(torch.zeros(2, 3), torch.zeros(2, 4), 0.1)
+
+
+@pytest.mark.parametrize("with_center", [True, False])
+def test_blocked_teacher_probabilities_equal_the_softmax(blocks, with_center):
+    gen = torch.Generator().manual_seed(2)
+    t = 5 * torch.randn(7, 23, generator=gen)
+    c = torch.randn(1, 23, generator=gen) if with_center else None
+    expected = torch.softmax(((t - c) if with_center else t) / 0.04, dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher_probabilities(t, 0.04, c), expected)
+    # bf16 logits give fp32 targets, from the same rounded values
+    torch.testing.assert_close(teacher_probabilities(t.bfloat16(), 0.04, c),
+                               torch.softmax(((t.bfloat16().float() - c) if with_center else t.bfloat16().float())
+                                             / 0.04, dim=-1))
+
+
+def test_teacher_probabilities_keep_their_gradient_when_the_logits_need_one():
+    t = torch.randn(3, 5, requires_grad=True)
+    q = teacher_probabilities(t, 0.5)
+    assert q.requires_grad
+    (q[:, 0].sum()).backward()
+    assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+def test_row_blocks_cover_every_row_once():
+    blocks_ = row_blocks(10, 7, block_elements=20)
+    assert [(b.start, b.stop) for b in blocks_] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert [(b.start, b.stop) for b in row_blocks(3, 100, block_elements=20)] == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_teacher_probabilities_leave_the_logits_unchanged():
+    t = torch.randn(4, 9)
+    before = t.clone()
+    with torch.no_grad():
+        teacher_probabilities(t, 0.1)
+        teacher_probabilities(t, 0.1, torch.randn(1, 9))
+    assert torch.equal(t, before)

@@ -244,3 +244,17 @@ def test_buffer_seeding_runs_after_the_warm_up():
         method.on_after_optimizer_step(step)
         assert int(method.gmm.num_buffer_seedings) == (0 if step < 2 else step - 1)
     assert method.gmm.buffer.shape == (64, 8)
+
+
+def test_dino_student_probabilities_are_computed_when_read_and_are_the_second_views_softmax():
+    cfg, method = _method("method.prototypes=learned")
+    crops = _crops()
+    out = method(crops, 0)
+    assert callable(out.student_probs)
+    probs = out.student_probs()
+    with torch.no_grad():
+        _, embeddings = method.student(crops)
+        logits = method.student_scores(embeddings).float()
+    expected = torch.softmax(logits[6:12] / cfg.dino.student_temp, dim=-1)
+    torch.testing.assert_close(probs, expected)
+    assert not probs.requires_grad

@@ -482,7 +482,8 @@ class TrainingMonitor(CollapseMonitor):
     def step_metrics(self, step: int, loss: float, out) -> dict[str, Any]:  # type: ignore[override]
         if not self.enabled or out is None:
             return {}
-        metrics = super().step_metrics(step, probs=out.teacher_probs, student_probs=out.student_probs,
+        student_probs = out.student_probs() if callable(out.student_probs) else out.student_probs
+        metrics = super().step_metrics(step, probs=out.teacher_probs, student_probs=student_probs,
                                        embeddings=out.embeddings, loss=loss)
         return {**metrics, **self.probe_metrics}
 

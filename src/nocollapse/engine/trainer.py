@@ -745,6 +745,9 @@ class Trainer:
                         f"continue with: nocollapse train --out {self.run_dir} --resume")
                 if cfg.train.checkpoint_every_steps and self.position.step % cfg.train.checkpoint_every_steps == 0:
                     self.save_checkpoint()
+                # the step's outputs (B x K targets and logits among them) go before the next step
+                # runs, not after it
+                del out
         finally:
             if progress is not None:
                 progress.close()

@@ -13,6 +13,12 @@ cross-entropy over every (student crop i, teacher view j) pair except the same v
 The centre follows the batch mean of the teacher logits (all processes) with momentum m:
 
     c <- m * c + (1 - m) * mean_{b, j} t_j[b].
+
+At the papers' K = 65,536 every pass over a B x K matrix is memory traffic (a 256 x 65,536 fp32
+matrix is 64 MiB), so both functions work through the rows in blocks small enough to stay in the
+processor's cache, and the loss is one autograd node per crop: the pairs of a crop share their
+targets' sum (the cross-entropy is linear in the targets), the forward pass keeps only each row's
+log-normaliser, and the backward pass writes the gradient in one B x K tensor.
 """
 
 from __future__ import annotations
@@ -24,32 +30,122 @@ from torch.nn import functional as F
 
 from .sinkhorn import sinkhorn_knopp  # noqa: F401  (its home is losses/sinkhorn.py; kept importable from here, as documented before)
 
+# elements of one block of rows (fp32: 1 MiB), the unit the B x K passes work on
+BLOCK_ELEMENTS = 1 << 18
+
+
+def row_blocks(rows: int, width: int, block_elements: int | None = None) -> list[slice]:
+    """Consecutive row ranges of a ``rows x width`` matrix, each of about ``block_elements``
+    (default ``BLOCK_ELEMENTS``) elements and at least one row."""
+    step = max(1, (block_elements or BLOCK_ELEMENTS) // max(width, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
 
 def teacher_probabilities(teacher_logits: torch.Tensor, temperature: float,
                           center: torch.Tensor | None = None) -> torch.Tensor:
-    """``softmax((t - c) / tau_t)`` over the last dimension (no centering when ``center`` is None)."""
-    logits = teacher_logits if center is None else teacher_logits - center
-    return F.softmax(logits.float() / temperature, dim=-1)
+    """``softmax((t - c) / tau_t)`` over the last dimension, in fp32 (no centering when ``center``
+    is None). Under autograd with logits that need a gradient it is the plain differentiable
+    expression; otherwise one fp32 output is written block by block."""
+    if torch.is_grad_enabled() and (teacher_logits.requires_grad or (center is not None and center.requires_grad)):
+        logits = teacher_logits if center is None else teacher_logits - center
+        return F.softmax(logits.float() / temperature, dim=-1)
+    with torch.no_grad():
+        flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+        shift = None if center is None else center.reshape(1, -1).float()
+        for rows in row_blocks(*flat.shape):
+            # a fresh fp32 block, so that the in-place division never touches the caller's logits
+            block = flat[rows].to(torch.float32, copy=True) if shift is None else flat[rows].float() - shift
+            out[rows] = F.softmax(block.div_(temperature), dim=-1)
+        return out.reshape(teacher_logits.shape)
+
+
+class _SoftmaxCrossEntropySum(torch.autograd.Function):
+    """``sum_b [ -sum_k Q[b, k] * log_softmax(s / tau)[b, k] ]`` for one crop's logits ``s`` and
+    its summed targets ``Q``, in fp32 for any narrower input dtype (fp64 stays fp64).
+
+    With ``lse_b = logsumexp_k(s[b] / tau)`` and ``m_b = sum_k Q[b, k]`` the value is
+    ``sum_b (m_b * lse_b - <Q[b], s[b]> / tau)`` and its gradients are
+
+        dL/ds = (m * softmax(s / tau) - Q) / tau,      dL/dQ = -log_softmax(s / tau).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)     # fp32, or fp64 for fp64 inputs
+        rows = logits.shape[0]
+        lse = torch.empty(rows, dtype=dtype, device=logits.device)
+        mass = torch.empty(rows, dtype=dtype, device=logits.device)
+        dot = torch.empty(rows, dtype=dtype, device=logits.device)
+        with torch.autocast(logits.device.type, enabled=False):      # the row dot products stay fp32
+            for block in row_blocks(*logits.shape):
+                scaled = logits[block].to(dtype) / temperature
+                target = targets[block].to(dtype)
+                dot[block] = torch.einsum("bk,bk->b", target, scaled)
+                mass[block] = target.sum(dim=-1)
+                peak = scaled.amax(dim=-1, keepdim=True)
+                lse[block] = scaled.sub_(peak).exp_().sum(dim=-1).log_() + peak.squeeze(-1)
+        ctx.save_for_backward(logits, targets, lse, mass)
+        ctx.temperature = temperature
+        return (mass * lse - dot).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse, mass = ctx.saved_tensors
+        temperature, scale = ctx.temperature, grad.to(lse.dtype)
+        grad_logits = grad_targets = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = torch.empty(logits.shape, dtype=lse.dtype, device=logits.device)
+            for block in row_blocks(*logits.shape):
+                out = grad_logits[block]
+                out.copy_(logits[block]).div_(temperature).sub_(lse[block, None]).exp_()
+                out.mul_(mass[block, None]).sub_(targets[block]).mul_(scale / temperature)
+            grad_logits = grad_logits.to(logits.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_targets = torch.empty(targets.shape, dtype=lse.dtype, device=targets.device)
+            for block in row_blocks(*logits.shape):
+                grad_targets[block].copy_(logits[block]).div_(temperature).sub_(lse[block, None]).mul_(-scale)
+            grad_targets = grad_targets.to(targets.dtype)
+        return grad_logits, grad_targets, None
+
+
+def softmax_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``sum_b [ -sum_k targets[b, k] * log_softmax(logits / temperature)[b, k] ]`` (fp32), for
+    ``[B, K]`` logits and targets, without a B x K temporary in the forward pass."""
+    if logits.dim() != 2 or logits.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must be the same [B, K]")
+    return _SoftmaxCrossEntropySum.apply(logits, targets, float(temperature))
 
 
 def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor],
               student_temperature: float) -> torch.Tensor:
     """Mean cross-entropy between teacher targets and student predictions over crop pairs
     ``i != j`` (see the module docstring). ``student_logits[i]`` and ``teacher_probs[j]`` are
-    ``[B, K]``; the first ``len(teacher_probs)`` student crops are the teacher's views."""
+    ``[B, K]``; the first ``len(teacher_probs)`` student crops are the teacher's views.
+
+    The cross-entropy is linear in the targets, so crop ``i`` is compared once with the sum of the
+    targets it is paired with, ``Q_i = sum_{j != i} q_j``, and ``L = 1/|P| * sum_i
+    CE(Q_i, s_i) / B``, which is the pairwise form above."""
     if not teacher_probs or not student_logits:
         raise ValueError("dino_loss needs at least one teacher view and one student crop")
+    views = len(teacher_probs)
+    all_targets = teacher_probs[0] if views == 1 else None
     total = student_logits[0].new_zeros((), dtype=torch.float32)
     pairs = 0
-    # each crop's log-softmax once, not once per teacher view it is compared with (multi-crop:
-    # 2 x fewer B x K passes, and autograd keeps one copy per crop instead of one per pair)
-    log_probs = [F.log_softmax(s.float() / student_temperature, dim=-1) for s in student_logits]
-    for j, q in enumerate(teacher_probs):
-        for i, log_p in enumerate(log_probs):
-            if i == j:
-                continue
-            total = total + torch.sum(-q * log_p, dim=-1).mean()
-            pairs += 1
+    for i, logits in enumerate(student_logits):
+        partners = [q for j, q in enumerate(teacher_probs) if j != i]
+        if not partners:
+            continue
+        if len(partners) == 1:
+            targets = partners[0]
+        elif i >= views:                      # a local crop: paired with every view, one shared sum
+            if all_targets is None:
+                all_targets = torch.stack(list(teacher_probs)).sum(0)
+            targets = all_targets
+        else:
+            targets = torch.stack(partners).sum(0)
+        total = total + softmax_cross_entropy_sum(logits, targets, student_temperature) / logits.shape[0]
+        pairs += len(partners)
     if pairs == 0:
         raise ValueError("dino_loss has no crop pair with i != j (one crop only)")
     return total / pairs

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -82,7 +82,9 @@ class StepOutput:
     loss: torch.Tensor
     logs: dict[str, float] = field(default_factory=dict)
     teacher_probs: torch.Tensor | None = None   # [B, K] targets of the first global view
-    student_probs: torch.Tensor | None = None   # [B, K] predictions for the second global view
+    # [B, K] predictions for the second global view, or a function of no arguments that returns them:
+    # the monitor reads them at log steps only, so a method can leave the B x K softmax to those steps
+    student_probs: torch.Tensor | Callable[[], torch.Tensor] | None = None
     embeddings: torch.Tensor | None = None      # [B, D] (teacher) bottleneck embeddings
     features: torch.Tensor | None = None        # [B, F] (teacher) backbone features
 

@@ -109,8 +109,12 @@ class DINO(PrototypeMethod):
         if self.centering:
             self.propose_center(t_logits)
         logs.update(self.mixture_logs())
-        with torch.no_grad():
-            student_probs = F.softmax(s_logits[n:2 * n] / self.cfg.dino.student_temp, dim=-1)
+        second_view = s_logits[n:2 * n].detach()
+
+        @torch.no_grad()
+        def student_probs() -> torch.Tensor:                # read at log steps only
+            return F.softmax(second_view / self.cfg.dino.student_temp, dim=-1)
+
         return StepOutput(loss=loss, logs=logs, teacher_probs=q[:n].detach(),
                           student_probs=student_probs, embeddings=t_emb[:n].detach(),
                           features=t_feat[:n].detach().float())

@@ -1,0 +1,140 @@
+"""The K-wide work of DINO's step alone: the loss and the teacher targets as they were written
+before the blocked rewrite (``losses/dino.py``) and as they are now, at the papers' K.
+
+For each K, in one process and interleaved over ``--rounds`` (median of ``--repeats`` calls per
+round, median over rounds, with the rounds' spread):
+
+* ``loss``: forward and backward of DINO's cross-entropy over two global crops (and
+  ``--local-crops`` more), B = ``--batch`` rows per crop, from fp32 logits;
+* ``teacher``: the centred, sharpened teacher targets of the two global views (2B x K);
+* ``saved_bytes``: what autograd keeps for the backward pass of the loss (the tensors its nodes
+  save, each storage counted once), the loss's share of the step's peak memory.
+
+The "before" forms are written out here as they were (one log-softmax per crop, one ``-q * log p``
+product per pair; ``(t - c) / tau`` then a softmax), so the comparison stays runnable.
+
+    python benchmarks/k_wide_passes.py --k 4096 65536 --rounds 5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nocollapse.losses.dino import dino_loss, teacher_probabilities  # noqa: E402
+
+
+def pairwise_loss_before(student_logits, teacher_probs, temperature):
+    log_probs = [F.log_softmax(s.float() / temperature, dim=-1) for s in student_logits]
+    total, pairs = student_logits[0].new_zeros(()), 0
+    for j, q in enumerate(teacher_probs):
+        for i, log_p in enumerate(log_probs):
+            if i != j:
+                total = total + torch.sum(-q * log_p, dim=-1).mean()
+                pairs += 1
+    return total / pairs
+
+
+def teacher_before(t, temperature, center):
+    return F.softmax((t - center).float() / temperature, dim=-1)
+
+
+def saved_bytes(loss_fn, student, teacher) -> int:
+    """Bytes of the distinct storages autograd saves while building ``loss_fn``'s graph."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss_fn(student, teacher, 0.1)
+    inputs = {s.untyped_storage().data_ptr() for s in [*student, *teacher]}
+    return sum(size for ptr, size in storages.items() if ptr not in inputs)
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(k: int, batch: int, local_crops: int, rounds: int, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    crops = 2 + local_crops
+    student = [torch.randn(batch, k, generator=gen).requires_grad_() for _ in range(crops)]
+    teacher_logits = 10 * torch.randn(2 * batch, k, generator=gen)
+    center = torch.randn(1, k, generator=gen)
+    with torch.no_grad():
+        targets = list(teacher_probabilities(teacher_logits, 0.04, center).split(batch))
+
+    def loss_step(loss_fn):
+        def run():
+            loss = loss_fn(student, targets, 0.1)
+            loss.backward()
+            for s in student:
+                s.grad = None
+        return run
+
+    def teacher_step(fn):
+        def run():
+            with torch.no_grad():
+                fn(teacher_logits, 0.04, center)
+        return run
+
+    cases = {"loss_before": loss_step(pairwise_loss_before), "loss_now": loss_step(dino_loss),
+             "teacher_before": teacher_step(teacher_before), "teacher_now": teacher_step(teacher_probabilities)}
+    for run in cases.values():
+        run()                                                   # warm-up
+    per_round: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, run in cases.items():
+            per_round[name].append(timed(run, repeats))
+    result: dict = {"k": k, "batch": batch, "crops": crops,
+                    "seconds": {name: statistics.median(v) for name, v in per_round.items()},
+                    "seconds_rounds": per_round}
+    for part in ("loss", "teacher"):
+        ratios = [now / before for now, before in zip(per_round[f"{part}_now"], per_round[f"{part}_before"])]
+        result[f"{part}_now_over_before"] = statistics.median(ratios)
+        result[f"{part}_now_over_before_range"] = [min(ratios), max(ratios)]
+    result["saved_bytes"] = {"loss_before": saved_bytes(pairwise_loss_before, student, targets),
+                             "loss_now": saved_bytes(dino_loss, student, targets)}
+    result["bk_matrix_bytes"] = batch * k * 4
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, nargs="+", default=[4096, 65536])
+    parser.add_argument("--batch", type=int, default=256, help="rows per crop")
+    parser.add_argument("--local-crops", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = [measure(k, args.batch, args.local_crops, args.rounds, args.repeats) for k in args.k]
+    record = {"threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}
+    text = json.dumps(record, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
