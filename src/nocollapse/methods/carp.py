@@ -64,12 +64,14 @@ class CARP(PrototypeMethod):
         dist_utils.broadcast(perm, src=0)
         return perm.view(self.num_blocks, self.block_size)
 
-    def teacher_block_probs(self, t_emb: torch.Tensor, gamma: torch.Tensor | None,
+    def teacher_block_probs(self, t_scores: torch.Tensor | None, gamma: torch.Tensor | None,
                             part: torch.Tensor) -> torch.Tensor:
+        """The teacher's block probabilities: from its prototype scores ``t_scores``, or from the
+        mixture's posteriors (``gmm.targets=posterior``), renormalised within each block."""
         if gamma is not None and self.cfg.gmm.targets == "posterior":
             grouped = gamma[:, part.reshape(-1)].reshape(gamma.shape[0], *part.shape)
             return (grouped / grouped.sum(-1, keepdim=True).clamp_min(1e-30)).permute(1, 0, 2)
-        return block_probabilities(self.teacher_scores(t_emb), part)
+        return block_probabilities(t_scores, part)
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         c = self.cfg.carp
@@ -79,18 +81,26 @@ class CARP(PrototypeMethod):
             t_feat, t_emb = self.teacher(crops[:2])
             t_emb = t_emb.float()
             gamma = self.update_mixture(nn.functional.normalize(t_emb, dim=-1), step)
-            t_probs = self.teacher_block_probs(t_emb, gamma, part)
+            posterior = gamma is not None and self.cfg.gmm.targets == "posterior"
+            # the scores once: the block targets and the monitor's full-K targets both read them
+            t_scores = self.teacher_scores(t_emb[:n] if posterior else t_emb)
+            t_probs = self.teacher_block_probs(t_scores, gamma, part)
+            teacher_full = torch.softmax(t_scores[:n].float(), dim=-1)
         _, s_emb = self.student(crops)
-        s_probs = block_probabilities(self.student_scores(s_emb), part)
+        s_scores = self.student_scores(s_emb)
+        s_probs = block_probabilities(s_scores, part)
         consistency = carp_consistency(list(s_probs.split(n, dim=1)), list(t_probs.split(n, dim=1)))
         everything = torch.cat([s_probs, t_probs], dim=1).transpose(0, 1)   # [M, blocks, N_B]
         kl = marginal_kl_to_uniform(dist_utils.all_gather_cat(everything.contiguous()))
         logs = {"loss_consistency": float(consistency.detach()), "loss_marginal_kl": float(kl.detach())}
         loss = self.koleo_term(c.consistency_weight * consistency + c.entropy_weight * kl, logs, s_emb, n)
         logs.update(self.mixture_logs())
-        with torch.no_grad():
-            teacher_full = torch.softmax(self.teacher_scores(t_emb[:n]), dim=-1)
-            student_full = torch.softmax(self.student_scores(s_emb[n:2 * n].detach().float()), dim=-1)
+        second_view = s_scores[n:2 * n].detach()
+
+        @torch.no_grad()
+        def student_full() -> torch.Tensor:                  # read at log steps only
+            return torch.softmax(second_view.float(), dim=-1)
+
         return StepOutput(loss=loss, logs=logs, teacher_probs=teacher_full, student_probs=student_full,
                           embeddings=t_emb[:n].detach(), features=t_feat[:n].detach().float())
 
