@@ -7,13 +7,15 @@ round, median over rounds, with the rounds' spread):
 * ``loss``: forward and backward of DINO's cross-entropy over two global crops (and
   ``--local-crops`` more), B = ``--batch`` rows per crop, from fp32 logits;
 * ``teacher``: the centred, sharpened teacher targets of the two global views (2B x K);
+* ``loss_compiled`` (``--compile``): the "before" loss through ``torch.compile`` (inductor), with
+  the seconds its first call took to compile (``compile_seconds``);
 * ``saved_bytes``: what autograd keeps for the backward pass of the loss (the tensors its nodes
   save, each storage counted once), the loss's share of the step's peak memory.
 
 The "before" forms are written out here as they were (one log-softmax per crop, one ``-q * log p``
 product per pair; ``(t - c) / tau`` then a softmax), so the comparison stays runnable.
 
-    python benchmarks/k_wide_passes.py --k 4096 65536 --rounds 5 --threads 1
+    python benchmarks/k_wide_passes.py --k 4096 65536 --rounds 5 --threads 1 [--compile]
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(k: int, batch: int, local_crops: int, rounds: int, repeats: int) -> dict:
+def measure(k: int, batch: int, local_crops: int, rounds: int, repeats: int, compile_loss: bool = False) -> dict:
     gen = torch.Generator().manual_seed(0)
     crops = 2 + local_crops
     student = [torch.randn(batch, k, generator=gen).requires_grad_() for _ in range(crops)]
@@ -96,19 +98,30 @@ def measure(k: int, batch: int, local_crops: int, rounds: int, repeats: int) -> 
 
     cases = {"loss_before": loss_step(pairwise_loss_before), "loss_now": loss_step(dino_loss),
              "teacher_before": teacher_step(teacher_before), "teacher_now": teacher_step(teacher_probabilities)}
+    compile_seconds = None
+    if compile_loss:
+        torch._dynamo.reset()
+        cases["loss_compiled"] = loss_step(torch.compile(pairwise_loss_before))
+        start = time.perf_counter()
+        cases["loss_compiled"]()
+        compile_seconds = time.perf_counter() - start
     for run in cases.values():
         run()                                                   # warm-up
     per_round: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, run in cases.items():
             per_round[name].append(timed(run, repeats))
-    result: dict = {"k": k, "batch": batch, "crops": crops,
+    result: dict = {"k": k, "batch": batch, "crops": crops, "compile_seconds": compile_seconds,
                     "seconds": {name: statistics.median(v) for name, v in per_round.items()},
                     "seconds_rounds": per_round}
     for part in ("loss", "teacher"):
         ratios = [now / before for now, before in zip(per_round[f"{part}_now"], per_round[f"{part}_before"])]
         result[f"{part}_now_over_before"] = statistics.median(ratios)
         result[f"{part}_now_over_before_range"] = [min(ratios), max(ratios)]
+    if compile_loss:
+        ratios = [now / compiled for now, compiled in zip(per_round["loss_now"], per_round["loss_compiled"])]
+        result["loss_now_over_compiled"] = statistics.median(ratios)
+        result["loss_now_over_compiled_range"] = [min(ratios), max(ratios)]
     result["saved_bytes"] = {"loss_before": saved_bytes(pairwise_loss_before, student, targets),
                              "loss_now": saved_bytes(dino_loss, student, targets)}
     result["bk_matrix_bytes"] = batch * k * 4
@@ -123,11 +136,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="also time the before loss through torch.compile")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [measure(k, args.batch, args.local_crops, args.rounds, args.repeats) for k in args.k]
+    results = [measure(k, args.batch, args.local_crops, args.rounds, args.repeats, args.compile) for k in args.k]
     record = {"threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}
     text = json.dumps(record, indent=1)
     if args.out:

@@ -79,12 +79,10 @@ class _SoftmaxCrossEntropySum(torch.autograd.Function):
         dot = torch.empty(rows, dtype=dtype, device=logits.device)
         with torch.autocast(logits.device.type, enabled=False):      # the row dot products stay fp32
             for block in row_blocks(*logits.shape):
-                scaled = logits[block].to(dtype) / temperature
-                target = targets[block].to(dtype)
-                dot[block] = torch.einsum("bk,bk->b", target, scaled)
+                rows, target = logits[block].to(dtype), targets[block].to(dtype)
+                dot[block] = torch.linalg.vecdot(target, rows) / temperature
                 mass[block] = target.sum(dim=-1)
-                peak = scaled.amax(dim=-1, keepdim=True)
-                lse[block] = scaled.sub_(peak).exp_().sum(dim=-1).log_() + peak.squeeze(-1)
+                lse[block] = torch.logsumexp(rows / temperature, dim=-1)
         ctx.save_for_backward(logits, targets, lse, mass)
         ctx.temperature = temperature
         return (mass * lse - dot).sum()
@@ -98,13 +96,16 @@ class _SoftmaxCrossEntropySum(torch.autograd.Function):
             grad_logits = torch.empty(logits.shape, dtype=lse.dtype, device=logits.device)
             for block in row_blocks(*logits.shape):
                 out = grad_logits[block]
-                out.copy_(logits[block]).div_(temperature).sub_(lse[block, None]).exp_()
+                torch.div(logits[block].to(out.dtype), temperature, out=out)
+                out.sub_(lse[block, None]).exp_()
                 out.mul_(mass[block, None]).sub_(targets[block]).mul_(scale / temperature)
             grad_logits = grad_logits.to(logits.dtype)
         if ctx.needs_input_grad[1]:
             grad_targets = torch.empty(targets.shape, dtype=lse.dtype, device=targets.device)
             for block in row_blocks(*logits.shape):
-                grad_targets[block].copy_(logits[block]).div_(temperature).sub_(lse[block, None]).mul_(-scale)
+                out = grad_targets[block]
+                torch.div(logits[block].to(out.dtype), temperature, out=out)
+                out.sub_(lse[block, None]).mul_(-scale)
             grad_targets = grad_targets.to(targets.dtype)
         return grad_logits, grad_targets, None
 
