@@ -7,6 +7,8 @@ round, median over rounds, with the rounds' spread):
 * ``loss``: forward and backward of DINO's cross-entropy over two global crops (and
   ``--local-crops`` more), B = ``--batch`` rows per crop, from fp32 logits;
 * ``teacher``: the centred, sharpened teacher targets of the two global views (2B x K);
+* ``sinkhorn``: Sinkhorn-Knopp targets of the two global views (3 iterations), DINO's
+  ``teacher_norm=sinkhorn`` and SwAV's codes;
 * ``loss_compiled`` (``--compile``): the "before" loss through ``torch.compile`` (inductor), with
   the seconds its first call took to compile (``compile_seconds``);
 * ``saved_bytes``: what autograd keeps for the backward pass of the loss (the tensors its nodes
@@ -32,6 +34,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nocollapse.losses.dino import dino_loss, teacher_probabilities  # noqa: E402
+from nocollapse.losses.sinkhorn import sinkhorn_knopp  # noqa: E402
 
 
 def pairwise_loss_before(student_logits, teacher_probs, temperature):
@@ -47,6 +50,22 @@ def pairwise_loss_before(student_logits, teacher_probs, temperature):
 
 def teacher_before(t, temperature, center):
     return F.softmax((t - center).float() / temperature, dim=-1)
+
+
+def sinkhorn_before(t, temperature, center=None, iterations=3):
+    q = t.float() * (1.0 / temperature)
+    q -= q.max(dim=1, keepdim=True).values
+    q.exp_()
+    q.mul_(q.sum().reciprocal())
+    b, k = q.shape
+    for _ in range(iterations):
+        q.mul_((q.sum(dim=0, keepdim=True).clamp_min(1e-30) * k).reciprocal())
+        q.mul_((q.sum(dim=1, keepdim=True).clamp_min(1e-30) * b).reciprocal())
+    return q.mul_(b)
+
+
+def sinkhorn_now(t, temperature, center=None):
+    return sinkhorn_knopp(t, temperature, 3)
 
 
 def saved_bytes(loss_fn, student, teacher) -> int:
@@ -76,9 +95,13 @@ def timed(fn, repeats: int) -> float:
 def measure(k: int, batch: int, local_crops: int, rounds: int, repeats: int, compile_loss: bool = False) -> dict:
     gen = torch.Generator().manual_seed(0)
     crops = 2 + local_crops
-    student = [torch.randn(batch, k, generator=gen).requires_grad_() for _ in range(crops)]
-    teacher_logits = 10 * torch.randn(2 * batch, k, generator=gen)
-    center = torch.randn(1, k, generator=gen)
+    # cosine scores, as the prototype layers give them: unit embeddings against unit prototypes
+    # (arbitrary logits / tau_t can underflow to denormal floats, which this CPU runs far slower)
+    prototypes = F.normalize(torch.randn(k, 256, generator=gen), dim=1)
+    student = [(F.normalize(torch.randn(batch, 256, generator=gen), dim=1) @ prototypes.t()).requires_grad_()
+               for _ in range(crops)]
+    teacher_logits = F.normalize(torch.randn(2 * batch, 256, generator=gen), dim=1) @ prototypes.t()
+    center = teacher_logits.mean(0, keepdim=True)
     with torch.no_grad():
         targets = list(teacher_probabilities(teacher_logits, 0.04, center).split(batch))
 
@@ -97,7 +120,8 @@ def measure(k: int, batch: int, local_crops: int, rounds: int, repeats: int, com
         return run
 
     cases = {"loss_before": loss_step(pairwise_loss_before), "loss_now": loss_step(dino_loss),
-             "teacher_before": teacher_step(teacher_before), "teacher_now": teacher_step(teacher_probabilities)}
+             "teacher_before": teacher_step(teacher_before), "teacher_now": teacher_step(teacher_probabilities),
+             "sinkhorn_before": teacher_step(sinkhorn_before), "sinkhorn_now": teacher_step(sinkhorn_now)}
     compile_seconds = None
     if compile_loss:
         torch._dynamo.reset()
@@ -114,7 +138,7 @@ def measure(k: int, batch: int, local_crops: int, rounds: int, repeats: int, com
     result: dict = {"k": k, "batch": batch, "crops": crops, "compile_seconds": compile_seconds,
                     "seconds": {name: statistics.median(v) for name, v in per_round.items()},
                     "seconds_rounds": per_round}
-    for part in ("loss", "teacher"):
+    for part in ("loss", "teacher", "sinkhorn"):
         ratios = [now / before for now, before in zip(per_round[f"{part}_now"], per_round[f"{part}_before"])]
         result[f"{part}_now_over_before"] = statistics.median(ratios)
         result[f"{part}_now_over_before_range"] = [min(ratios), max(ratios)]

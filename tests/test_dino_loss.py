@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nocollapse.utils.schedules import cosine_schedule, warmup_constant_schedule
-from nocollapse.losses import dino as dino_module
+from nocollapse.losses import blocks as blocks_module
 from nocollapse.losses.dino import (dino_loss, row_blocks, softmax_cross_entropy_sum, teacher_probabilities,
                                    updated_center)
 
@@ -153,7 +153,7 @@ def _crops(n_crops, n_views, batch=6, k=37, seed=0, dtype=torch.float32):
 def blocks(request, monkeypatch):
     """The default block size (the test matrices fit one block) and 40 elements (one row per block)."""
     if request.param is not None:
-        monkeypatch.setattr(dino_module, "BLOCK_ELEMENTS", request.param)
+        monkeypatch.setattr(blocks_module, "BLOCK_ELEMENTS", request.param)
     return request.param
 
 
@@ -237,3 +237,31 @@ def test_teacher_probabilities_leave_the_logits_unchanged():
         teacher_probabilities(t, 0.1)
         teacher_probabilities(t, 0.1, torch.randn(1, 9))
     assert torch.equal(t, before)
+
+
+def _sinkhorn_before(logits, temperature, iterations=3, row_shift=True):
+    """Sinkhorn-Knopp as it was written before the blocked rewrite (one process)."""
+    q = logits.float() * (1.0 / temperature)
+    if row_shift:
+        q -= q.max(dim=1, keepdim=True).values
+    q = q.exp()
+    q = q / q.sum()
+    b, k = q.shape
+    for _ in range(iterations):
+        q = q / (q.sum(dim=0, keepdim=True).clamp_min(1e-30) * k)
+        q = q / (q.sum(dim=1, keepdim=True).clamp_min(1e-30) * b)
+    return q * b
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 3, 10])
+@pytest.mark.parametrize("row_shift", [True, False])
+def test_blocked_sinkhorn_equals_the_previous_form(blocks, iterations, row_shift):
+    from nocollapse.losses.sinkhorn import sinkhorn_knopp
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 31, generator=gen) * (0.3 if not row_shift else 3.0)
+    expected = _sinkhorn_before(logits, 0.05, iterations, row_shift)
+    torch.testing.assert_close(sinkhorn_knopp(logits, 0.05, iterations, row_shift=row_shift), expected)
+    # bf16 scores give fp32 targets from the rounded values
+    torch.testing.assert_close(sinkhorn_knopp(logits.bfloat16(), 0.05, iterations, row_shift=row_shift),
+                               _sinkhorn_before(logits.bfloat16().float(), 0.05, iterations, row_shift))

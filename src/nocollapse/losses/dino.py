@@ -28,18 +28,8 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
+from .blocks import row_blocks
 from .sinkhorn import sinkhorn_knopp  # noqa: F401  (its home is losses/sinkhorn.py; kept importable from here, as documented before)
-
-# elements of one block of rows (fp32: 1 MiB), the unit the B x K passes work on
-BLOCK_ELEMENTS = 1 << 18
-
-
-def row_blocks(rows: int, width: int, block_elements: int | None = None) -> list[slice]:
-    """Consecutive row ranges of a ``rows x width`` matrix, each of about ``block_elements``
-    (default ``BLOCK_ELEMENTS``) elements and at least one row."""
-    step = max(1, (block_elements or BLOCK_ELEMENTS) // max(width, 1))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-
 
 def teacher_probabilities(teacher_logits: torch.Tensor, temperature: float,
                           center: torch.Tensor | None = None) -> torch.Tensor:

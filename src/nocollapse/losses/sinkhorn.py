@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import distributed as dist_utils
+from .blocks import row_blocks
 
 
 @torch.no_grad()
@@ -25,8 +26,9 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations:
 
         Q = diag(u) P diag(v),   Q 1_K = 1_B,   1_B^T Q ~= (B / K) 1_K.
 
-    Targets take no gradient (as in SwAV), so the B x K matrix is rescaled in place: one pass
-    per rescaling, which matters at K = 65,536.
+    Targets take no gradient (as in SwAV), so the B x K matrix is rescaled in place, block of
+    rows by block of rows: each iteration's column and row steps are one pass over the matrix,
+    which matters at K = 65,536 (the column sums are taken in the same pass, for the next step).
 
     ``row_shift`` subtracts each sample's largest logit before the exponential, which keeps any
     logits finite. The limit of the iterations does not depend on it, but a finite number of
@@ -35,16 +37,41 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations:
     as they are (``row_shift=False``), safe for cosine scores (``|s| / tau`` stays in the tens);
     our DINO teacher has always shifted.
     """
-    q = teacher_logits.float() * (1.0 / temperature)
-    if row_shift:
-        q -= q.max(dim=1, keepdim=True).values
-    q.exp_()
-    q.mul_(dist_utils.all_reduce_sum(q.sum().reshape(1)).reciprocal())
-    batch = torch.tensor([float(q.shape[0])], device=q.device)
+    rows, k = teacher_logits.shape
+    q = torch.empty(rows, k, dtype=torch.float32, device=teacher_logits.device)
+    column = torch.zeros(1, k, dtype=torch.float32, device=q.device)
+    # one pass over row blocks: the scaled logits (less each row's largest), their exponential,
+    # and the per-prototype sums the first column step needs
+    for block in row_blocks(rows, k):
+        out = q[block]
+        torch.mul(teacher_logits[block].float(), 1.0 / temperature, out=out)
+        if row_shift:
+            out.sub_(out.amax(dim=1, keepdim=True))
+        out.exp_()
+        column += out.sum(dim=0, keepdim=True)
+    column = dist_utils.all_reduce_sum(column)
+    total = column.sum().reshape(1)                    # the total mass (all processes)
+    batch = torch.tensor([float(rows)], device=q.device)
     total_batch = dist_utils.all_reduce_sum(batch)
-    k = q.shape[1]
-    for _ in range(iterations):
-        column = dist_utils.all_reduce_sum(q.sum(dim=0, keepdim=True))
-        q.mul_((column.clamp_min(1e-30) * k).reciprocal())
-        q.mul_((q.sum(dim=1, keepdim=True).clamp_min(1e-30) * total_batch).reciprocal())
-    return q.mul_(total_batch)
+    # Q is normalised to total mass 1 before the iterations; that factor rides on the first
+    # column step, and the final scaling by B on the last row step
+    column = column / total
+    carried = total.reciprocal()
+    for iteration in range(iterations):
+        column_scale = (column.clamp_min(1e-30) * k).reciprocal() * carried
+        last = iteration == iterations - 1
+        next_column = torch.zeros_like(column)
+        # one pass per iteration: each block is rescaled by prototype, then by sample, while in
+        # cache, and its per-prototype sums for the next iteration are taken on the way
+        for block in row_blocks(rows, k):
+            out = q[block].mul_(column_scale)
+            row_scale = (out.sum(dim=1, keepdim=True).clamp_min(1e-30) * total_batch).reciprocal()
+            out.mul_(row_scale * total_batch if last else row_scale)
+            if not last:
+                next_column += out.sum(dim=0, keepdim=True)
+        if not last:
+            column = dist_utils.all_reduce_sum(next_column)
+        carried = 1.0
+    if iterations == 0:
+        q.mul_(carried * total_batch)
+    return q
