@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nocollapse.utils.schedules import cosine_schedule, warmup_constant_schedule
-from nocollapse.losses import blocks as blocks_module
+from nocollapse.utils import blocks as blocks_module
 from nocollapse.losses.dino import (dino_loss, row_blocks, softmax_cross_entropy_sum, teacher_probabilities,
                                    updated_center)
 

@@ -369,3 +369,49 @@ def test_refresh_replaces_only_idle_components():
 def test_a_buffer_smaller_than_the_mixture_is_rejected():
     with pytest.raises(ValueError, match="buffer_size"):
         OnlineGMM(16, 4, buffer_size=8)
+
+
+# --------------------------------------------------------------------------- the blocked rewrite
+@pytest.fixture(params=[None, 64], ids=["one-block", "many-blocks"])
+def gmm_blocks(request, monkeypatch):
+    from nocollapse.utils import blocks
+
+    if request.param is not None:
+        monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", request.param)
+    return request.param
+
+
+def _trained_mixture(covariance, steps=3, k=24, d=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    gmm = OnlineGMM(k, d, covariance=covariance, init="random", eta=0.3, chunk_size=10, seed=seed)
+    for _ in range(steps):
+        gmm.em_step(torch.randn(40, d, generator=gen))
+    return gmm, gen
+
+
+@pytest.mark.parametrize("covariance", ["diagonal", "isotropic"])
+@pytest.mark.parametrize("beta", [1.0, 0.4])
+def test_responsibilities_equal_the_annealed_posterior_by_the_formula(gmm_blocks, covariance, beta):
+    gmm, gen = _trained_mixture(covariance)
+    h = F.normalize(torch.randn(30, gmm.dim, generator=gen), dim=1)
+    hd, mu, var = h.double(), gmm.means.double(), gmm.variances.double()
+    log_normal = -0.5 * (((hd[:, None, :] - mu[None]) ** 2 / var[None]).sum(-1)
+                         + torch.log(var).sum(-1)[None] + gmm.dim * math.log(2 * math.pi))
+    expected = torch.softmax(beta * (gmm.log_weights.double()[None] + log_normal), dim=1)
+    expected = expected.masked_fill(expected < 1e-20, 0.0).float()
+    torch.testing.assert_close(gmm.responsibilities(h, beta), expected)
+
+
+@pytest.mark.parametrize("covariance", ["diagonal", "isotropic"])
+def test_blocked_m_step_equals_the_whole_matrix_form(gmm_blocks, covariance):
+    gmm, _ = _trained_mixture(covariance)
+    s0 = gmm.s0.clamp_min(1e-30)
+    m = gmm.s1 / s0[:, None]
+    mu = F.normalize(m, dim=1)
+    var = gmm.s2 / s0[:, None] - 2 * mu * m + mu * mu
+    if covariance == "isotropic":
+        var = var.mean(1, keepdim=True).expand_as(var)
+    gmm._m_step()
+    torch.testing.assert_close(gmm.means, mu)
+    torch.testing.assert_close(gmm.variances, var.clamp_min(gmm.var_floor))
+    torch.testing.assert_close(gmm.log_weights, torch.log(s0 / s0.sum()))

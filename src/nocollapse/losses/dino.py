@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
-from .blocks import row_blocks
+from ..utils.blocks import row_blocks
 from .sinkhorn import sinkhorn_knopp  # noqa: F401  (its home is losses/sinkhorn.py; kept importable from here, as documented before)
 
 def teacher_probabilities(teacher_logits: torch.Tensor, temperature: float,

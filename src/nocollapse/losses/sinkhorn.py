@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import distributed as dist_utils
-from .blocks import row_blocks
+from ..utils.blocks import row_blocks
 
 
 @torch.no_grad()

@@ -88,6 +88,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..utils import distributed as dist_utils
+from ..utils.blocks import row_blocks
 
 _STATE = ("means", "variances", "log_weights", "s0", "s1", "s2", "usage", "occupancy")
 
@@ -221,17 +222,28 @@ class OnlineGMM(nn.Module):
             prec = 1.0 / var
             coef = torch.cat([prec, -2.0 * mu * prec], dim=1)              # [k, 2D]
             offset = (mu * mu * prec).sum(1) + torch.log(var).sum(1)
-            out[:, lo:hi] = log_w[lo:hi] - 0.5 * (hh @ coef.t() + offset) - const
+            # log_w - const - 0.5 * offset - 0.5 * hh @ coef^T: the constant row rides in the
+            # matrix product's accumulator, so the [N, k] chunk is written once
+            bias = (log_w[lo:hi] - const - 0.5 * offset).unsqueeze(0)
+            out[:, lo:hi] = torch.addmm(bias, hh, coef.t(), alpha=-0.5)
         return out
 
     def responsibilities(self, h: torch.Tensor, beta: float = 1.0, state=None) -> torch.Tensor:
         """Annealed posteriors ``softmax_k(beta * log p(h, k))``, ``[N, K]`` (zero for components
         not yet seeded)."""
         with torch.autocast(h.device.type, enabled=False):
-            gamma = torch.softmax(beta * self.log_joint(h, state), dim=1)
-        # Responsibilities below 1e-20 are set to 0: negligible for the statistics, and they
-        # would otherwise underflow to denormal floats, which make CPU matmuls much slower.
-        gamma = gamma.masked_fill_(gamma < 1e-20, 0.0)
+            gamma = self.log_joint(h, state)
+            # the annealing, the softmax and the cut below, a block of rows at a time, written
+            # over the log-joint (one pass over the [N, K] matrix instead of four)
+            for rows in row_blocks(*gamma.shape):
+                block = gamma[rows]
+                if beta != 1.0:
+                    block.mul_(beta)
+                block.copy_(torch.softmax(block, dim=1))
+                # Responsibilities below 1e-20 are set to 0: negligible for the statistics, and
+                # they would otherwise underflow to denormal floats, which make CPU matmuls much
+                # slower.
+                block.masked_fill_(block < 1e-20, 0.0)
         if gamma.shape[1] < self.num_components:
             gamma = F.pad(gamma, (0, self.num_components - gamma.shape[1]))
         return gamma
@@ -314,20 +326,24 @@ class OnlineGMM(nn.Module):
         else:
             rate = torch.full_like(s0, self.eta)
         keep = (1.0 - rate)
-        state.s0[:active] = keep * state.s0[:active] + self.eta * s0
-        state.s1[:active] = keep[:, None] * state.s1[:active] + self.eta * s1
-        state.s2[:active] = keep[:, None] * state.s2[:active] + self.eta * s2
+        # in place: s <- keep * s + eta * s_batch (the K x D statistics are 64 MiB each at K = 65,536)
+        state.s0[:active].mul_(keep).add_(s0, alpha=self.eta)
+        state.s1[:active].mul_(keep[:, None]).add_(s1, alpha=self.eta)
+        state.s2[:active].mul_(keep[:, None]).add_(s2, alpha=self.eta)
 
     def _m_step(self, state=None) -> None:
         state = self if state is None else state
         s0 = state.s0.clamp_min(1e-30)
-        m = state.s1 / s0[:, None]
-        mu = F.normalize(m, dim=1)
-        var = state.s2 / s0[:, None] - 2 * mu * m + mu * mu
-        if self.covariance == "isotropic":
-            var = var.mean(1, keepdim=True).expand_as(var)
-        state.means.copy_(mu)
-        state.variances.copy_(var.clamp_min(self.var_floor))
+        # block by block of components, so that each block's chain of K x D steps stays in cache
+        for rows in row_blocks(*state.s1.shape):
+            mass = s0[rows, None]
+            m = state.s1[rows] / mass
+            mu = F.normalize(m, dim=1)
+            var = state.s2[rows] / mass - 2 * mu * m + mu * mu
+            if self.covariance == "isotropic":
+                var = var.mean(1, keepdim=True).expand_as(var)
+            state.means[rows] = mu
+            state.variances[rows] = var.clamp_min(self.var_floor)
         state.log_weights.copy_(torch.log(s0 / s0.sum()))
 
     def _set_component(self, k: torch.Tensor, x: torch.Tensor, var: torch.Tensor, mass: float | torch.Tensor,
