@@ -14,6 +14,10 @@ noise hits every part alike (median of ``--repeats`` calls per round, median ove
 * ``optimizer``: the optimiser's step alone;
 * ``mixture_update``: the E-step and statistics of decoupled prototypes on the teacher embeddings;
 * ``backbone``: a bare backbone forward + backward on the same crops (the reference);
+* ``lightly_reference_step`` (``--lightly-reference``, for ``dino``): the peer's step, lightly's
+  DINO head, loss and EMA on the same backbone, crops and head widths, with the recipe's optimiser;
+  ``speed_over_lightly`` is its time over our step's without augmentation (neither augments nor
+  runs the monitor), per round and their median;
 * ``held_out_check``: the collapse alarms' held-out check (``diagnostics.held_out_images``
   un-augmented images through the evaluation network in eval mode), which the trainer runs once
   per log step; ``held_out_check_share_per_step`` is its cost spread over ``train.log_every`` steps,
@@ -115,6 +119,50 @@ def count_gflops(fn) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def lightly_reference_step(cfg, crops):
+    """The peer's DINO step on the same input: lightly's ``DINOProjectionHead`` (the recipe's
+    widths, BatchNorm as the recipe sets it, weight-normalised last layer), ``DINOLoss`` (the
+    recipe's temperatures and centre momentum) and ``update_momentum`` EMA, on a backbone built as
+    ours, with the recipe's optimiser (AdamW) over the student. ``None`` without the lightly extra."""
+    try:
+        from lightly.loss import DINOLoss
+        from lightly.models.modules import DINOProjectionHead
+        from lightly.models.utils import deactivate_requires_grad, update_momentum
+    except ImportError:
+        return None
+
+    head_cfg, k = cfg.method.head, cfg.method.num_prototypes
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model, SIZE)
+    with torch.no_grad():
+        feature_dim = backbone(crops[0][:2]).shape[1]
+    def network(trunk):
+        return torch.nn.Sequential(trunk, DINOProjectionHead(feature_dim, head_cfg.hidden_dim, head_cfg.bottleneck_dim,
+                                                             k, batch_norm=head_cfg.batchnorm))
+    student = network(backbone)
+    # a second network given the student's weights (the old-style weight norm of lightly's head
+    # cannot be deep-copied)
+    teacher = network(build_backbone(cfg.model, SIZE))
+    teacher.load_state_dict(student.state_dict())
+    deactivate_requires_grad(teacher)
+    criterion = DINOLoss(output_dim=k, warmup_teacher_temp=cfg.dino.warmup_teacher_temp,
+                         teacher_temp=cfg.dino.teacher_temp, warmup_teacher_temp_epochs=0,
+                         student_temp=cfg.dino.student_temp, center_momentum=cfg.dino.center_momentum)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    joined = torch.cat(crops[:2])
+
+    def step() -> None:
+        update_momentum(student, teacher, cfg.method.teacher_momentum)
+        with torch.no_grad():
+            teacher_out = teacher(joined).chunk(2)
+        student_out = student(joined).chunk(2)
+        loss = criterion(list(teacher_out), list(student_out), epoch=0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
 def measure(name: str, args) -> dict:
     cfg, method, optimizer, views = build(name, args.set)
     batch = cfg.train.batch_size
@@ -173,6 +221,9 @@ def measure(name: str, args) -> dict:
             method.gmm.update(t_emb, 0)
             method.gmm.discard()
         cases["mixture_update"] = mixture_update
+    lightly_step = lightly_reference_step(cfg, crops) if name == "dino" and args.lightly_reference else None
+    if lightly_step is not None:
+        cases["lightly_reference_step"] = lightly_step
     # counted before the timing: the counted step is one more warm-up step
     gflops = {case: count_gflops(fn) for case, fn in cases.items()}
     # what summary.json records of the method: prototypes and K, CPLearn's f and number of codes, ...
@@ -198,8 +249,17 @@ def measure(name: str, args) -> dict:
     ratio_no_aug = med["step_without_augmentation"] / med["backbone"]
     by_flops = result["ratio_step_to_backbone_by_flops"]
     rounds = [step_s / backbone_s for step_s, backbone_s in zip(seconds["step"], seconds["backbone"])]
+    peer = {}
+    if "lightly_reference_step" in med:
+        # the peer's step has no augmentation and no monitor: compared with ours without augmentation
+        speed = [peer_s / ours for peer_s, ours in zip(seconds["lightly_reference_step"],
+                                                       seconds["step_without_augmentation"])]
+        peer = {"speed_over_lightly_rounds": [round(r, 3) for r in speed],
+                "speed_over_lightly": round(sorted(speed)[len(speed) // 2], 3),
+                "lightly_reference_step_to_backbone": round(med["lightly_reference_step"] / med["backbone"], 3)}
     return {
         **result,
+        **peer,
         "images_per_second_step": round(batch / med["step"], 1),
         "images_per_second_backbone_fwd_bwd": round(batch / med["backbone"], 1),
         "seconds": {k: round(v, 4) for k, v in med.items()},
@@ -232,6 +292,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--lightly-reference", action="store_true",
+                        help="for dino: also time lightly's DINO head, loss and EMA on the same backbone and crops "
+                             "(the lightly extra), and report speed_over_lightly")
     parser.add_argument("--flops-only", action="store_true",
                         help="count each case's FLOPs, time nothing; writes OUT/flops/<method>.json")
     args = parser.parse_args(argv)

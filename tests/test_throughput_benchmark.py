@@ -54,3 +54,14 @@ def test_each_baseline_is_counted_with_its_recipe_head_and_its_papers_head(throu
     assert paper["gflops"]["step"] > recipe["gflops"]["step"] >= recipe["gflops"]["backbone"] > 0
     assert paper["gflops"]["backbone"] == pytest.approx(recipe["gflops"]["backbone"])
     assert ("teacher_forward" in recipe["gflops"]) == (name == "byol")
+
+
+def test_the_lightly_reference_step_does_the_same_arithmetic_as_our_dino_step(throughput, tmp_path):
+    """lightly's DINO head, loss and EMA on the same backbone, crops and head widths: the same
+    matrix products as our learned DINO step without augmentation (both run the teacher on the
+    two global crops and the student forward and backward on them)."""
+    pytest.importorskip("lightly")
+    throughput.main(["--flops-only", "--lightly-reference", "--methods", "dino", "--set", "train.batch_size=16",
+                     "method.num_prototypes=512", "--out", str(tmp_path)])
+    gflops = json.loads((tmp_path / "flops" / "dino.json").read_text())["gflops"]
+    assert gflops["lightly_reference_step"] == pytest.approx(gflops["step_without_augmentation"], rel=0.02)
