@@ -59,7 +59,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import nocollapse
-from common import STUDY, time_call
+from common import STUDY, peak_rss_bytes, time_call
 from nocollapse.config import build_config
 from nocollapse.data.batch import Batch
 from nocollapse.analysis import HeldOutEncoder
@@ -100,11 +100,17 @@ BASELINES: dict[str, tuple[str, tuple[str, ...]]] = {
 CASES = {**{name: (f"cifar10/{recipe}", overrides) for name, (recipe, overrides) in STUDY.items()}, **BASELINES}
 
 
-def build(name: str, extra: list[str]):
+def build_config_for(name: str, extra: list[str]):
+    """The config of case ``name`` with ``extra`` overrides, resolved for CIFAR-10's classes."""
     recipe, overrides = CASES[name]
     path = Path(nocollapse.__file__).resolve().parent / "configs" / f"{recipe}.yaml"
     cfg, _ = build_config(path, overrides=[*overrides, "train.epochs=1", "data.dataset=cifar10", *extra])
     METHODS.get(cfg.method.name).configure_for_data(cfg, 10)  # CIFAR-10's classes, as the trainer does
+    return cfg
+
+
+def build(name: str, extra: list[str]):
+    cfg = build_config_for(name, extra)
     torch.manual_seed(0)
     method = build_method(cfg, build_backbone(cfg.model, SIZE), steps_per_epoch=1000)
     optimizer = build_optimizer(cfg.optim, method.parameter_groups())
@@ -260,6 +266,8 @@ def measure(name: str, args) -> dict:
     return {
         **result,
         **peer,
+        # this process's peak resident memory so far (every case measured in it included)
+        "peak_rss_bytes": peak_rss_bytes(),
         "images_per_second_step": round(batch / med["step"], 1),
         "images_per_second_backbone_fwd_bwd": round(batch / med["backbone"], 1),
         "seconds": {k: round(v, 4) for k, v in med.items()},

@@ -65,3 +65,17 @@ def test_the_lightly_reference_step_does_the_same_arithmetic_as_our_dino_step(th
                      "method.num_prototypes=512", "--out", str(tmp_path)])
     gflops = json.loads((tmp_path / "flops" / "dino.json").read_text())["gflops"]
     assert gflops["lightly_reference_step"] == pytest.approx(gflops["step_without_augmentation"], rel=0.02)
+
+
+@pytest.mark.long
+def test_k_scaling_dry_run_writes_its_record_and_figure(import_benchmark, tmp_path):
+    k_scaling = import_benchmark("k_scaling")
+    k_scaling.main(["--dry-run", "--methods", "dino", "--threads", "1", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "k_scaling.json").read_text())
+    assert [r["k"] for r in record["runs"]] == [64, 128]
+    for run in record["runs"]:
+        assert run["peak_rss_bytes"] > 0 and run["gflops_step"] > 0 and run["preflight_bytes"] > 0
+        assert run["ratio_step_to_backbone_by_flops"] > 1
+    # the FLOP count does not fall as K grows (at these sizes the K-wide products round away)
+    assert record["runs"][1]["gflops_step"] >= record["runs"][0]["gflops_step"]
+    assert (tmp_path / "k_scaling.png").stat().st_size > 0
