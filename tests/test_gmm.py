@@ -285,10 +285,13 @@ def test_estep_can_use_the_occupancy():
     assert torch.allclose(shift, torch.log(torch.tensor([0.7, 0.1, 0.1, 0.1])) + math.log(4), atol=1e-5)
 
 
-def test_propose_changes_nothing_until_commit():
+@pytest.mark.parametrize("reseed_dead", [False, True])
+def test_propose_changes_nothing_until_commit(reseed_dead):
+    # seeded in the first step: the second one reads the mixture's own K x D tensors (no copies)
     gen = torch.Generator().manual_seed(0)
-    gmm = OnlineGMM(8, 4, init="data", eta=0.2, buffer_size=16)
+    gmm = OnlineGMM(8, 4, init="data", eta=0.2, buffer_size=16, reseed_dead=reseed_dead, dead_threshold=0.5)
     gmm.em_step(F.normalize(torch.randn(16, 4, generator=gen), dim=1))
+    assert int(gmm.num_seeded) == 8
     before = {k: v.clone() for k, v in gmm.state_dict().items()}
     x = F.normalize(torch.randn(16, 4, generator=gen), dim=1)
     gamma, means, update = gmm.propose(x)
@@ -296,7 +299,7 @@ def test_propose_changes_nothing_until_commit():
     assert all(torch.equal(v, before[k]) for k, v in gmm.state_dict().items())
     gmm.apply(update)
     assert not torch.equal(gmm.means, before["means"]) and int(gmm.num_updates) == 2
-    twin = OnlineGMM(8, 4, init="data", eta=0.2, buffer_size=16)
+    twin = OnlineGMM(8, 4, init="data", eta=0.2, buffer_size=16, reseed_dead=reseed_dead, dead_threshold=0.5)
     twin.load_state_dict(before)
     assert torch.allclose(twin.em_step(x), gamma)
     assert all(torch.allclose(v.float(), gmm.state_dict()[k].float()) for k, v in twin.state_dict().items())

@@ -104,11 +104,21 @@ class MixtureUpdate:
 
 
 class _Working:
-    """Fresh copies of the mixture's tensors that one step modifies in place."""
+    """The tensors one step writes, apart from the mixture's own, which stay as they are until
+    :meth:`OnlineGMM.apply`.
 
-    def __init__(self, gmm: "OnlineGMM") -> None:
+    The small ones are copies. The four K x D ones (64 MiB each at K = 65,536, D = 256) are
+    copies only while seeding (which writes a few rows); once every component is seeded they start
+    as the mixture's own tensors, read and never written, and the step replaces each by a new
+    tensor written once (:meth:`OnlineGMM._forget_and_accumulate`, :meth:`OnlineGMM._m_step`)."""
+
+    LARGE = ("means", "variances", "s1", "s2")
+
+    def __init__(self, gmm: "OnlineGMM", share_large: bool = False) -> None:
         for name in _STATE:
-            setattr(self, name, getattr(gmm, name).clone())
+            value = getattr(gmm, name)
+            setattr(self, name, value if share_large and name in self.LARGE else value.clone())
+        self.shared = {name for name in self.LARGE if share_large}
         self.num_seeded = int(gmm.num_seeded)
         self.num_reseeds = int(gmm.num_reseeds)
 
@@ -261,7 +271,7 @@ class OnlineGMM(nn.Module):
             raise ValueError(f"expected embeddings [N, {self.dim}], got {tuple(h.shape)}")
         with torch.autocast(h.device.type, enabled=False):
             h = F.normalize(h.float(), dim=1)
-            state = _Working(self)
+            state = _Working(self, share_large=int(self.num_seeded) == self.num_components)
             gathered = None
             if state.num_seeded < self.num_components or self.reseed_dead or self.buffer.shape[0]:
                 gathered = dist_utils.all_gather_cat(h)
@@ -326,13 +336,26 @@ class OnlineGMM(nn.Module):
         else:
             rate = torch.full_like(s0, self.eta)
         keep = (1.0 - rate)
-        # in place: s <- keep * s + eta * s_batch (the K x D statistics are 64 MiB each at K = 65,536)
+        # s <- keep * s + eta * s_batch: in place on a working copy, or, where the step still
+        # shares the mixture's own K x D tensor, into a new one written once, block by block
         state.s0[:active].mul_(keep).add_(s0, alpha=self.eta)
-        state.s1[:active].mul_(keep[:, None]).add_(s1, alpha=self.eta)
-        state.s2[:active].mul_(keep[:, None]).add_(s2, alpha=self.eta)
+        for name, batch in (("s1", s1), ("s2", s2)):
+            old = getattr(state, name)
+            if name in getattr(state, "shared", ()):
+                new = torch.empty_like(old)
+                for rows in row_blocks(*new.shape):
+                    torch.mul(old[rows], keep[rows, None], out=new[rows]).add_(batch[rows], alpha=self.eta)
+                setattr(state, name, new)
+                state.shared.discard(name)
+            else:
+                old[:active].mul_(keep[:, None]).add_(batch, alpha=self.eta)
 
     def _m_step(self, state=None) -> None:
         state = self if state is None else state
+        for name in ("means", "variances"):          # every row is written below: no copy needed
+            if name in getattr(state, "shared", ()):
+                setattr(state, name, torch.empty_like(getattr(state, name)))
+                state.shared.discard(name)
         s0 = state.s0.clamp_min(1e-30)
         # block by block of components, so that each block's chain of K x D steps stays in cache
         for rows in row_blocks(*state.s1.shape):
