@@ -39,39 +39,41 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations:
     """
     rows, k = teacher_logits.shape
     q = torch.empty(rows, k, dtype=torch.float32, device=teacher_logits.device)
-    column = torch.zeros(1, k, dtype=torch.float32, device=q.device)
+    total = torch.zeros(1, dtype=torch.float32, device=q.device)
     # one pass over row blocks: the scaled logits (less each row's largest), their exponential,
-    # and the per-prototype sums the first column step needs
+    # and the total mass
     for block in row_blocks(rows, k):
         out = q[block]
         torch.mul(teacher_logits[block].float(), 1.0 / temperature, out=out)
         if row_shift:
             out.sub_(out.amax(dim=1, keepdim=True))
         out.exp_()
-        column += out.sum(dim=0, keepdim=True)
-    column = dist_utils.all_reduce_sum(column)
-    total = column.sum().reshape(1)                    # the total mass (all processes)
+        total += out.sum()
+    inverse_total = dist_utils.all_reduce_sum(total).reciprocal()
     batch = torch.tensor([float(rows)], device=q.device)
     total_batch = dist_utils.all_reduce_sum(batch)
-    # Q is normalised to total mass 1 before the iterations; that factor rides on the first
-    # column step, and the final scaling by B on the last row step
-    column = column / total
-    carried = total.reciprocal()
+    # Every step below multiplies in the same order as the whole-matrix form (total mass 1 first,
+    # the final scaling by B last), so that values that underflow (the trainer flushes denormal
+    # floats to zero) underflow alike.
+    column = torch.zeros(1, k, dtype=torch.float32, device=q.device)
+    for block in row_blocks(rows, k):
+        column += q[block].mul_(inverse_total).sum(dim=0, keepdim=True)
+    if iterations == 0:
+        return q.mul_(total_batch)
+    column = dist_utils.all_reduce_sum(column)
     for iteration in range(iterations):
-        column_scale = (column.clamp_min(1e-30) * k).reciprocal() * carried
+        column_scale = (column.clamp_min(1e-30) * k).reciprocal()
         last = iteration == iterations - 1
         next_column = torch.zeros_like(column)
         # one pass per iteration: each block is rescaled by prototype, then by sample, while in
         # cache, and its per-prototype sums for the next iteration are taken on the way
         for block in row_blocks(rows, k):
             out = q[block].mul_(column_scale)
-            row_scale = (out.sum(dim=1, keepdim=True).clamp_min(1e-30) * total_batch).reciprocal()
-            out.mul_(row_scale * total_batch if last else row_scale)
-            if not last:
+            out.mul_((out.sum(dim=1, keepdim=True).clamp_min(1e-30) * total_batch).reciprocal())
+            if last:
+                out.mul_(total_batch)
+            else:
                 next_column += out.sum(dim=0, keepdim=True)
         if not last:
             column = dist_utils.all_reduce_sum(next_column)
-        carried = 1.0
-    if iterations == 0:
-        q.mul_(carried * total_batch)
     return q
