@@ -257,9 +257,11 @@ def _sinkhorn_before(logits, temperature, iterations=3, row_shift=True):
 def flush_denormal(request):
     """Both settings of the CPU's denormal floats: the trainer flushes them to zero, and then the
     order of the multiplications decides which tiny masses vanish."""
+    # the setting the suite had (the trainer turns flushing on, and later tests run faster with it)
+    previous = float(torch.tensor([1e-40]) * 1.0) == 0.0
     torch.set_flush_denormal(request.param)
     yield request.param
-    torch.set_flush_denormal(False)
+    torch.set_flush_denormal(previous)
 
 
 @pytest.mark.parametrize("iterations", [0, 1, 3, 10])
