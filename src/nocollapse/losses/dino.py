@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from ..utils.blocks import row_blocks
 from .sinkhorn import sinkhorn_knopp  # noqa: F401  (its home is losses/sinkhorn.py; kept importable from here, as documented before)
 
+
 def teacher_probabilities(teacher_logits: torch.Tensor, temperature: float,
                           center: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax((t - c) / tau_t)`` over the last dimension, in fp32 (no centering when ``center``
@@ -63,16 +64,13 @@ class _SoftmaxCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
         dtype = torch.promote_types(logits.dtype, torch.float32)     # fp32, or fp64 for fp64 inputs
-        rows = logits.shape[0]
-        lse = torch.empty(rows, dtype=dtype, device=logits.device)
-        mass = torch.empty(rows, dtype=dtype, device=logits.device)
-        dot = torch.empty(rows, dtype=dtype, device=logits.device)
+        lse, mass, dot = (torch.empty(logits.shape[0], dtype=dtype, device=logits.device) for _ in range(3))
         with torch.autocast(logits.device.type, enabled=False):      # the row dot products stay fp32
             for block in row_blocks(*logits.shape):
-                rows, target = logits[block].to(dtype), targets[block].to(dtype)
-                dot[block] = torch.linalg.vecdot(target, rows) / temperature
+                scores, target = logits[block].to(dtype), targets[block].to(dtype)
+                dot[block] = torch.linalg.vecdot(target, scores) / temperature
                 mass[block] = target.sum(dim=-1)
-                lse[block] = torch.logsumexp(rows / temperature, dim=-1)
+                lse[block] = torch.logsumexp(scores / temperature, dim=-1)
         ctx.save_for_backward(logits, targets, lse, mass)
         ctx.temperature = temperature
         return (mass * lse - dot).sum()
@@ -120,7 +118,7 @@ def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[to
     if not teacher_probs or not student_logits:
         raise ValueError("dino_loss needs at least one teacher view and one student crop")
     views = len(teacher_probs)
-    all_targets = teacher_probs[0] if views == 1 else None
+    all_targets = None
     total = student_logits[0].new_zeros((), dtype=torch.float32)
     pairs = 0
     for i, logits in enumerate(student_logits):

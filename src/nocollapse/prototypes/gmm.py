@@ -110,7 +110,8 @@ class _Working:
     The small ones are copies. The four K x D ones (64 MiB each at K = 65,536, D = 256) are
     copies only while seeding (which writes a few rows); once every component is seeded they start
     as the mixture's own tensors, read and never written, and the step replaces each by a new
-    tensor written once (:meth:`OnlineGMM._forget_and_accumulate`, :meth:`OnlineGMM._m_step`)."""
+    tensor written once (:meth:`OnlineGMM._forget_and_accumulate`, :meth:`OnlineGMM._m_step`;
+    :meth:`OnlineGMM._reads_own` tells which are still the mixture's)."""
 
     LARGE = ("means", "variances", "s1", "s2")
 
@@ -118,7 +119,6 @@ class _Working:
         for name in _STATE:
             value = getattr(gmm, name)
             setattr(self, name, value if share_large and name in self.LARGE else value.clone())
-        self.shared = {name for name in self.LARGE if share_large}
         self.num_seeded = int(gmm.num_seeded)
         self.num_reseeds = int(gmm.num_reseeds)
 
@@ -337,25 +337,28 @@ class OnlineGMM(nn.Module):
             rate = torch.full_like(s0, self.eta)
         keep = (1.0 - rate)
         # s <- keep * s + eta * s_batch: in place on a working copy, or, where the step still
-        # shares the mixture's own K x D tensor, into a new one written once, block by block
+        # reads the mixture's own K x D tensor, into a new one written once, block by block
         state.s0[:active].mul_(keep).add_(s0, alpha=self.eta)
         for name, batch in (("s1", s1), ("s2", s2)):
             old = getattr(state, name)
-            if name in getattr(state, "shared", ()):
+            if self._reads_own(state, name):
                 new = torch.empty_like(old)
                 for rows in row_blocks(*new.shape):
                     torch.mul(old[rows], keep[rows, None], out=new[rows]).add_(batch[rows], alpha=self.eta)
                 setattr(state, name, new)
-                state.shared.discard(name)
             else:
                 old[:active].mul_(keep[:, None]).add_(batch, alpha=self.eta)
+
+    def _reads_own(self, state, name: str) -> bool:
+        """Whether a step's working ``state`` still holds the mixture's own tensor ``name``
+        (:class:`_Working`), which the step must replace, not write."""
+        return state is not self and getattr(state, name) is getattr(self, name)
 
     def _m_step(self, state=None) -> None:
         state = self if state is None else state
         for name in ("means", "variances"):          # every row is written below: no copy needed
-            if name in getattr(state, "shared", ()):
+            if self._reads_own(state, name):
                 setattr(state, name, torch.empty_like(getattr(state, name)))
-                state.shared.discard(name)
         s0 = state.s0.clamp_min(1e-30)
         # block by block of components, so that each block's chain of K x D steps stays in cache
         for rows in row_blocks(*state.s1.shape):
