@@ -15,7 +15,8 @@ round, median over rounds, with the rounds' spread):
   save, each storage counted once), the loss's share of the step's peak memory.
 
 The "before" forms are written out here as they were (one log-softmax per crop, one ``-q * log p``
-product per pair; ``(t - c) / tau`` then a softmax), so the comparison stays runnable.
+product per pair; ``(t - c) / tau`` then a softmax; Sinkhorn-Knopp over the whole matrix), so the
+comparison stays runnable; the tests check the rewritten functions against them.
 
     python benchmarks/k_wide_passes.py --k 4096 65536 --rounds 5 --threads 1 [--compile]
 """
@@ -52,9 +53,10 @@ def teacher_before(t, temperature, center):
     return F.softmax((t - center).float() / temperature, dim=-1)
 
 
-def sinkhorn_before(t, temperature, center=None, iterations=3):
+def sinkhorn_before(t, temperature, center=None, iterations=3, row_shift=True):
     q = t.float() * (1.0 / temperature)
-    q -= q.max(dim=1, keepdim=True).values
+    if row_shift:
+        q -= q.max(dim=1, keepdim=True).values
     q.exp_()
     q.mul_(q.sum().reciprocal())
     b, k = q.shape

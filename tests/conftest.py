@@ -51,3 +51,15 @@ def import_benchmark() -> Callable[[str], ModuleType]:
         finally:
             sys.path.remove(str(BENCHMARKS))
     return load
+
+
+@pytest.fixture(params=[None, 40], ids=["one-block", "many-blocks"])
+def row_block_elements(request, monkeypatch):
+    """The passes over row blocks (``nocollapse.utils.blocks``) at their default size, where the
+    tests' small matrices fit one block, and at 40 elements, which splits them into blocks of a
+    row or a few."""
+    from nocollapse.utils import blocks
+
+    if request.param is not None:
+        monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", request.param)
+    return request.param

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from nocollapse.utils.schedules import cosine_schedule, warmup_constant_schedule
-from nocollapse.utils import blocks as blocks_module
 from nocollapse.losses.dino import (dino_loss, row_blocks, softmax_cross_entropy_sum, teacher_probabilities,
                                    updated_center)
 
@@ -129,17 +128,10 @@ def test_sinkhorn_of_uniform_logits_is_uniform():
 
 
 # --------------------------------------------------------------------------- the blocked, fused rewrite
-def _pairwise_dino_loss(student_logits, teacher_probs, temperature):
-    """The loss as it was written before the rewrite: one log-softmax per crop, then one
-    ``-q * log p`` product per (crop, view) pair, averaged over the pairs."""
-    log_probs = [torch.log_softmax(s.float() / temperature, dim=-1) for s in student_logits]
-    total, pairs = 0.0, 0
-    for j, q in enumerate(teacher_probs):
-        for i, log_p in enumerate(log_probs):
-            if i != j:
-                total = total + torch.sum(-q * log_p, dim=-1).mean()
-                pairs += 1
-    return total / pairs
+@pytest.fixture(scope="module")
+def before(import_benchmark):
+    """The forms the blocked rewrite replaced, as ``benchmarks/k_wide_passes.py`` keeps them."""
+    return import_benchmark("k_wide_passes")
 
 
 def _crops(n_crops, n_views, batch=6, k=37, seed=0, dtype=torch.float32):
@@ -149,43 +141,35 @@ def _crops(n_crops, n_views, batch=6, k=37, seed=0, dtype=torch.float32):
     return student, teacher
 
 
-@pytest.fixture(params=[None, 40], ids=["one-block", "many-blocks"])
-def blocks(request, monkeypatch):
-    """The default block size (the test matrices fit one block) and 40 elements (one row per block)."""
-    if request.param is not None:
-        monkeypatch.setattr(blocks_module, "BLOCK_ELEMENTS", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("n_crops,n_views", [(2, 2), (5, 2), (4, 3), (3, 1)])
-def test_fused_loss_equals_the_pairwise_loss_in_value_and_gradient(blocks, n_crops, n_views):
+def test_fused_loss_equals_the_pairwise_loss_in_value_and_gradient(row_block_elements, before, n_crops, n_views):
     student, teacher = _crops(n_crops, n_views)
     fused = dino_loss(student, teacher, 0.1)
     # with one teacher view, crop 0 (that view) is in no pair: no gradient in either form
     grads = torch.autograd.grad(fused, student, allow_unused=True, materialize_grads=True)
     reference_student = [s.detach().clone().requires_grad_() for s in student]
-    reference = _pairwise_dino_loss(reference_student, teacher, 0.1)
+    reference = before.pairwise_loss_before(reference_student, teacher, 0.1)
     reference_grads = torch.autograd.grad(reference, reference_student, allow_unused=True, materialize_grads=True)
     torch.testing.assert_close(fused, reference)
     for got, want in zip(grads, reference_grads):
         torch.testing.assert_close(got, want)
 
 
-def test_fused_cross_entropy_passes_gradcheck_for_logits_and_targets(blocks):
+def test_fused_cross_entropy_passes_gradcheck_for_logits_and_targets(row_block_elements):
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     targets = torch.rand(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda s, q: softmax_cross_entropy_sum(s, q, 0.3), (logits, targets))
 
 
-def test_fused_loss_under_bf16_autocast_errs_no_more_than_the_pairwise_loss():
+def test_fused_loss_under_bf16_autocast_errs_no_more_than_the_pairwise_loss(before):
     # bf16 logits, as an autocast forward of the prototype layer produces them
     student, teacher = _crops(4, 2, batch=16, k=300, dtype=torch.bfloat16)
     exact_student = [s.detach().double().requires_grad_() for s in student]
-    exact = _pairwise_dino_loss(exact_student, [q.double() for q in teacher], 0.1)
+    exact = before.pairwise_loss_before(exact_student, [q.double() for q in teacher], 0.1)
     exact_grads = torch.autograd.grad(exact, exact_student)
     errors = {}
-    for name, loss_fn in (("fused", dino_loss), ("pairwise", _pairwise_dino_loss)):
+    for name, loss_fn in (("fused", dino_loss), ("pairwise", before.pairwise_loss_before)):
         inputs = [s.detach().clone().requires_grad_() for s in student]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = loss_fn(inputs, teacher, 0.1)
@@ -203,7 +187,7 @@ def test_fused_cross_entropy_rejects_mismatched_shapes():
 
 
 @pytest.mark.parametrize("with_center", [True, False])
-def test_blocked_teacher_probabilities_equal_the_softmax(blocks, with_center):
+def test_blocked_teacher_probabilities_equal_the_softmax(row_block_elements, with_center):
     gen = torch.Generator().manual_seed(2)
     t = 5 * torch.randn(7, 23, generator=gen)
     c = torch.randn(1, 23, generator=gen) if with_center else None
@@ -239,20 +223,6 @@ def test_teacher_probabilities_leave_the_logits_unchanged():
     assert torch.equal(t, before)
 
 
-def _sinkhorn_before(logits, temperature, iterations=3, row_shift=True):
-    """Sinkhorn-Knopp as it was written before the blocked rewrite (one process)."""
-    q = logits.float() * (1.0 / temperature)
-    if row_shift:
-        q -= q.max(dim=1, keepdim=True).values
-    q = q.exp()
-    q = q / q.sum()
-    b, k = q.shape
-    for _ in range(iterations):
-        q = q / (q.sum(dim=0, keepdim=True).clamp_min(1e-30) * k)
-        q = q / (q.sum(dim=1, keepdim=True).clamp_min(1e-30) * b)
-    return q * b
-
-
 @pytest.fixture(params=[False, True], ids=["denormals", "flushed"])
 def flush_denormal(request):
     """Both settings of the CPU's denormal floats: the trainer flushes them to zero, and then the
@@ -266,13 +236,14 @@ def flush_denormal(request):
 
 @pytest.mark.parametrize("iterations", [0, 1, 3, 10])
 @pytest.mark.parametrize("row_shift", [True, False])
-def test_blocked_sinkhorn_equals_the_previous_form(blocks, flush_denormal, iterations, row_shift):
+def test_blocked_sinkhorn_equals_the_previous_form(row_block_elements, before, flush_denormal, iterations, row_shift):
     from nocollapse.losses.sinkhorn import sinkhorn_knopp
 
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(9, 31, generator=gen) * (0.3 if not row_shift else 3.0)
-    expected = _sinkhorn_before(logits, 0.05, iterations, row_shift)
+    expected = before.sinkhorn_before(logits, 0.05, iterations=iterations, row_shift=row_shift)
     torch.testing.assert_close(sinkhorn_knopp(logits, 0.05, iterations, row_shift=row_shift), expected)
     # bf16 scores give fp32 targets from the rounded values
     torch.testing.assert_close(sinkhorn_knopp(logits.bfloat16(), 0.05, iterations, row_shift=row_shift),
-                               _sinkhorn_before(logits.bfloat16().float(), 0.05, iterations, row_shift))
+                               before.sinkhorn_before(logits.bfloat16().float(), 0.05, iterations=iterations,
+                                                      row_shift=row_shift))

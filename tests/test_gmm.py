@@ -375,15 +375,6 @@ def test_a_buffer_smaller_than_the_mixture_is_rejected():
 
 
 # --------------------------------------------------------------------------- the blocked rewrite
-@pytest.fixture(params=[None, 64], ids=["one-block", "many-blocks"])
-def gmm_blocks(request, monkeypatch):
-    from nocollapse.utils import blocks
-
-    if request.param is not None:
-        monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", request.param)
-    return request.param
-
-
 def _trained_mixture(covariance, steps=3, k=24, d=6, seed=0):
     gen = torch.Generator().manual_seed(seed)
     gmm = OnlineGMM(k, d, covariance=covariance, init="random", eta=0.3, chunk_size=10, seed=seed)
@@ -394,7 +385,7 @@ def _trained_mixture(covariance, steps=3, k=24, d=6, seed=0):
 
 @pytest.mark.parametrize("covariance", ["diagonal", "isotropic"])
 @pytest.mark.parametrize("beta", [1.0, 0.4])
-def test_responsibilities_equal_the_annealed_posterior_by_the_formula(gmm_blocks, covariance, beta):
+def test_responsibilities_equal_the_annealed_posterior_by_the_formula(row_block_elements, covariance, beta):
     gmm, gen = _trained_mixture(covariance)
     h = F.normalize(torch.randn(30, gmm.dim, generator=gen), dim=1)
     hd, mu, var = h.double(), gmm.means.double(), gmm.variances.double()
@@ -406,7 +397,7 @@ def test_responsibilities_equal_the_annealed_posterior_by_the_formula(gmm_blocks
 
 
 @pytest.mark.parametrize("covariance", ["diagonal", "isotropic"])
-def test_blocked_m_step_equals_the_whole_matrix_form(gmm_blocks, covariance):
+def test_blocked_m_step_equals_the_whole_matrix_form(row_block_elements, covariance):
     gmm, _ = _trained_mixture(covariance)
     s0 = gmm.s0.clamp_min(1e-30)
     m = gmm.s1 / s0[:, None]
