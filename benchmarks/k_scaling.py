@@ -24,13 +24,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))                       # its sibling throughput.py, imported where used
 DRY_RUN_SETS = ["train.batch_size=8", "model.width_multiplier=0.125", "method.head.hidden_dim=64",
                 "method.head.bottleneck_dim=16", "diagnostics.held_out_images=0"]
 
 
 def preflight_bytes(method: str, k: int, sets: list[str]) -> int:
     """The preflight estimate of the method's K-dependent memory for one step of the recipe."""
-    sys.path.insert(0, str(HERE))
     from throughput import build_config_for
     from nocollapse.utils.registry import METHODS
 
