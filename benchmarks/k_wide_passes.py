@@ -9,6 +9,10 @@ round, median over rounds, with the rounds' spread):
 * ``teacher``: the centred, sharpened teacher targets of the two global views (2B x K);
 * ``sinkhorn``: Sinkhorn-Knopp targets of the two global views (3 iterations), DINO's
   ``teacher_norm=sinkhorn`` and SwAV's codes;
+* ``carp``: forward and backward of CARP's loss (block softmaxes over a random partition into
+  blocks of 128, consistency and the block marginals' KL to uniform) from the student's two
+  crops' and the teacher's two views' scores; "before" gathered every row into one M x K tensor
+  for the marginal (the M x K all-gather across processes), "now" sums the rows per process;
 * ``loss_compiled`` (``--compile``): the "before" loss through ``torch.compile`` (inductor), with
   the seconds its first call took to compile (``compile_seconds``);
 * ``saved_bytes``: what autograd keeps for the backward pass of the loss (the tensors its nodes
@@ -34,7 +38,10 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nocollapse.losses.carp import (block_kl_to_uniform, block_probabilities, carp_consistency,  # noqa: E402
+                                   marginal_kl_to_uniform)
 from nocollapse.losses.dino import dino_loss, teacher_probabilities  # noqa: E402
+from nocollapse.methods.carp import CARP  # noqa: E402
 from nocollapse.losses.sinkhorn import sinkhorn_knopp  # noqa: E402
 
 
@@ -85,6 +92,25 @@ def saved_bytes(loss_fn, student, teacher) -> int:
     return sum(size for ptr, size in storages.items() if ptr not in inputs)
 
 
+def carp_marginal_before(s_probs, t_probs):
+    """CARP's marginal KL as the method computed it before: every row gathered into one tensor."""
+    everything = torch.cat([s_probs, t_probs], dim=1).transpose(0, 1)   # [M, blocks, N_B]
+    return marginal_kl_to_uniform(everything.contiguous())
+
+
+def carp_marginal_now(s_probs, t_probs):
+    return block_kl_to_uniform(CARP.block_marginal(s_probs, t_probs))
+
+
+def carp_loss(marginal_kl, s_scores, t_scores, partition, batch):
+    """CARP's loss (consistency + marginal KL) with the given marginal term."""
+    s_probs = block_probabilities(s_scores, partition)
+    with torch.no_grad():
+        t_probs = block_probabilities(t_scores, partition)
+    consistency = carp_consistency(list(s_probs.split(batch, dim=1)), list(t_probs.split(batch, dim=1)))
+    return consistency + marginal_kl(s_probs, t_probs)
+
+
 def timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -121,7 +147,17 @@ def measure(k: int, batch: int, local_crops: int, rounds: int, repeats: int, com
                 fn(teacher_logits, 0.04, center)
         return run
 
+    s_scores = torch.cat([s.detach() for s in student[:2]]).requires_grad_()
+    partition = torch.randperm(k, generator=gen).view(-1, 128) if k % 128 == 0 else torch.randperm(k).view(1, -1)
+
+    def carp_step(marginal_kl):
+        def run():
+            carp_loss(marginal_kl, s_scores, teacher_logits, partition, batch).backward()
+            s_scores.grad = None
+        return run
+
     cases = {"loss_before": loss_step(pairwise_loss_before), "loss_now": loss_step(dino_loss),
+             "carp_before": carp_step(carp_marginal_before), "carp_now": carp_step(carp_marginal_now),
              "teacher_before": teacher_step(teacher_before), "teacher_now": teacher_step(teacher_probabilities),
              "sinkhorn_before": teacher_step(sinkhorn_before), "sinkhorn_now": teacher_step(sinkhorn_now)}
     compile_seconds = None
@@ -140,7 +176,7 @@ def measure(k: int, batch: int, local_crops: int, rounds: int, repeats: int, com
     result: dict = {"k": k, "batch": batch, "crops": crops, "compile_seconds": compile_seconds,
                     "seconds": {name: statistics.median(v) for name, v in per_round.items()},
                     "seconds_rounds": per_round}
-    for part in ("loss", "teacher", "sinkhorn"):
+    for part in ("loss", "teacher", "sinkhorn", "carp"):
         ratios = [now / before for now, before in zip(per_round[f"{part}_now"], per_round[f"{part}_before"])]
         result[f"{part}_now_over_before"] = statistics.median(ratios)
         result[f"{part}_now_over_before_range"] = [min(ratios), max(ratios)]

@@ -46,6 +46,40 @@ def test_fully_collapsed_carp_scores_log_block_size():
     assert marginal_kl_to_uniform(torch.cat(uniform, 1).transpose(0, 1)).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def _carp_scores(dtype=torch.float32, k=48, batch=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    student = (torch.randn(2 * batch, k, generator=gen) * 3).to(dtype).requires_grad_()
+    teacher = (torch.randn(2 * batch, k, generator=gen) * 3).to(dtype)
+    return student, teacher, torch.randperm(k, generator=gen).view(-1, 8)
+
+
+def test_carp_block_marginal_equals_the_gathered_rows_form(import_benchmark):
+    """The marginal from per-process row sums (``CARP.block_marginal``) against the form it
+    replaced (every row gathered into one tensor): fp32 loss values and gradients equal."""
+    passes = import_benchmark("k_wide_passes")
+    grads, losses = [], []
+    for marginal in (passes.carp_marginal_before, passes.carp_marginal_now):
+        student, teacher, partition = _carp_scores()
+        loss = passes.carp_loss(marginal, student, teacher, partition, 5)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(student.grad)
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_carp_block_marginal_under_bf16_autocast_errs_no_more_than_before(import_benchmark):
+    passes = import_benchmark("k_wide_passes")
+    student, teacher, partition = _carp_scores()
+    exact = passes.carp_loss(passes.carp_marginal_before, student, teacher, partition, 5).item()
+    errors = []
+    for marginal in (passes.carp_marginal_before, passes.carp_marginal_now):
+        low, low_teacher, _ = _carp_scores(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            errors.append(abs(passes.carp_loss(marginal, low, low_teacher, partition, 5).item() - exact))
+    assert errors[1] <= errors[0] * (1 + 1e-6) + 1e-7, errors
+
+
 def test_koleo_by_hand():
     # two orthogonal unit prototypes: nearest-neighbour distance sqrt(2) -> -log sqrt(2)
     v = torch.tensor([[1.0, 0.0], [0.0, 3.0]])

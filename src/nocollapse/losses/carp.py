@@ -55,8 +55,13 @@ def carp_consistency(student_probs: Sequence[torch.Tensor], teacher_probs: Seque
     return total / pairs
 
 
-def marginal_kl_to_uniform(probs: torch.Tensor) -> torch.Tensor:
-    """``probs [M, n_blocks, N_B]`` (M samples) -> mean over blocks of KL(mean_M probs || uniform)."""
-    pbar = probs.mean(0)
+def block_kl_to_uniform(pbar: torch.Tensor) -> torch.Tensor:
+    """``pbar [n_blocks, N_B]`` (each row a block marginal) -> mean over blocks of
+    KL(pbar_b || U(N_B)) = mean_b [ log N_B + sum_k pbar_bk log pbar_bk ]."""
     eps = _eps(pbar)
     return (math.log(pbar.shape[-1]) + (pbar * torch.log(pbar.clamp(eps, 1.0 - eps))).sum(-1)).mean()
+
+
+def marginal_kl_to_uniform(probs: torch.Tensor) -> torch.Tensor:
+    """``probs [M, n_blocks, N_B]`` (M samples) -> mean over blocks of KL(mean_M probs || uniform)."""
+    return block_kl_to_uniform(probs.mean(0))

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, setting
 from ..data.batch import Batch
-from ..losses.carp import block_probabilities, carp_consistency, marginal_kl_to_uniform
+from ..losses.carp import block_kl_to_uniform, block_probabilities, carp_consistency
 from ..utils import distributed as dist_utils
 from ..utils.registry import METHODS
 from .base import StepOutput
@@ -73,6 +73,15 @@ class CARP(PrototypeMethod):
             return (grouped / grouped.sum(-1, keepdim=True).clamp_min(1e-30)).permute(1, 0, 2)
         return block_probabilities(t_scores, part)
 
+    @staticmethod
+    def block_marginal(s_probs: torch.Tensor, t_probs: torch.Tensor) -> torch.Tensor:
+        """Each block's mean probability over every student and teacher row of all processes,
+        ``[blocks, N_B]``: this process's row sums, summed over processes (K numbers each, where
+        gathering the rows themselves would move M x K), divided by the number of rows."""
+        sums = s_probs.sum(1) + t_probs.sum(1)
+        rows = (s_probs.shape[1] + t_probs.shape[1]) * dist_utils.world_size()
+        return dist_utils.all_reduce_sum_with_grad(sums) / rows
+
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         c = self.cfg.carp
         crops, n = batch.crops, batch.size
@@ -90,8 +99,7 @@ class CARP(PrototypeMethod):
         s_scores = self.student_scores(s_emb)
         s_probs = block_probabilities(s_scores, part)
         consistency = carp_consistency(list(s_probs.split(n, dim=1)), list(t_probs.split(n, dim=1)))
-        everything = torch.cat([s_probs, t_probs], dim=1).transpose(0, 1)   # [M, blocks, N_B]
-        kl = marginal_kl_to_uniform(dist_utils.all_gather_cat(everything.contiguous()))
+        kl = block_kl_to_uniform(self.block_marginal(s_probs, t_probs))
         logs = {"loss_consistency": float(consistency.detach()), "loss_marginal_kl": float(kl.detach())}
         loss = self.koleo_term(c.consistency_weight * consistency + c.entropy_weight * kl, logs, s_emb, n)
         logs.update(self.mixture_logs())
