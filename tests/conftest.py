@@ -4,6 +4,7 @@ benchmark scripts as modules, and a decoded-image cache of the test's own."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +28,17 @@ TINY = [
     "train.threads=1",
     "eval.batch_size=256",
 ]
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``-n 2``, the README's command) each worker process has one core of its
+    own: one torch thread, and one for each process a test starts. Left to their defaults, two
+    workers would each start a thread per core and spin against each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -124,7 +124,10 @@ def test_nonfinite_loss_can_be_skipped_with_a_counter(tmp_path, nan_from_step):
 
 def _train_command(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "nocollapse.cli", "train", "--out", str(out), "--set", *TINY,
-            "train.epochs=3", "train.deterministic=true", "train.checkpoint_every_steps=5", *extra]
+            "train.epochs=3", "train.deterministic=true", "train.checkpoint_every_steps=5",
+            # the test compares weights only: no plots, no k-NN of the random init, a one-epoch probe
+            "diagnostics.plots=false", "eval.knn_init=false", "eval.linear_epochs=1", "eval.save_features=false",
+            *extra]
 
 
 def _wait_for_step(out: Path, step: int, proc, timeout: float = 120.0) -> None:
