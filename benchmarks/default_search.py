@@ -58,6 +58,20 @@ def run_one(name: str, overrides: list[str], seed: int, pythonpath: str | None, 
         }
 
 
+def split_overrides(text: str) -> list[str]:
+    """``KEY=VALUE,KEY=VALUE`` -> the overrides; a comma inside brackets belongs to a list value
+    (``views.global_scale=[0.6,1.0]``)."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [p for p in [*parts, current] if p]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidate", action="append", default=[],
@@ -76,7 +90,7 @@ def main() -> None:
     jobs = []
     for spec in args.candidate:
         name, _, sets = spec.partition("=")
-        overrides = [s for s in sets.split(",") if s]
+        overrides = split_overrides(sets)
         jobs += [(name, overrides, seed) for seed in args.seeds if (name, seed) not in done]
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = [pool.submit(run_one, n, o, s, args.pythonpath, args.data) for n, o, s in jobs]

@@ -39,13 +39,21 @@ def preflight_bytes(method: str, k: int, sets: list[str]) -> int:
     return METHODS.get(cfg.method.name).estimate_state_bytes(cfg, rows)
 
 
-def run_one(method: str, k: int, args, sets: list[str]) -> dict:
-    raw = args.out / "raw"
-    command = [sys.executable, str(HERE / "throughput.py"), "--methods", method, "--out", str(raw),
+def measure(method: str, k: int, args, sets: list[str]) -> None:
+    """``throughput.py`` on one case, in a fresh process; it writes ``OUT/raw/METHOD-kK.json``."""
+    command = [sys.executable, str(HERE / "throughput.py"), "--methods", method, "--out", str(args.out / "raw"),
                "--tag", f"k{k}", "--rounds", str(args.rounds), "--repeats", str(args.repeats),
                "--threads", str(args.threads), "--set", *sets, f"method.num_prototypes={k}"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    result = json.loads((raw / f"{method}-k{k}.json").read_text())
+
+
+def run_one(method: str, k: int, args, sets: list[str]) -> dict:
+    """One case's row. A case whose result is already in ``OUT/raw`` (from an interrupted run) is
+    read back instead of measured again, unless ``--redo``."""
+    done = args.out / "raw" / f"{method}-k{k}.json"
+    if args.redo or not done.is_file():
+        measure(method, k, args, sets)
+    result = json.loads(done.read_text())
     return {"method": method, "k": k, "step_seconds": result["seconds"]["step"],
             "backbone_seconds": result["seconds"]["backbone"],
             "ratio_step_to_backbone": result["ratio_step_to_backbone"],
@@ -94,6 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true", help="K = 64 and 128 on a tiny network, one round")
+    parser.add_argument("--redo", action="store_true", help="measure again the cases already measured in OUT/raw")
     args = parser.parse_args(argv)
     sets = list(args.set)
     if args.dry_run:

@@ -68,7 +68,7 @@ def test_the_lightly_reference_step_does_the_same_arithmetic_as_our_dino_step(th
 
 
 @pytest.mark.long
-def test_k_scaling_dry_run_writes_its_record_and_figure(import_benchmark, tmp_path):
+def test_k_scaling_dry_run_writes_its_record_and_figure(import_benchmark, tmp_path, monkeypatch):
     k_scaling = import_benchmark("k_scaling")
     k_scaling.main(["--dry-run", "--methods", "dino", "--threads", "1", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "k_scaling.json").read_text())
@@ -79,3 +79,7 @@ def test_k_scaling_dry_run_writes_its_record_and_figure(import_benchmark, tmp_pa
     # the FLOP count does not fall as K grows (at these sizes the K-wide products round away)
     assert record["runs"][1]["gflops_step"] >= record["runs"][0]["gflops_step"]
     assert (tmp_path / "k_scaling.png").stat().st_size > 0
+    # a second call on the same folder reads the measured cases back instead of measuring again
+    monkeypatch.setattr(k_scaling, "measure", lambda *a: pytest.fail("a case already measured was measured again"))
+    k_scaling.main(["--dry-run", "--methods", "dino", "--threads", "1", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "k_scaling.json").read_text())["runs"] == record["runs"]
