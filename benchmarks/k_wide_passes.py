@@ -11,8 +11,9 @@ round, median over rounds, with the rounds' spread):
   ``teacher_norm=sinkhorn`` and SwAV's codes;
 * ``carp``: forward and backward of CARP's loss (block softmaxes over a random partition into
   blocks of 128, consistency and the block marginals' KL to uniform) from the student's two
-  crops' and the teacher's two views' scores; "before" gathered every row into one M x K tensor
-  for the marginal (the M x K all-gather across processes), "now" sums the rows per process;
+  crops' and the teacher's two views' scores; "before" gathered the blocks' columns by advanced
+  indexing and every row into one M x K tensor for the marginal (the M x K all-gather across
+  processes), "now" uses ``index_select`` and sums the rows per process;
 * ``loss_compiled`` (``--compile``): the "before" loss through ``torch.compile`` (inductor), with
   the seconds its first call took to compile (``compile_seconds``);
 * ``saved_bytes``: what autograd keeps for the backward pass of the loss (the tensors its nodes
@@ -102,11 +103,21 @@ def carp_marginal_now(s_probs, t_probs):
     return block_kl_to_uniform(CARP.block_marginal(s_probs, t_probs))
 
 
-def carp_loss(marginal_kl, s_scores, t_scores, partition, batch):
-    """CARP's loss (consistency + marginal KL) with the given marginal term."""
-    s_probs = block_probabilities(s_scores, partition)
+def block_probabilities_before(logits, partition):
+    """CARP's block softmaxes as they were: the columns gathered by advanced indexing."""
+    grouped = logits[:, partition.reshape(-1)].reshape(logits.shape[0], *partition.shape)
+    return torch.softmax(grouped.float(), dim=-1).permute(1, 0, 2)
+
+
+def carp_loss_before(s_scores, t_scores, partition, batch):
+    return carp_loss(s_scores, t_scores, partition, batch, block_probabilities_before, carp_marginal_before)
+
+
+def carp_loss(s_scores, t_scores, partition, batch, block_probs=block_probabilities, marginal_kl=carp_marginal_now):
+    """CARP's loss (consistency + marginal KL), by default as the method computes it now."""
+    s_probs = block_probs(s_scores, partition)
     with torch.no_grad():
-        t_probs = block_probabilities(t_scores, partition)
+        t_probs = block_probs(t_scores, partition)
     consistency = carp_consistency(list(s_probs.split(batch, dim=1)), list(t_probs.split(batch, dim=1)))
     return consistency + marginal_kl(s_probs, t_probs)
 
@@ -150,14 +161,14 @@ def measure(k: int, batch: int, local_crops: int, rounds: int, repeats: int, com
     s_scores = torch.cat([s.detach() for s in student[:2]]).requires_grad_()
     partition = torch.randperm(k, generator=gen).view(-1, 128) if k % 128 == 0 else torch.randperm(k).view(1, -1)
 
-    def carp_step(marginal_kl):
+    def carp_step(loss_fn):
         def run():
-            carp_loss(marginal_kl, s_scores, teacher_logits, partition, batch).backward()
+            loss_fn(s_scores, teacher_logits, partition, batch).backward()
             s_scores.grad = None
         return run
 
     cases = {"loss_before": loss_step(pairwise_loss_before), "loss_now": loss_step(dino_loss),
-             "carp_before": carp_step(carp_marginal_before), "carp_now": carp_step(carp_marginal_now),
+             "carp_before": carp_step(carp_loss_before), "carp_now": carp_step(carp_loss),
              "teacher_before": teacher_step(teacher_before), "teacher_now": teacher_step(teacher_probabilities),
              "sinkhorn_before": teacher_step(sinkhorn_before), "sinkhorn_now": teacher_step(sinkhorn_now)}
     compile_seconds = None

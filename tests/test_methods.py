@@ -53,14 +53,15 @@ def _carp_scores(dtype=torch.float32, k=48, batch=5, seed=0):
     return student, teacher, torch.randperm(k, generator=gen).view(-1, 8)
 
 
-def test_carp_block_marginal_equals_the_gathered_rows_form(import_benchmark):
-    """The marginal from per-process row sums (``CARP.block_marginal``) against the form it
-    replaced (every row gathered into one tensor): fp32 loss values and gradients equal."""
+def test_carp_loss_equals_the_form_it_replaced(import_benchmark):
+    """CARP's loss now (``index_select`` gather, block marginals from per-process row sums)
+    against the form it replaced (advanced indexing, every row gathered into one tensor): fp32
+    loss values and gradients equal."""
     passes = import_benchmark("k_wide_passes")
     grads, losses = [], []
-    for marginal in (passes.carp_marginal_before, passes.carp_marginal_now):
+    for loss_fn in (passes.carp_loss_before, passes.carp_loss):
         student, teacher, partition = _carp_scores()
-        loss = passes.carp_loss(marginal, student, teacher, partition, 5)
+        loss = loss_fn(student, teacher, partition, 5)
         loss.backward()
         losses.append(loss.detach())
         grads.append(student.grad)
@@ -68,15 +69,15 @@ def test_carp_block_marginal_equals_the_gathered_rows_form(import_benchmark):
     torch.testing.assert_close(grads[1], grads[0])
 
 
-def test_carp_block_marginal_under_bf16_autocast_errs_no_more_than_before(import_benchmark):
+def test_carp_loss_under_bf16_autocast_errs_no_more_than_before(import_benchmark):
     passes = import_benchmark("k_wide_passes")
     student, teacher, partition = _carp_scores()
-    exact = passes.carp_loss(passes.carp_marginal_before, student, teacher, partition, 5).item()
+    exact = passes.carp_loss_before(student, teacher, partition, 5).item()
     errors = []
-    for marginal in (passes.carp_marginal_before, passes.carp_marginal_now):
+    for loss_fn in (passes.carp_loss_before, passes.carp_loss):
         low, low_teacher, _ = _carp_scores(torch.bfloat16)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            errors.append(abs(passes.carp_loss(marginal, low, low_teacher, partition, 5).item() - exact))
+            errors.append(abs(loss_fn(low, low_teacher, partition, 5).item() - exact))
     assert errors[1] <= errors[0] * (1 + 1e-6) + 1e-7, errors
 
 

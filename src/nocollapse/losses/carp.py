@@ -30,7 +30,9 @@ import torch
 def block_probabilities(logits: torch.Tensor, partition: torch.Tensor) -> torch.Tensor:
     """``logits [B, K]`` and ``partition [n_blocks, N_B]`` (prototype indices) ->
     block-softmax probabilities ``[n_blocks, B, N_B]``."""
-    grouped = logits[:, partition.reshape(-1)].reshape(logits.shape[0], *partition.shape)
+    # index_select, not logits[:, index]: on CPU the advanced-indexing gather and its scatter-add
+    # backward take about 2.4 x as long at K = 65,536 (same values)
+    grouped = logits.index_select(1, partition.reshape(-1)).reshape(logits.shape[0], *partition.shape)
     return torch.softmax(grouped.float(), dim=-1).permute(1, 0, 2)
 
 

@@ -69,7 +69,7 @@ class CARP(PrototypeMethod):
         """The teacher's block probabilities: from its prototype scores ``t_scores``, or from the
         mixture's posteriors (``gmm.targets=posterior``), renormalised within each block."""
         if gamma is not None and self.cfg.gmm.targets == "posterior":
-            grouped = gamma[:, part.reshape(-1)].reshape(gamma.shape[0], *part.shape)
+            grouped = gamma.index_select(1, part.reshape(-1)).reshape(gamma.shape[0], *part.shape)
             return (grouped / grouped.sum(-1, keepdim=True).clamp_min(1e-30)).permute(1, 0, 2)
         return block_probabilities(t_scores, part)
 
