@@ -4,7 +4,7 @@ student/teacher = backbone -> projection MLP -> 256-d bottleneck (not normalised
 scores. Each step draws a random partition of the K prototypes into blocks of ``carp.block_size``
 (drawn on rank 0 from a generator seeded by (seed, step) and broadcast, so every process uses
 the same one and a resumed run draws the same ones); the loss is the block-wise consistency
-between student crops and teacher views plus the KL of the block marginals (gathered over all
+between student crops and teacher views plus the KL of the block marginals (taken over all
 processes) to uniform (``losses/carp.py``).
 
 With ``method.prototypes=decoupled`` the prototypes are the means of an online-EM Gaussian
