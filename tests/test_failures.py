@@ -492,3 +492,26 @@ def test_a_mistyped_bundled_config_lists_the_bundled_names(capsys):
     assert "did you mean 'digits'" in err
     assert all(name in err for name in bundled_config_names())
     assert {"digits", "cifar10/dino"} <= set(bundled_config_names())
+
+
+# ---- the memory preflight -----------------------------------------------------------------------
+
+def test_the_memory_preflight_counts_the_mixtures_e_step_and_refuses_what_does_not_fit():
+    from nocollapse.config import build_config
+    from nocollapse.data.views import build_view_spec
+    from nocollapse.engine.trainer import preflight
+
+    cfg, _ = build_config(overrides=["method.num_prototypes=1024", "method.head.bottleneck_dim=64",
+                                     "train.batch_size=8", "method.prototypes=decoupled"])
+    k, d, rows = 1024, 64, 8 * 2
+    # four K x D mixture tensors, the [rows, K] scores (x4 with their gradients and targets), and
+    # the E-step's log-joint and responsibilities over the two global views' rows
+    expected = 4 * k * d * 4 + 4 * rows * k * 4 + 2 * rows * k * 4
+    assert DINO.estimate_state_bytes(cfg, rows) == expected
+    learned, _ = build_config(overrides=["method.num_prototypes=1024", "method.head.bottleneck_dim=64",
+                                         "train.batch_size=8", "method.prototypes=learned"])
+    assert DINO.estimate_state_bytes(learned, rows) == 6 * k * d * 4 + 4 * rows * k * 4
+    spec = build_view_spec(cfg.views, 16, (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(ValueError, match="needs about .* GiB .* lower train.batch_size"):
+        preflight(cfg, spec, 1, available=expected)          # more than 0.8 x what is available
+    preflight(cfg, spec, 1, available=2 * expected)

@@ -181,10 +181,13 @@ class PrototypeMethod(SSLMethod):
     @classmethod
     def estimate_state_bytes(cls, cfg: Config, rows: int) -> int:
         """Prototypes (+ EMA copy or mixture statistics) and the ``[rows, K]`` scores with their
-        gradients, in fp32."""
+        gradients, in fp32; with decoupled prototypes also the mixture's E-step, a log-joint and
+        responsibilities over the two global views' rows (``[2B, K]`` each)."""
         k, d = cfg.method.num_prototypes, cfg.method.head.bottleneck_dim
-        state = (4 if cfg.method.prototypes == "decoupled" else 6) * k * d * 4
-        return state + 4 * rows * k * 4
+        decoupled = cfg.method.prototypes == "decoupled"
+        state = (4 if decoupled else 6) * k * d * 4
+        e_step = 2 * (2 * cfg.train.batch_size) * k * 4 if decoupled else 0
+        return state + 4 * rows * k * 4 + e_step
 
     @classmethod
     def run_name(cls, cfg: Config) -> str:
