@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nocollapse.losses.carp import (block_kl_to_uniform, block_probabilities, carp_consistency,  # noqa: E402
                                    marginal_kl_to_uniform)
 from nocollapse.losses.dino import dino_loss, teacher_probabilities  # noqa: E402
-from nocollapse.methods.carp import CARP  # noqa: E402
 from nocollapse.losses.sinkhorn import sinkhorn_knopp  # noqa: E402
+from nocollapse.methods.carp import CARP  # noqa: E402
 
 
 def pairwise_loss_before(student_logits, teacher_probs, temperature):
@@ -159,7 +159,8 @@ def measure(k: int, batch: int, local_crops: int, rounds: int, repeats: int, com
         return run
 
     s_scores = torch.cat([s.detach() for s in student[:2]]).requires_grad_()
-    partition = torch.randperm(k, generator=gen).view(-1, 128) if k % 128 == 0 else torch.randperm(k).view(1, -1)
+    # CARP's blocks of 128 (one block of all K when 128 does not divide K)
+    partition = torch.randperm(k, generator=gen).view(-1, 128 if k % 128 == 0 else k)
 
     def carp_step(loss_fn):
         def run():
