@@ -27,13 +27,18 @@ from typing import Sequence
 import torch
 
 
+def group_by_blocks(values: torch.Tensor, partition: torch.Tensor) -> torch.Tensor:
+    """``values [B, K]`` and ``partition [n_blocks, N_B]`` (prototype indices) -> the columns of
+    each block side by side, ``[B, n_blocks, N_B]``. ``index_select`` rather than
+    ``values[:, index]``: the same values, and on CPU the advanced-indexing gather and its
+    scatter-add backward are several times slower at large K (docs/results.md, section 19.1)."""
+    return values.index_select(1, partition.reshape(-1)).reshape(values.shape[0], *partition.shape)
+
+
 def block_probabilities(logits: torch.Tensor, partition: torch.Tensor) -> torch.Tensor:
     """``logits [B, K]`` and ``partition [n_blocks, N_B]`` (prototype indices) ->
     block-softmax probabilities ``[n_blocks, B, N_B]``."""
-    # index_select, not logits[:, index]: on CPU the advanced-indexing gather and its scatter-add
-    # backward take about 2.4 x as long at K = 65,536 (same values)
-    grouped = logits.index_select(1, partition.reshape(-1)).reshape(logits.shape[0], *partition.shape)
-    return torch.softmax(grouped.float(), dim=-1).permute(1, 0, 2)
+    return torch.softmax(group_by_blocks(logits, partition).float(), dim=-1).permute(1, 0, 2)
 
 
 def _eps(t: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, setting
 from ..data.batch import Batch
-from ..losses.carp import block_kl_to_uniform, block_probabilities, carp_consistency
+from ..losses.carp import block_kl_to_uniform, block_probabilities, carp_consistency, group_by_blocks
 from ..utils import distributed as dist_utils
 from ..utils.registry import METHODS
 from .base import StepOutput
@@ -69,7 +69,7 @@ class CARP(PrototypeMethod):
         """The teacher's block probabilities: from its prototype scores ``t_scores``, or from the
         mixture's posteriors (``gmm.targets=posterior``), renormalised within each block."""
         if gamma is not None and self.cfg.gmm.targets == "posterior":
-            grouped = gamma.index_select(1, part.reshape(-1)).reshape(gamma.shape[0], *part.shape)
+            grouped = group_by_blocks(gamma, part)
             return (grouped / grouped.sum(-1, keepdim=True).clamp_min(1e-30)).permute(1, 0, 2)
         return block_probabilities(t_scores, part)
 
