@@ -17,7 +17,10 @@ A record holds: k-NN per epoch, final k-NN / linear / clustering / long-tail gro
 prototypes at every epsilon over all prototypes and among the used ones (n/a for the fixed
 codebook and class prototypes, which are distinct by construction), utilisation (nearest-used
 / min(K, N) and training arg-max), effective rank and the singular values of the backbone
-features, embedding std, alarms and wall time.
+features, embedding std, alarms and wall time. A run that stops on a non-finite loss (the
+trainer's ``failure.json``) gets a record too, with ``diverged``: the step, epoch, learning rate
+and loss. The tables name it in the seeds cell (or give the method a row that says where it
+diverged) and no mean or figure reads it; a run that fails any other way stops the study.
 
 Writes ``OUT/study.json`` (records aggregated: mean and std over seeds) and figures, every method
 on one axis: ``unique_vs_eps_<dataset>.png``, ``spectra_<dataset>.png``, ``knn_by_epoch_<dataset>.png``
@@ -190,6 +193,29 @@ def collect(run_dir: Path) -> dict:
     }
 
 
+def read_failure(run_dir: Path) -> dict | None:
+    """Why the run in ``run_dir`` stopped before its end (the trainer's ``failure.json``): for a
+    non-finite loss the step, epoch, learning rate and loss; None if it did not stop that way."""
+    path = run_dir / "failure.json"
+    if not path.is_file():
+        return None
+    failure = json.loads(path.read_text())
+    if failure.get("reason") != "non_finite_loss":
+        return None
+    return {key: failure.get(key) for key in ("reason", "step", "epoch", "lr", "loss")}
+
+
+def is_diverged(record: dict) -> bool:
+    """A record of a run that stopped on a non-finite loss: it has no evaluation to aggregate."""
+    return bool(record.get("diverged"))
+
+
+def diverged_note(runs: list[dict]) -> str:
+    """``seed 0 diverged at step 14 (lr 0.175)``, one clause per diverged seed ("" when none)."""
+    return "; ".join(f"seed {r['seed']} diverged at step {r['diverged']['step']} (lr {r['diverged']['lr']:.3g})"
+                     for r in sorted(runs, key=lambda r: r["seed"]) if is_diverged(r))
+
+
 def study_run(name: str, dataset: str, seed: int, args) -> dict:
     """Train, evaluate and record one run, or load its record if it exists."""
     record_path = Path(args.records) / dataset / f"{name}-seed{seed}.json"
@@ -201,15 +227,24 @@ def study_run(name: str, dataset: str, seed: int, args) -> dict:
     overrides = run_overrides(name, dataset, args.data, seed, args.epochs, args.set)
     run_dir = Path(args.out) / dataset / name / f"seed{seed}"
     started = time.time()
-    train_and_evaluate(run_dir, recipe, overrides, dataset)
     record = {"method": name, "dataset": dataset, "seed": seed, "recipe": f"cifar10/{recipe}",
               "overrides": [o for o in overrides if not o.startswith("data.root=")],
               "command": f"nocollapse train --config cifar10/{recipe} --set "
-                         + " ".join(o if not o.startswith("data.root=") else "data.root=$CIFAR" for o in overrides),
-              "finished": time.strftime("%Y-%m-%d"), "wall_seconds_this_sitting": round(time.time() - started),
-              **collect(run_dir)}
-    if dataset == "cifar10":  # the difficulty control for the CIFAR-10-LT groups
-        record["knn_on_lt_groups"] = knn_on_long_tail_groups(run_dir)
+                         + " ".join(o if not o.startswith("data.root=") else "data.root=$CIFAR" for o in overrides)}
+    try:
+        train_and_evaluate(run_dir, recipe, overrides, dataset)
+    except subprocess.CalledProcessError:
+        failure = read_failure(run_dir)
+        if failure is None:  # not a divergence: a fault of the machine or the code, nothing to record
+            raise
+        # A diverged run is a result of the recipe on these terms: it is recorded, not dropped.
+        record.update(finished=time.strftime("%Y-%m-%d"), wall_seconds_this_sitting=round(time.time() - started),
+                      diverged=failure, alarms=[], per_epoch=[])
+    else:
+        record.update(finished=time.strftime("%Y-%m-%d"), wall_seconds_this_sitting=round(time.time() - started),
+                      **collect(run_dir))
+        if dataset == "cifar10":  # the difficulty control for the CIFAR-10-LT groups
+            record["knn_on_lt_groups"] = knn_on_long_tail_groups(run_dir)
     record_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -370,21 +405,31 @@ def _difference_cell(comparison: dict | None) -> str:
     return text + f" ± {comparison['standard_error']:.3f} ({verdict})"
 
 
-def summary_table(dataset: str, methods: dict[str, list[dict]], speeds: dict[str, float]) -> list[str]:
-    """The user's table of one dataset: mean ± std over seeds where there are several."""
+def summary_table(dataset: str, methods: dict[str, list[dict]], speeds: dict[str, float],
+                  diverged: dict[str, list[dict]] | None = None) -> list[str]:
+    """The user's table of one dataset: mean ± std over seeds where there are several. A seed that
+    diverged (``diverged``: its records, by method) is named in the seeds cell, and a method whose
+    every seed diverged gets a row that says where."""
+    diverged = diverged or {}
     head = ["method", "seeds", "k-NN", "linear", "k-means AMI", "arg-max AMI", "unique % @ 0.1 (all / used)",
             "utilisation %", "RankMe (uncentred)", "alarms", "train s", "step img/s (alone)"]
     if dataset.endswith("_lt"):
         head[4:4] = ["balanced k-NN", "balanced linear"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, runs in methods.items():
+    for name in dict.fromkeys([*methods, *diverged]):
+        runs, failed = methods.get(name) or [], diverged.get(name) or []
         if not runs:
+            if failed:
+                seeds = ", ".join(str(r["seed"]) for r in sorted(failed, key=lambda r: r["seed"]))
+                lines.append("| " + " | ".join([name, seeds, "diverged: " + diverged_note(failed),
+                                                *["–"] * (len(head) - 3)]) + " |")
             continue
         a = aggregate(runs)
         unique = ("n/a (fixed)" if a["prototypes_fixed"]
                   else f"{_cell(a['unique_0.1'], True)} / {_cell(a['unique_used_0.1'], True)}")
         speed = speeds.get(name)
-        row = [name, ", ".join(map(str, a["seeds"])), _cell(a["knn_top1"]), _cell(a["linear_top1"]),
+        seeds = ", ".join(map(str, a["seeds"])) + (f" ({diverged_note(failed)})" if failed else "")
+        row = [name, seeds, _cell(a["knn_top1"]), _cell(a["linear_top1"]),
                _cell(a["kmeans_ami"]), _cell(a["argmax_ami"]), unique, _cell(a["utilization"], True),
                _cell(a["effective_rank"], digits=1), ", ".join(a["alarms"]) or "none",
                _cell(a["train_seconds"], digits=0), f"{speed:.0f}" if speed else "–"]
@@ -394,13 +439,18 @@ def summary_table(dataset: str, methods: dict[str, list[dict]], speeds: dict[str
     return lines
 
 
-def markdown_tables(records: dict, speeds: dict[str, float] | None = None, full: bool = True) -> str:
-    """Per dataset: the user's table; with ``full`` also the claim pairs and k-NN per epoch."""
+def markdown_tables(records: dict, speeds: dict[str, float] | None = None, full: bool = True,
+                    diverged: dict | None = None) -> str:
+    """Per dataset: the user's table; with ``full`` also the claim pairs and k-NN per epoch.
+    ``diverged`` holds the records of diverged runs (dataset -> method -> records), which the
+    user's table names and nothing aggregates."""
     lines = []
+    diverged = diverged or {}
     for dataset, methods in records.items():
-        if not any(methods.values()):
+        failed = diverged.get(dataset, {})
+        if not any(methods.values()) and not any(failed.values()):
             continue
-        lines += [f"**{dataset}**", "", *summary_table(dataset, methods, speeds or {}), ""]
+        lines += [f"**{dataset}**", "", *summary_table(dataset, methods, speeds or {}, failed), ""]
         if not full:
             continue
         metrics = pair_metrics(dataset)
@@ -473,19 +523,20 @@ COMPARISON_BLOCK = re.compile(r"(<!-- study-comparison:start -->\n).*?(<!-- stud
 DOC_BLOCK = re.compile(r"(<!-- study-(summary|full):start -->\n).*?(<!-- study-\2:end -->)", re.S)
 
 
-def render_doc_blocks(text: str, records: dict, speeds: dict[str, float]) -> str:
+def render_doc_blocks(text: str, records: dict, speeds: dict[str, float], diverged: dict | None = None) -> str:
     """``text`` with every ``<!-- study-summary:start --> ... <!-- study-summary:end -->`` block
     refilled with the user's tables and every ``study-full`` block with all tables."""
-    text = DOC_BLOCK.sub(lambda m: m.group(1) + markdown_tables(records, speeds, full=m.group(2) == "full")
+    text = DOC_BLOCK.sub(lambda m: m.group(1) + markdown_tables(records, speeds, full=m.group(2) == "full",
+                                                                diverged=diverged)
                          + "\n" + m.group(3), text)
     return COMPARISON_BLOCK.sub(lambda m: m.group(1) + "\n".join(comparison_table(records.get("cifar10", {})))
                                 + "\n" + m.group(2), text)
 
 
-def write_doc_blocks(path: Path, records: dict, speeds: dict[str, float]) -> bool:
+def write_doc_blocks(path: Path, records: dict, speeds: dict[str, float], diverged: dict | None = None) -> bool:
     """Refill the study blocks of the document at ``path``; True if it changed."""
     text = path.read_text()
-    new = render_doc_blocks(text, records, speeds)
+    new = render_doc_blocks(text, records, speeds, diverged)
     if new != text:
         path.write_text(new)
     return new != text
@@ -517,11 +568,13 @@ def main(argv=None) -> None:
     out = Path(args.out)
     if args.collect:  # every record there is, whatever --methods / --seeds say
         args.seeds = sorted({int(p.stem.rsplit("-seed", 1)[1]) for p in Path(args.records).glob("*/*-seed*.json")})
-    records: dict[str, dict[str, list[dict]]] = {}
+    records: dict[str, dict[str, list[dict]]] = {}   # finished runs: every aggregate reads these
+    diverged: dict[str, dict[str, list[dict]]] = {}  # runs stopped by a non-finite loss: named, not averaged
     for dataset in args.datasets:
         for name in (STUDY if args.collect else args.methods):
             runs = [study_run(name, dataset, seed, args) for seed in args.seeds]
-            records.setdefault(dataset, {})[name] = [r for r in runs if r]
+            records.setdefault(dataset, {})[name] = [r for r in runs if r and not is_diverged(r)]
+            diverged.setdefault(dataset, {})[name] = [r for r in runs if r and is_diverged(r)]
     out.mkdir(parents=True, exist_ok=True)
     report = {"aggregated": {d: {n: aggregate(rs) for n, rs in m.items() if rs} for d, m in records.items()},
               "figures": figures(records, out)}
@@ -530,10 +583,12 @@ def main(argv=None) -> None:
         report["figures"].append(str(comparison))
     speeds = load_throughput(Path(args.throughput))
     report["claim_pairs"] = {d: claim_pairs(m, pair_metrics(d)) for d, m in records.items()}
+    report["diverged"] = {d: {n: [{"seed": r["seed"], **r["diverged"]} for r in rs] for n, rs in m.items() if rs}
+                          for d, m in diverged.items()}
     (out / "study.json").write_text(json.dumps(report, indent=1))
     for doc in args.write_docs:
-        write_doc_blocks(Path(doc), records, speeds)
-    print(markdown_tables(records, speeds) if args.markdown else json.dumps(report, indent=1))
+        write_doc_blocks(Path(doc), records, speeds, diverged)
+    print(markdown_tables(records, speeds, diverged=diverged) if args.markdown else json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

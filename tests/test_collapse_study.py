@@ -154,3 +154,48 @@ def test_cplearn_comparison_table_and_its_doc_block(study):
     text = "a\n<!-- study-comparison:start -->\nold\n<!-- study-comparison:end -->\nb"
     filled = study.render_doc_blocks(text, {"cifar10": methods}, {})
     assert "old" not in filled and "| cplearn | 0, 1 |" in filled and filled.endswith("end -->\nb")
+
+
+def test_a_diverged_run_is_recorded_and_named_in_the_table_not_averaged(study, tmp_path, monkeypatch, capsys):
+    """A run that stops on a non-finite loss leaves the trainer's failure.json: the study writes a
+    record that says where it diverged, goes on with the queue, and the table names the seed."""
+    import subprocess
+
+    def diverge(run_dir, recipe, overrides, dataset):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "failure.json").write_text(json.dumps(
+            {"reason": "non_finite_loss", "step": 14, "epoch": 0, "lr": 0.1753, "loss": "nan", "message": "..."}))
+        raise subprocess.CalledProcessError(2, ["nocollapse", "train"])
+
+    monkeypatch.setattr(study, "train_and_evaluate", diverge)
+    records = tmp_path / "records"
+    (records / "cifar10").mkdir(parents=True)
+    (records / "cifar10" / "vicreg-seed0.json").write_text(json.dumps(_record("vicreg", 0, 0.44)))
+    study.main(["--data", str(tmp_path / "data"), "--records", str(records), "--out", str(tmp_path / "out"),
+                "--methods", "vicreg", "byol", "--datasets", "cifar10", "--seeds", "0", "1"])
+    saved = json.loads((records / "cifar10" / "byol-seed1.json").read_text())
+    assert saved["diverged"] == {"reason": "non_finite_loss", "step": 14, "epoch": 0, "lr": 0.1753, "loss": "nan"}
+    report = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert report["aggregated"]["cifar10"]["vicreg"]["seeds"] == [0]          # the diverged seed is not averaged
+    assert "byol" not in report["aggregated"]["cifar10"]
+    assert [d["seed"] for d in report["diverged"]["cifar10"]["byol"]] == [0, 1]
+    capsys.readouterr()
+    study.main(["--collect", "--records", str(records), "--out", str(tmp_path / "out"), "--markdown"])
+    table = capsys.readouterr().out
+    vicreg_row = next(line for line in table.splitlines() if line.startswith("| vicreg |"))
+    assert "0 (seed 1 diverged at step 14 (lr 0.175))" in vicreg_row and "0.440" in vicreg_row
+    byol_row = next(line for line in table.splitlines() if line.startswith("| byol |"))
+    assert "| 0, 1 | diverged: seed 0 diverged at step 14" in byol_row
+
+
+def test_a_run_that_fails_without_diverging_stops_the_study_and_records_nothing(study, tmp_path, monkeypatch):
+    import subprocess
+
+    def crash(run_dir, recipe, overrides, dataset):
+        raise subprocess.CalledProcessError(1, ["nocollapse", "train"])
+
+    monkeypatch.setattr(study, "train_and_evaluate", crash)
+    with pytest.raises(subprocess.CalledProcessError):
+        study.main(["--data", str(tmp_path / "data"), "--records", str(tmp_path / "records"),
+                    "--out", str(tmp_path / "out"), "--methods", "byol", "--datasets", "cifar10"])
+    assert not list(tmp_path.glob("records/**/*.json"))

@@ -19,6 +19,7 @@ from PIL import Image
 from nocollapse.cli import main
 from nocollapse.utils import checkpoint as ckpt_mod
 from nocollapse.utils.checkpoint import CheckpointError, atomic_save, epoch_checkpoints, load_checkpoint, prune
+from nocollapse.utils.run_directory import read_manifest
 from nocollapse.methods.dino import DINO
 
 from conftest import TINY
@@ -110,6 +111,29 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert "step 5" in err and "learning rate" in err and "last.pt" in err
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 4
     assert not (out / "summary.json").exists()
+    # the run directory says why it stopped, for the user and for tools that collect runs
+    failure = json.loads((out / "failure.json").read_text())
+    assert failure["reason"] == "non_finite_loss" and failure["step"] == 5 and failure["loss"] == "nan"
+    assert failure["last_checkpoint_step"] == 4 and "step 5" in failure["message"]
+    assert "failure.json" in read_manifest(out)
+
+
+def test_a_resumed_run_that_finishes_drops_the_failure_it_resumed_from(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        original = DINO.forward
+
+        def forward(self, crops, step):
+            out_ = original(self, crops, step)
+            if step == 5:
+                out_.loss = out_.loss * float("nan")
+            return out_
+
+        patch.setattr(DINO, "forward", forward)
+        assert main(["train", "--out", str(out), "--set", *TINY, "train.checkpoint_every_steps=2"]) == 2
+    assert (out / "failure.json").is_file()
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert (out / "summary.json").is_file() and not (out / "failure.json").exists()
 
 
 def test_nonfinite_loss_can_be_skipped_with_a_counter(tmp_path, nan_from_step):

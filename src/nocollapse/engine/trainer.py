@@ -55,8 +55,8 @@ from ..utils.checkpoint import (FORMAT, VERSION, atomic_save, load_checkpoint, p
                                 rng_state, set_rng_state)
 from ..utils.oserrors import describe_os_error
 from ..utils.metrics_log import MetricsLogger, read_jsonl
-from ..utils.run_directory import (MANIFEST_NAME, RUN_ARTIFACTS, RunDirectoryError, RunLockedError, acquire_run_lock,
-                                   clear_run, record, refuse_unless_empty)
+from ..utils.run_directory import (FAILURE_NAME, MANIFEST_NAME, RUN_ARTIFACTS, RunDirectoryError, RunLockedError,
+                                   acquire_run_lock, clear_run, read_manifest, record, refuse_unless_empty)
 from ..utils.optim import build_optimizer, set_hyperparameters
 from ..utils.registry import METHODS
 from ..utils.schedules import cosine_schedule
@@ -466,6 +466,9 @@ class Trainer:
         if not self.resume:
             for path in clear_run(self.run_dir):
                 log.info("--force: removed %s, written by the earlier run", path)
+        elif FAILURE_NAME in (read_manifest(self.run_dir) or []):
+            # the failure this run resumes from is no longer the run's state
+            (self.run_dir / FAILURE_NAME).unlink(missing_ok=True)
         labelled = self.visible_labels is not None
         self._record(self.run_dir / "config.yaml", self.run_dir / "class_counts.json",
                      *([self.run_dir / "labelled_indices.json"] if labelled else []))
@@ -670,10 +673,28 @@ class Trainer:
         else:
             kept = ("No checkpoint was written before this step, so there is nothing to resume: change "
                     "the config (or set train.nonfinite=skip) and start the run again with --force.")
-        raise NonFiniteLossError(
-            f"the loss became {float(loss)} at step {step} (epoch {self.position.epoch}, lr {lr:.3g}). "
-            f"Likely causes: a learning rate too high for this batch size, a teacher temperature "
-            f"too low, or fp16 overflow. {kept}")
+        message = (f"the loss became {float(loss)} at step {step} (epoch {self.position.epoch}, lr {lr:.3g}). "
+                   f"Likely causes: a learning rate too high for this batch size, a teacher temperature "
+                   f"too low, or fp16 overflow. {kept}")
+        self._write_failure({"reason": "non_finite_loss", "step": step, "epoch": self.position.epoch,
+                             "lr": lr, "loss": str(float(loss)), "last_checkpoint_step": saved,
+                             "message": message})
+        raise NonFiniteLossError(message)
+
+    def _write_failure(self, failure: dict[str, Any]) -> None:
+        """Rank 0 writes ``failure.json``: why the run stopped before its end, for the user and for
+        tools that read run directories (a study records a diverged run from it rather than
+        losing it). A failed write is reported, not fatal: the error itself is still raised."""
+        if not self.main:
+            return
+        path = self.run_dir / FAILURE_NAME
+        self._record(path)
+        try:
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"nocollapse_version": __version__, **failure}, indent=1))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("could not write %s: %s", path, describe_os_error(exc))
 
     # ------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

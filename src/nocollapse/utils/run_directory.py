@@ -49,6 +49,9 @@ LOCK_NAME = "run.lock"
 RUN_ARTIFACTS = ("checkpoints", "tensorboard", "plots", "features", "metrics.jsonl", "summary.json",
                  "diagnosis.json", "eval.json", "eval_balanced.json", "class_counts.json",
                  "labelled_indices.json")
+#: why a run stopped before its end (a non-finite loss), written by the trainer as it stops and
+#: listed in the manifest (runs written before manifests never had one)
+FAILURE_NAME = "failure.json"
 
 
 class RunDirectoryError(ValueError):
@@ -448,6 +451,6 @@ def acquire_run_lock(run_dir: str | Path) -> RunLock:
     raise RunLockedError(f"could not take the lock of {run_dir}: other processes keep replacing {path}")
 
 
-__all__ = ["LOCK_NAME", "MANIFEST_NAME", "RUN_ARTIFACTS", "RunDirectoryError", "RunLock", "RunLockedError",
+__all__ = ["FAILURE_NAME", "LOCK_NAME", "MANIFEST_NAME", "RUN_ARTIFACTS", "RunDirectoryError", "RunLock", "RunLockedError",
            "acquire_run_lock", "clear_run", "holds_a_run", "is_empty", "lock_holder", "looks_like_legacy_run",
            "read_manifest", "record", "refuse_if_locked", "refuse_unless_empty"]
