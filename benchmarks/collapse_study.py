@@ -210,6 +210,11 @@ def is_diverged(record: dict) -> bool:
     return bool(record.get("diverged"))
 
 
+def partition(runs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The finished runs (every aggregate reads these) and the diverged ones (named, not averaged)."""
+    return [r for r in runs if r and not is_diverged(r)], [r for r in runs if r and is_diverged(r)]
+
+
 def diverged_note(runs: list[dict]) -> str:
     """``seed 0 diverged at step 14 (lr 0.175)``, one clause per diverged seed ("" when none)."""
     return "; ".join(f"seed {r['seed']} diverged at step {r['diverged']['step']} (lr {r['diverged']['lr']:.3g})"
@@ -503,19 +508,28 @@ def comparison_table(methods: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def comparison_figure(methods: dict[str, list[dict]], path: Path) -> Path | None:
-    """The embeddings' min-max scaled second-moment spectra of the compared methods (lowest seed;
-    records collected before the spectrum was recorded have none and are left out)."""
+def comparison_figure(methods: dict[str, list[dict]], path: Path,
+                      reruns: dict[str, list[dict]] | None = None) -> Path | None:
+    """The embeddings' min-max scaled second-moment spectra of the compared methods, from each
+    method's lowest seed that has one. Records collected before the spectrum was recorded have
+    none: for those methods the spectrum comes from ``reruns`` (a run trained again on the same
+    recipe and seed, its record kept apart so that the study's own records stay as they were),
+    labelled as a rerun; a method with neither is left out."""
     from nocollapse.diagnostics.plots import distinct_styles, plot_spectrum
 
-    spectra = {}
+    look = distinct_styles(list(STUDY))
+    spectra, styles = {}, {}
     for name in CPLEARN_COMPARISON:
-        runs = [r for r in methods.get(name) or [] if r.get("embedding_spectrum")]
-        if runs:
-            spectra[name] = min(runs, key=lambda r: r["seed"])["embedding_spectrum"]
+        for source, suffix in ((methods, ""), (reruns or {}, ", rerun")):
+            runs = [r for r in source.get(name) or [] if r.get("embedding_spectrum")]
+            if runs:
+                first = min(runs, key=lambda r: r["seed"])
+                label = f"{name} (seed {first['seed']}{suffix})"
+                spectra[label], styles[label] = first["embedding_spectrum"], look[name]
+                break
     if not spectra:
         return None
-    return plot_spectrum(spectra, path, effective_rank_in_legend=False, styles=distinct_styles(list(STUDY)),
+    return plot_spectrum(spectra, path, effective_rank_in_legend=False, styles=styles,
                          title="Min-max scaled second moment of the embeddings, CIFAR-10")
 
 
@@ -555,6 +569,9 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=5, help="the same number of epochs for every method")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra overrides for every run (train.threads=1, say; they go into the records)")
+    parser.add_argument("--spectrum-reruns", default=str(REPO / "docs" / "study_spectrum_reruns"),
+                        help="records of runs trained again only for CPLearn's spectrum figure, for methods "
+                             "whose records predate the embedding spectrum (give it as --records to make one)")
     parser.add_argument("--collect", action="store_true", help="train nothing: gather the existing records")
     parser.add_argument("--redo", action="store_true", help="train and record again even where a record exists")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables instead of JSON")
@@ -573,12 +590,14 @@ def main(argv=None) -> None:
     for dataset in args.datasets:
         for name in (STUDY if args.collect else args.methods):
             runs = [study_run(name, dataset, seed, args) for seed in args.seeds]
-            records.setdefault(dataset, {})[name] = [r for r in runs if r and not is_diverged(r)]
-            diverged.setdefault(dataset, {})[name] = [r for r in runs if r and is_diverged(r)]
+            records.setdefault(dataset, {})[name], diverged.setdefault(dataset, {})[name] = partition(runs)
     out.mkdir(parents=True, exist_ok=True)
     report = {"aggregated": {d: {n: aggregate(rs) for n, rs in m.items() if rs} for d, m in records.items()},
               "figures": figures(records, out)}
-    comparison = comparison_figure(records.get("cifar10", {}), out / "cplearn_comparison_spectra_cifar10.png")
+    reruns = {name: [json.loads(p.read_text()) for p in sorted(Path(args.spectrum_reruns).glob(f"cifar10/{name}-seed*.json"))]
+              for name in CPLEARN_COMPARISON}
+    comparison = comparison_figure(records.get("cifar10", {}), out / "cplearn_comparison_spectra_cifar10.png",
+                                   {name: [r for r in runs if not is_diverged(r)] for name, runs in reruns.items()})
     if comparison is not None:
         report["figures"].append(str(comparison))
     speeds = load_throughput(Path(args.throughput))

@@ -110,16 +110,18 @@ def test_committed_study_tables_match_the_committed_records(study):
     """The README's and the results' study blocks are what --write-docs makes of docs/study."""
     repo = Path(__file__).resolve().parent.parent
     records: dict[str, dict[str, list[dict]]] = {}
+    diverged: dict[str, dict[str, list[dict]]] = {}
     for dataset in study.DATASETS:
         for name in study.STUDY:
             paths = sorted((repo / "docs" / "study" / dataset).glob(f"{name}-seed*.json"),
                            key=lambda p: int(p.stem.rsplit("-seed", 1)[1]))
-            records.setdefault(dataset, {})[name] = [json.loads(p.read_text()) for p in paths]
+            records.setdefault(dataset, {})[name], diverged.setdefault(dataset, {})[name] = study.partition(
+                [json.loads(p.read_text()) for p in paths])
     speeds = study.load_throughput(repo / "docs" / "throughput")
     for doc in ("README.md", "docs/results.md"):
         text = (repo / doc).read_text()
         assert study.DOC_BLOCK.search(text), doc
-        assert study.render_doc_blocks(text, records, speeds) == text, (
+        assert study.render_doc_blocks(text, records, speeds, diverged) == text, (
             f"{doc}: run benchmarks/collapse_study.py --collect --out docs/study --write-docs README.md docs/results.md")
 
 
@@ -199,3 +201,18 @@ def test_a_run_that_fails_without_diverging_stops_the_study_and_records_nothing(
         study.main(["--data", str(tmp_path / "data"), "--records", str(tmp_path / "records"),
                     "--out", str(tmp_path / "out"), "--methods", "byol", "--datasets", "cifar10"])
     assert not list(tmp_path.glob("records/**/*.json"))
+
+
+def test_the_comparison_figure_takes_a_rerun_spectrum_only_where_the_record_has_none(study, tmp_path, monkeypatch):
+    import nocollapse.diagnostics.plots as plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_spectrum", lambda spectra, path, **kw: drawn.update(spectra=spectra,
+                                                                                          styles=kw["styles"]) or path)
+    swav = dict(_record("swav", 1, 0.33), embedding_spectrum=[1.0, 0.5])
+    dino = _record("dino", 0, 0.45)                                   # collected before the spectrum existed
+    reruns = {"dino": [dict(_record("dino", 0, 0.44), embedding_spectrum=[1.0, 0.1])],
+              "swav": [dict(_record("swav", 0, 0.34), embedding_spectrum=[1.0, 0.9])]}
+    study.comparison_figure({"swav": [swav], "dino": [dino]}, tmp_path / "f.png", reruns)
+    assert drawn["spectra"] == {"swav (seed 1)": [1.0, 0.5], "dino (seed 0, rerun)": [1.0, 0.1]}
+    assert drawn["styles"]["dino (seed 0, rerun)"] == plots.distinct_styles(list(study.STUDY))["dino"]
