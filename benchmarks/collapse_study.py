@@ -25,7 +25,7 @@ diverged) and no mean or figure reads it; a run that fails any other way stops t
 Writes ``OUT/study.json`` (records aggregated: mean and std over seeds) and figures, every method
 on one axis: ``unique_vs_eps_<dataset>.png``, ``spectra_<dataset>.png``, ``knn_by_epoch_<dataset>.png``
 (seed 0 where it exists), and the claim pairs (DINO / DINO + decoupled, CARP / CARP + decoupled,
-SupCon / CLOP, the best prototype method / CPLearn) with their differences and whether each is
+SwAV / SwAV + decoupled, SupCon / CLOP, the best prototype method / CPLearn) with their differences and whether each is
 inside the seed noise; prints the JSON, or markdown tables with ``--markdown``. ``--write-docs``
 refills the marked table blocks of the README and ``docs/results.md`` from the records, the
 ``study-comparison`` block with CPLearn's comparison (CPLearn, Barlow Twins, SwAV, DINO on
@@ -337,8 +337,8 @@ def _cell(stat, percent: bool = False, digits: int = 3) -> str:
 
 # The pairs that the papers' claims rest on: (baseline, remedy). CPLearn is compared with the best
 # prototype method of the same dataset (the highest mean k-NN), found in the records.
-CLAIM_PAIRS = (("dino", "dino_decoupled"), ("carp", "carp_decoupled"), ("supcon", "clop"),
-               ("best_prototype_method", "cplearn"))
+CLAIM_PAIRS = (("dino", "dino_decoupled"), ("carp", "carp_decoupled"), ("swav", "swav_decoupled"),
+               ("supcon", "clop"), ("best_prototype_method", "cplearn"))
 PROTOTYPE_METHODS = ("dino", "dino_koleo", "dino_decoupled_paper", "dino_decoupled", "carp",
                      "carp_decoupled_paper", "carp_decoupled")
 

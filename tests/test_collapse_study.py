@@ -216,3 +216,13 @@ def test_the_comparison_figure_takes_a_rerun_spectrum_only_where_the_record_has_
     study.comparison_figure({"swav": [swav], "dino": [dino]}, tmp_path / "f.png", reruns)
     assert drawn["spectra"] == {"swav (seed 1)": [1.0, 0.5], "dino (seed 0, rerun)": [1.0, 0.1]}
     assert drawn["styles"]["dino (seed 0, rerun)"] == plots.distinct_styles(list(study.STUDY))["dino"]
+
+
+def test_swav_and_swav_decoupled_are_a_claim_pair(study):
+    """Decoupled prototypes' third host: SwAV's pair is compared like DINO's and CARP's."""
+    swav = [_record("swav", s, k) for s, k in ((0, 0.34), (1, 0.33))]
+    decoupled = [_record("swav_decoupled", s, k) for s, k in ((0, 0.22), (1, 0.26))]
+    pair = next(p for p in study.claim_pairs({"swav": swav, "swav_decoupled": decoupled})
+                if p["baseline"] == "swav")
+    assert pair["remedy"] == "swav_decoupled" and pair["knn_top1"]["difference"] == pytest.approx(-0.095)
+    assert pair["knn_top1"]["seeds"] == (2, 2)
