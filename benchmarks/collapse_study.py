@@ -196,7 +196,9 @@ def collect(run_dir: Path) -> dict:
 def read_failure(run_dir: Path) -> dict | None:
     """Why the run in ``run_dir`` stopped before its end (the trainer's ``failure.json``): for a
     non-finite loss the step, epoch, learning rate and loss; None if it did not stop that way."""
-    path = run_dir / "failure.json"
+    from nocollapse.utils.run_directory import FAILURE_NAME
+
+    path = run_dir / FAILURE_NAME
     if not path.is_file():
         return None
     failure = json.loads(path.read_text())
@@ -243,13 +245,13 @@ def study_run(name: str, dataset: str, seed: int, args) -> dict:
         if failure is None:  # not a divergence: a fault of the machine or the code, nothing to record
             raise
         # A diverged run is a result of the recipe on these terms: it is recorded, not dropped.
-        record.update(finished=time.strftime("%Y-%m-%d"), wall_seconds_this_sitting=round(time.time() - started),
-                      diverged=failure, alarms=[], per_epoch=[])
+        outcome = {"diverged": failure, "alarms": [], "per_epoch": []}
     else:
-        record.update(finished=time.strftime("%Y-%m-%d"), wall_seconds_this_sitting=round(time.time() - started),
-                      **collect(run_dir))
+        outcome = collect(run_dir)
         if dataset == "cifar10":  # the difficulty control for the CIFAR-10-LT groups
-            record["knn_on_lt_groups"] = knn_on_long_tail_groups(run_dir)
+            outcome["knn_on_lt_groups"] = knn_on_long_tail_groups(run_dir)
+    record.update(finished=time.strftime("%Y-%m-%d"), wall_seconds_this_sitting=round(time.time() - started),
+                  **outcome)
     record_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -597,7 +599,7 @@ def main(argv=None) -> None:
     reruns = {name: [json.loads(p.read_text()) for p in sorted(Path(args.spectrum_reruns).glob(f"cifar10/{name}-seed*.json"))]
               for name in CPLEARN_COMPARISON}
     comparison = comparison_figure(records.get("cifar10", {}), out / "cplearn_comparison_spectra_cifar10.png",
-                                   {name: [r for r in runs if not is_diverged(r)] for name, runs in reruns.items()})
+                                   {name: partition(runs)[0] for name, runs in reruns.items()})
     if comparison is not None:
         report["figures"].append(str(comparison))
     speeds = load_throughput(Path(args.throughput))

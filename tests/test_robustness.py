@@ -99,6 +99,7 @@ def nan_from_step(monkeypatch):
             return out
 
         monkeypatch.setattr(DINO, "forward", forward)
+        return lambda: monkeypatch.setattr(DINO, "forward", original)   # heal the loss again
     return install
 
 
@@ -118,20 +119,12 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert "failure.json" in read_manifest(out)
 
 
-def test_a_resumed_run_that_finishes_drops_the_failure_it_resumed_from(tmp_path, monkeypatch):
+def test_a_resumed_run_that_finishes_drops_the_failure_it_resumed_from(tmp_path, nan_from_step):
     out = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        original = DINO.forward
-
-        def forward(self, crops, step):
-            out_ = original(self, crops, step)
-            if step == 5:
-                out_.loss = out_.loss * float("nan")
-            return out_
-
-        patch.setattr(DINO, "forward", forward)
-        assert main(["train", "--out", str(out), "--set", *TINY, "train.checkpoint_every_steps=2"]) == 2
+    heal = nan_from_step(5, 5)
+    assert main(["train", "--out", str(out), "--set", *TINY, "train.checkpoint_every_steps=2"]) == 2
     assert (out / "failure.json").is_file()
+    heal()
     assert main(["train", "--out", str(out), "--resume"]) == 0
     assert (out / "summary.json").is_file() and not (out / "failure.json").exists()
 
