@@ -46,7 +46,11 @@ yet: each is measured on the same input with its bundled digits recipe's head an
 ``<name>_paper``, with its paper's head. For every method the JSON also holds the step's ratio to
 the backbone in each round (their spread), the step without the augmentation (which the FLOP
 count does not see), and how far each measured ratio sits above its FLOP-count ratio
-(``measured_over_flops_ratio``; ``goal_measured_over_flops`` is 1.10).
+(``measured_over_flops_ratio``; ``goal_measured_over_flops`` is 1.10, and 1.25 for a method with
+more than 4,096 prototypes, whose K-wide elementwise passes the count cannot see). For ``dino``
+with ``--lightly-reference``, ``goal_speed_over_lightly`` is 1.0 up to K = 4,096 and 1.3 above. A
+decoupled recipe measured with its learned twin gets their step ratio against 1.05 x the ratio of
+their FLOP counts (the mixture's E-step and statistics are counted, its elementwise work is not).
 """
 
 from __future__ import annotations
@@ -73,7 +77,32 @@ from nocollapse.utils.registry import METHODS
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 SIZE = 32
 DECOUPLED_PAIRS = (("dino", "dino_decoupled"), ("carp", "carp_decoupled"))
-GOAL_MEASURED_OVER_FLOPS = 1.10
+GOAL_MEASURED_OVER_FLOPS = 1.10           # measured ratio to the backbone over the counted one, K <= 4,096
+GOAL_MEASURED_OVER_FLOPS_LARGE_K = 1.25   # the same above K = 4,096
+GOAL_DECOUPLED_OVER_FLOPS = 1.05          # decoupled / learned step seconds over their FLOP ratio
+LARGE_K = 4096
+
+
+def goal_measured_over_flops(num_prototypes: int) -> float:
+    """How far a step's measured ratio to the backbone may sit above the ratio its FLOPs set."""
+    return GOAL_MEASURED_OVER_FLOPS_LARGE_K if num_prototypes > LARGE_K else GOAL_MEASURED_OVER_FLOPS
+
+
+def goal_speed_over_lightly(num_prototypes: int) -> float:
+    """How much faster than lightly's DINO step ours must run (ours without augmentation)."""
+    return 1.3 if num_prototypes > LARGE_K else 1.0
+
+
+def decoupled_pair(learned: dict, decoupled: dict) -> dict:
+    """Decoupled prototypes against their learned twin measured in the same invocation: the step
+    ratio in seconds against ``GOAL_DECOUPLED_OVER_FLOPS`` times the ratio of their FLOP counts."""
+    ratio = decoupled["seconds"]["step"] / learned["seconds"]["step"]
+    by_flops = decoupled["gflops"]["step"] / learned["gflops"]["step"]
+    goal = GOAL_DECOUPLED_OVER_FLOPS * by_flops
+    return {"learned": learned["method"], "decoupled": decoupled["method"],
+            "num_prototypes": decoupled["config"]["num_prototypes"],
+            "ratio_decoupled_to_learned_step": round(ratio, 3), "ratio_by_flops": round(by_flops, 3),
+            "ratio_over_flops": round(ratio / by_flops, 3), "goal": round(goal, 3), "goal_met": ratio <= goal}
 
 # The baselines on the CIFAR-10 input of this benchmark (ResNet-18 at width 16, batch 256):
 # name -> (bundled recipe, overrides). ``<name>`` keeps the recipe's head; ``<name>_paper`` puts
@@ -254,14 +283,18 @@ def measure(name: str, args) -> dict:
     ratio = med["step"] / med["backbone"]
     ratio_no_aug = med["step_without_augmentation"] / med["backbone"]
     by_flops = result["ratio_step_to_backbone_by_flops"]
+    goal_over_flops = goal_measured_over_flops(int(getattr(cfg.method, "num_prototypes", 0) or 0))
     rounds = [step_s / backbone_s for step_s, backbone_s in zip(seconds["step"], seconds["backbone"])]
     peer = {}
     if "lightly_reference_step" in med:
         # the peer's step has no augmentation and no monitor: compared with ours without augmentation
         speed = [peer_s / ours for peer_s, ours in zip(seconds["lightly_reference_step"],
                                                        seconds["step_without_augmentation"])]
+        median_speed = sorted(speed)[len(speed) // 2]
         peer = {"speed_over_lightly_rounds": [round(r, 3) for r in speed],
-                "speed_over_lightly": round(sorted(speed)[len(speed) // 2], 3),
+                "speed_over_lightly": round(median_speed, 3),
+                "goal_speed_over_lightly": goal_speed_over_lightly(cfg.method.num_prototypes),
+                "goal_speed_over_lightly_met": median_speed >= goal_speed_over_lightly(cfg.method.num_prototypes),
                 "lightly_reference_step_to_backbone": round(med["lightly_reference_step"] / med["backbone"], 3)}
     return {
         **result,
@@ -284,8 +317,8 @@ def measure(name: str, args) -> dict:
         "ratio_step_without_augmentation_to_backbone": round(ratio_no_aug, 3),
         "measured_over_flops_ratio": round(ratio / by_flops, 3),
         "measured_over_flops_ratio_without_augmentation": round(ratio_no_aug / by_flops, 3),
-        "goal_measured_over_flops": GOAL_MEASURED_OVER_FLOPS,
-        "goal_measured_over_flops_met": ratio / by_flops <= GOAL_MEASURED_OVER_FLOPS,
+        "goal_measured_over_flops": goal_over_flops,
+        "goal_measured_over_flops_met": ratio / by_flops <= goal_over_flops,
         "goal_ratio_to_backbone": 1.5,
         "goal_met": ratio <= 1.5,
     }
@@ -320,11 +353,7 @@ def main(argv=None) -> None:
     # decoupled prototypes against their learned twin, measured in this same invocation
     for learned, decoupled in DECOUPLED_PAIRS:
         if learned in results and decoupled in results and not args.flops_only:
-            k = results[decoupled]["config"]["num_prototypes"]
-            ratio = results[decoupled]["seconds"]["step"] / results[learned]["seconds"]["step"]
-            goal = 1.05 if k <= 4096 else 1.3
-            pair = {"learned": learned, "decoupled": decoupled, "num_prototypes": k,
-                    "ratio_decoupled_to_learned_step": round(ratio, 3), "goal": goal, "goal_met": ratio <= goal}
+            pair = decoupled_pair(results[learned], results[decoupled])
             (out / f"{decoupled}-vs-{learned}{suffix}.json").write_text(json.dumps(pair, indent=1))
             print(json.dumps(pair), flush=True)
 
