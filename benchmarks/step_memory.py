@@ -2,12 +2,16 @@
 
 For each method of ``--methods`` at the study's CIFAR-10 recipe (``--set`` applies to all), one
 fresh process per measurement builds the method, its optimiser and its views as
-``benchmarks/throughput.py`` does, returns freed heap pages to the system, reads its resident
-memory, resets the kernel's high-water mark and runs ``--steps`` training steps (augmentation,
-forward, loss, backward, optimiser, EMA / mixture commit) on random uint8 images. The step's peak
-is the high-water mark's growth over the built model: activations, autograd's saved tensors, the
-K-wide temporaries and, on the first step, the optimiser's state. The process's whole peak is
-recorded too, but a width-16 ResNet-18 and torch itself make most of it.
+``benchmarks/throughput.py`` does and runs ``--warmup-steps`` training steps (augmentation,
+forward, loss, backward, optimiser, EMA / mixture commit) on random uint8 images, which allocate
+the optimiser's state and whatever else a run keeps from step to step. It then returns freed heap
+pages to the system, reads its resident memory, resets the kernel's high-water mark and runs
+``--steps`` more steps. The step's peak (``step_peak_bytes``) is the high-water mark's growth over
+the trained model: activations, autograd's saved tensors, gradients and the K-wide temporaries,
+what one step needs beyond the state a run holds anyway. ``state_growth_bytes`` is what the
+warm-up steps added to the built model (the optimiser's moments, the EMA teacher's buffers), and
+the process's whole peak is recorded too, though a width-16 ResNet-18 and torch itself make most
+of it.
 
 With ``--reference DIR`` (a checkout of an older commit, for instance ``git worktree add
 /tmp/ref e460262``), every measurement is also made on that checkout's package and its own
@@ -75,7 +79,8 @@ def _trim_heap() -> None:
         pass
 
 
-def child(tree: Path, method_name: str, sets: list[str], steps: int, threads: int, preflight: bool) -> dict:
+def child(tree: Path, method_name: str, sets: list[str], warmup_steps: int, steps: int, threads: int,
+          preflight: bool) -> dict:
     """One measurement, in this process, of the package and throughput.py of checkout ``tree``."""
     sys.path[:0] = [str(tree / "benchmarks"), str(tree / "src")]
     import torch
@@ -97,17 +102,24 @@ def child(tree: Path, method_name: str, sets: list[str], steps: int, threads: in
         from nocollapse.utils.registry import METHODS
         rows = batch * (2 + cfg.views.local_crops)
         estimate = METHODS.get(cfg.method.name).estimate_state_bytes(cfg, rows)
+    def run_steps(first: int, count: int) -> None:
+        for step in range(first, first + count):
+            optimisation_step(method, method, optimizer, Batch(views(images), labels if method.uses_labels else None),
+                              step, cfg.optim.lr, cfg.optim.weight_decay, clip_grad=cfg.optim.clip_grad)
+
     _trim_heap()
     built = _status_bytes("VmRSS")
-    if not _reset_high_water_mark() or built is None:
+    run_steps(0, warmup_steps)
+    _trim_heap()
+    trained = _status_bytes("VmRSS")
+    if not _reset_high_water_mark() or built is None or trained is None:
         raise SystemExit("step_memory.py needs Linux's /proc/self/status and /proc/self/clear_refs")
-    for step in range(steps):
-        optimisation_step(method, method, optimizer, Batch(views(images), labels if method.uses_labels else None),
-                          step, cfg.optim.lr, cfg.optim.weight_decay, clip_grad=cfg.optim.clip_grad)
+    run_steps(warmup_steps, steps)
     peak = _status_bytes("VmHWM")
     import resource
     import nocollapse
-    return {"package": str(Path(nocollapse.__file__).resolve().parent), "rss_built_bytes": built, "peak_rss_bytes": peak, "step_peak_bytes": peak - built,
+    return {"package": str(Path(nocollapse.__file__).resolve().parent), "rss_built_bytes": built, "rss_trained_bytes": trained,
+            "state_growth_bytes": trained - built, "peak_rss_bytes": peak, "step_peak_bytes": peak - trained,
             "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "preflight_bytes": estimate, "num_prototypes": int(getattr(cfg.method, "num_prototypes", 0) or 0),
             "batch": batch, "threads": torch.get_num_threads()}
@@ -124,7 +136,8 @@ def commit_of(tree: Path) -> str | None:
 def measure(tree: Path, method: str, args, sets: list[str], preflight: bool) -> dict:
     """One measurement in a fresh process, whose imports are the checkout's own."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--tree", str(tree),
-               "--steps", str(args.steps), "--threads", str(args.threads), "--set", *sets]
+               "--warmup-steps", str(args.warmup_steps), "--steps", str(args.steps), "--threads", str(args.threads),
+               "--set", *sets]
     if preflight:
         command.append("--preflight")
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
@@ -138,8 +151,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["dino", "dino_decoupled"])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every method")
-    parser.add_argument("--steps", type=int, default=3, help="training steps per measurement (the first one "
-                                                               "allocates the optimiser's state)")
+    parser.add_argument("--warmup-steps", type=int, default=1,
+                        help="steps before the measurement (the first allocates the optimiser's state)")
+    parser.add_argument("--steps", type=int, default=2, help="measured training steps")
     parser.add_argument("--rounds", type=int, default=2, help="measurements per method and checkout, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each measurement")
     parser.add_argument("--reference", type=Path, help="a checkout of the code to compare with (its src/ and "
@@ -153,11 +167,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--preflight", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.tree, args.child, args.set, args.steps, args.threads, args.preflight)))
+        print(json.dumps(child(args.tree, args.child, args.set, args.warmup_steps, args.steps, args.threads,
+                               args.preflight)))
         return {}
     sets = list(args.set)
     if args.dry_run:
-        sets, args.rounds, args.steps = [*DRY_RUN_SETS, "method.num_prototypes=128", *sets], 1, 2
+        sets, args.rounds, args.warmup_steps, args.steps = [*DRY_RUN_SETS, "method.num_prototypes=128", *sets], 1, 1, 1
     trees = {"current": REPO}
     if args.reference is not None:
         if not (args.reference / "src" / "nocollapse").is_dir() or not (args.reference / "benchmarks").is_dir():
@@ -179,7 +194,8 @@ def main(argv=None) -> dict:
             ratio = medians["current"] / medians["reference"]
             row.update(ratio_to_reference=round(ratio, 3), goal=args.goal, goal_met=ratio <= args.goal)
         summary.append(row)
-    record = {"methods": summary, "runs": runs, "sets": sets, "steps": args.steps, "rounds": args.rounds,
+    record = {"methods": summary, "runs": runs, "sets": sets, "warmup_steps": args.warmup_steps,
+              "steps": args.steps, "rounds": args.rounds,
               "threads": args.threads, "current_commit": commit_of(REPO),
               "reference_commit": commit_of(trees["reference"]) if "reference" in trees else None}
     text = json.dumps(record, indent=1)

@@ -349,3 +349,44 @@ def test_load_run_and_training_agree_on_steps_per_epoch(stopped_run, tmp_path):
     method = load_run(two).method
     assert method.steps_per_epoch == len(EpochBatchSampler(1347, 64, seed=0, rank=0, world_size=2)) == 10
     assert method.total_steps == 10 * 2
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_whole_and_no_temporary(tmp_path, monkeypatch):
+    """The rename is the only moment the file changes: a failure before it (disk full, a kill)
+    leaves the previous content, and the hidden temporary is cleaned up."""
+    path = tmp_path / "summary.json"
+    rd.write_json_atomically(path, {"knn": 0.9})
+    assert json.loads(path.read_text()) == {"knn": 0.9}
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rd.os, "replace", no_room)
+    with pytest.raises(OSError, match="No space"):
+        rd.write_json_atomically(path, {"knn": 0.1})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"knn": 0.9}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    # data that is not JSON fails before anything is written
+    with pytest.raises(TypeError):
+        rd.write_json_atomically(path, {"knn": object()})
+    assert json.loads(path.read_text()) == {"knn": 0.9}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_resume_keeps_every_logged_record_up_to_its_checkpoint_even_if_the_rewrite_fails(tmp_path, monkeypatch):
+    """On resume, metrics.jsonl drops what was logged after the checkpoint by replacing the file;
+    a rewrite that fails leaves the whole previous log, never a truncated one."""
+    from nocollapse.utils.metrics_log import MetricsLogger, read_jsonl
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)))
+    MetricsLogger(tmp_path, tensorboard=False, resume_step=3)
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2, 3]
+
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)))
+    monkeypatch.setattr(rd.os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with pytest.raises(OSError):
+        MetricsLogger(tmp_path, tensorboard=False, resume_step=3)
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]

@@ -127,10 +127,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, data: dict) -> None:
+    from .utils.run_directory import write_json_atomically
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    write_json_atomically(path, data)
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +11,7 @@ from .config import Config, config_from_dict
 from .data import load_dataset
 from .data.registry import DatasetSplits, image_size_of
 from .utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from .utils.run_directory import record
+from .utils.run_directory import record, write_json_atomically
 from .methods import SSLMethod, build_run_method
 
 
@@ -80,5 +78,5 @@ def export_backbone(run: LoadedRun, out: str | Path) -> dict:
             "image_size": run.image_size, "feature_dim": int(getattr(backbone, "feature_dim", 0)),
             "network": run.method.eval_network_name, "method": run.cfg.method.name,
             "checkpoint": str(run.checkpoint), "step": run.step, "tensors": len(state)}
-    out.with_name(out.name + ".json").write_text(json.dumps(info, indent=1))
+    write_json_atomically(out.with_name(out.name + ".json"), info)
     return info

@@ -26,7 +26,6 @@ batches.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -56,7 +55,8 @@ from ..utils.checkpoint import (FORMAT, VERSION, atomic_save, load_checkpoint, p
 from ..utils.oserrors import describe_os_error
 from ..utils.metrics_log import MetricsLogger, read_jsonl
 from ..utils.run_directory import (FAILURE_NAME, MANIFEST_NAME, RUN_ARTIFACTS, RunDirectoryError, RunLockedError,
-                                   acquire_run_lock, clear_run, read_manifest, record, refuse_unless_empty)
+                                   acquire_run_lock, clear_run, read_manifest, record, refuse_unless_empty,
+                                   write_json_atomically, write_text_atomically)
 from ..utils.optim import build_optimizer, set_hyperparameters
 from ..utils.registry import METHODS
 from ..utils.schedules import cosine_schedule
@@ -473,18 +473,20 @@ class Trainer:
         self._record(self.run_dir / "config.yaml", self.run_dir / "class_counts.json",
                      *([self.run_dir / "labelled_indices.json"] if labelled else []))
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        write_text_atomically(self.run_dir / "config.yaml", to_yaml(cfg))
         counts = self.splits.class_counts()
-        (self.run_dir / "class_counts.json").write_text(json.dumps(
-            {"classes": self.splits.class_names, "train_counts": counts,
-             "imbalance_ratio": cfg.data.imbalance_ratio}, indent=1))
+        write_json_atomically(self.run_dir / "class_counts.json",
+                              {"classes": self.splits.class_names, "train_counts": counts,
+                               "imbalance_ratio": cfg.data.imbalance_ratio})
         if labelled:
             labels = self.splits.ssl_train.labels
             per_class = torch.bincount(labels[self.labelled], minlength=self.splits.num_classes)
-            (self.run_dir / "labelled_indices.json").write_text(json.dumps(
-                {"label_fraction": cfg.data.label_fraction, "labels_per_class": cfg.data.labels_per_class,
-                 "label_seed": cfg.data.label_seed, "count": int(self.labelled.numel()),
-                 "per_class_counts": per_class.tolist(), "indices": self.labelled.tolist()}))
+            write_json_atomically(self.run_dir / "labelled_indices.json",
+                                  {"label_fraction": cfg.data.label_fraction,
+                                   "labels_per_class": cfg.data.labels_per_class,
+                                   "label_seed": cfg.data.label_seed, "count": int(self.labelled.numel()),
+                                   "per_class_counts": per_class.tolist(), "indices": self.labelled.tolist()},
+                                  indent=None)
 
     # ------------------------------------------------------------------------------------
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -690,9 +692,7 @@ class Trainer:
         path = self.run_dir / FAILURE_NAME
         self._record(path)
         try:
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"nocollapse_version": __version__, **failure}, indent=1))
-            os.replace(tmp, path)
+            write_json_atomically(path, {"nocollapse_version": __version__, **failure})
         except OSError as exc:
             log.warning("could not write %s: %s", path, describe_os_error(exc))
 
@@ -847,8 +847,8 @@ class Trainer:
             substituted=self.batches.substituted, skipped_steps=self.skipped_steps)
         if self.main:
             self._record(self.run_dir / "summary.json", self.run_dir / "diagnosis.json")
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            (self.run_dir / "diagnosis.json").write_text(json.dumps(report, indent=1))
+            write_json_atomically(self.run_dir / "summary.json", summary, indent=2)
+            write_json_atomically(self.run_dir / "diagnosis.json", report)
             if cfg.diagnostics.plots:
                 self._record(*write_run_plots(self.run_dir, self.method, report,
                                               read_jsonl(self.run_dir / "metrics.jsonl"), label=self.method.describe()))

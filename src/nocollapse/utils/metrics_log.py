@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .run_directory import write_text_atomically
+
 
 def _clean(value: Any) -> Any:
     if hasattr(value, "item"):
@@ -49,9 +51,10 @@ class MetricsLogger:
         if resume_step is None:
             self.path.write_text("")  # a fresh run starts a fresh file
         elif self.path.is_file():
-            # Drop what an interrupted run logged after the checkpoint we resume from.
+            # Drop what an interrupted run logged after the checkpoint we resume from; the kept
+            # records replace the file in one rename, so a crash here loses none of them.
             kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -150,15 +150,32 @@ def _exclusive(run_dir: Path) -> Iterator[None]:
             os.close(fd)  # closing drops the flock
 
 
-def _write_manifest(run_dir: Path, files: list[str]) -> None:
-    path = _manifest_path(run_dir)
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader, or a crash at any moment, finds the old file
+    whole or the new one whole, never a part: the text goes to a hidden temporary beside it, is
+    flushed to disk, and replaces ``path`` in one rename. A failed write leaves ``path`` as it
+    was and removes the temporary."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "version": 1, "files": files}, indent=1) + "\n")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def write_json_atomically(path: str | Path, data: object, indent: int | None = 1) -> None:
+    """``data`` as JSON at ``path``, written by :func:`write_text_atomically`. The JSON is made
+    before anything is written, so data that cannot be serialised leaves no trace."""
+    write_text_atomically(path, json.dumps(data, indent=indent) + "\n")
+
+
+def _write_manifest(run_dir: Path, files: list[str]) -> None:
+    write_json_atomically(_manifest_path(run_dir), {"format": MANIFEST_FORMAT, "version": 1, "files": files})
 
 
 def record(run_dir: str | Path, *paths: str | Path) -> None:
