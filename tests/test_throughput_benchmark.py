@@ -135,3 +135,37 @@ def test_step_memory_refuses_a_reference_that_is_not_a_checkout(import_benchmark
         step_memory.main(["--dry-run", "--reference", str(tmp_path), "--out", str(tmp_path / "m.json")])
     assert "not a nocollapse checkout" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
+
+
+def test_throughput_goals_reads_the_records_and_judges_each_goal(import_benchmark, tmp_path):
+    """Hand-written records: DINO at 2.6 x the backbone against 2.17 x by FLOPs (1.198, within
+    1.25), decoupled at 3.0 x against 2.33 (1.288, not within), the pair 1.154 against 1.05 x
+    1.074, and the reference commit's step, 0.9 x lightly's."""
+    goals = import_benchmark("throughput_goals")
+
+    def record(method, gflops, step, backbone=1.0, goal=1.25, **extra):
+        ratio = step / backbone
+        return {"method": method, "seconds": {"step": step, "backbone": backbone, "step_without_augmentation": step},
+                "gflops": {"step": gflops}, "config": {"num_prototypes": 65536, "threads": 2},
+                "ratio_step_to_backbone": ratio, "ratio_step_to_backbone_rounds": [ratio],
+                "ratio_step_to_backbone_by_flops": gflops / 100, "measured_over_flops_ratio": ratio / (gflops / 100),
+                "goal_measured_over_flops": goal, "goal_measured_over_flops_met": ratio / (gflops / 100) <= goal,
+                **extra}
+
+    peer = {"speed_over_lightly": 1.35, "speed_over_lightly_rounds": [1.35], "goal_speed_over_lightly": 1.3,
+            "goal_speed_over_lightly_met": True, "lightly_reference_step_to_backbone": 3.51,
+            "ratio_step_without_augmentation_to_backbone": 2.6}
+    (tmp_path / "dino-k65536.json").write_text(json.dumps(record("dino", 217, 2.6, **peer)))
+    (tmp_path / "dino_decoupled-k65536.json").write_text(json.dumps(record("dino_decoupled", 233, 3.0)))
+    (tmp_path / "e460262").mkdir()
+    (tmp_path / "e460262" / "dino-k65536.json").write_text(json.dumps(
+        {"seconds": {"step_without_augmentation": 3.9, "backbone": 1.0}}))
+    summary = goals.main(["--records", str(tmp_path), "--k", "65536"])
+    steps = {r["method"]: r for r in summary["steps"]}
+    assert steps["dino"]["goal_met"] and not steps["dino_decoupled"]["goal_met"]
+    (pair,) = summary["pairs"]
+    assert pair["ratio_decoupled_to_learned_step"] == pytest.approx(3.0 / 2.6, abs=1e-3)
+    assert pair["goal"] == pytest.approx(1.05 * 233 / 217, abs=1e-3) and not pair["goal_met"]
+    (speed,) = summary["peer"]
+    assert speed["goal_met"] and speed["reference_speed_over_lightly"] == pytest.approx(3.51 / 3.9, abs=1e-3)
+    assert summary["memory"] == []
