@@ -169,3 +169,21 @@ def test_throughput_goals_reads_the_records_and_judges_each_goal(import_benchmar
     (speed,) = summary["peer"]
     assert speed["goal_met"] and speed["reference_speed_over_lightly"] == pytest.approx(3.51 / 3.9, abs=1e-3)
     assert summary["memory"] == []
+
+
+def test_step_profile_lists_the_operators_that_take_the_step(import_benchmark, tmp_path):
+    step_profile = import_benchmark("step_profile")
+    result = step_profile.main(["--method", "dino", "--set", "train.batch_size=8", "model.width_multiplier=0.125",
+                                "method.head.hidden_dim=64", "method.head.bottleneck_dim=16",
+                                "method.num_prototypes=64", "--warmup", "1", "--steps", "2", "--top", "8",
+                                "--out", str(tmp_path / "p.json")])
+    assert json.loads((tmp_path / "p.json").read_text()) == result
+    assert result["package"] == str(step_profile.REPO / "src" / "nocollapse")
+    ops = result["top_ops"]
+    assert len(ops) == 8 and 0 < sum(op["share"] for op in ops) <= 1.0001
+    assert [op["self_seconds_per_step"] for op in ops] == sorted((op["self_seconds_per_step"] for op in ops), reverse=True)
+    # a step of a convolutional backbone spends time in convolutions
+    assert any("conv" in op["op"] for op in step_profile.main(
+        ["--method", "dino", "--set", "train.batch_size=8", "model.width_multiplier=0.125", "method.head.hidden_dim=64",
+         "method.head.bottleneck_dim=16", "method.num_prototypes=64", "--warmup", "1", "--steps", "1",
+         "--top", "200"])["top_ops"])
