@@ -8,7 +8,7 @@ Reads, from ``--records`` (default ``docs/throughput_goals``):
 * ``<reference>/dino-k<K>.json``, the reference commit's own ``throughput.py`` on DINO (optional),
   from which its speed against lightly's step is derived: lightly's step over the bare backbone
   (measured beside the current code) divided by the reference step without augmentation over its
-  own backbone.
+  own backbone (for a ``throughput.py`` that did not time that, its step less its augmentation).
 
 and prints one JSON with every goal, its value and whether it is met, and with ``--markdown`` a
 table for ``docs/results.md``. Nothing is measured here.
@@ -73,7 +73,12 @@ def peer_goal(records: Path, k: int, reference: Path | None) -> dict | None:
            "ours_without_augmentation_to_backbone": ours["ratio_step_without_augmentation_to_backbone"]}
     old = _read(reference / f"dino-k{k}.json") if reference is not None else None
     if old is not None:
-        old_ratio = old["seconds"]["step_without_augmentation"] / old["seconds"]["backbone"]
+        seconds = old["seconds"]
+        # older throughput.py versions did not time the step without augmentation: their step less
+        # the augmentation timed beside it
+        without = (seconds["step_without_augmentation"] if "step_without_augmentation" in seconds
+                   else seconds["step"] - seconds.get("augmentation", 0.0))
+        old_ratio = without / seconds["backbone"]
         row["reference_without_augmentation_to_backbone"] = round(old_ratio, 3)
         row["reference_speed_over_lightly"] = round(ours["lightly_reference_step_to_backbone"] / old_ratio, 3)
     return row

@@ -161,6 +161,11 @@ def test_throughput_goals_reads_the_records_and_judges_each_goal(import_benchmar
     (tmp_path / "e460262" / "dino-k65536.json").write_text(json.dumps(
         {"seconds": {"step_without_augmentation": 3.9, "backbone": 1.0}}))
     summary = goals.main(["--records", str(tmp_path), "--k", "65536"])
+    # an older throughput.py timed no step without augmentation: its step less its augmentation
+    (tmp_path / "e460262" / "dino-k65536.json").write_text(json.dumps(
+        {"seconds": {"step": 4.0, "augmentation": 0.1, "backbone": 1.0}}))
+    older = goals.main(["--records", str(tmp_path), "--k", "65536"])["peer"][0]
+    assert older["reference_speed_over_lightly"] == pytest.approx(3.51 / 3.9, abs=1e-3)
     steps = {r["method"]: r for r in summary["steps"]}
     assert steps["dino"]["goal_met"] and not steps["dino_decoupled"]["goal_met"]
     (pair,) = summary["pairs"]
