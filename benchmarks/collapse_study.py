@@ -252,10 +252,10 @@ def study_run(name: str, dataset: str, seed: int, args) -> dict:
             outcome["knn_on_lt_groups"] = knn_on_long_tail_groups(run_dir)
     record.update(finished=time.strftime("%Y-%m-%d"), wall_seconds_this_sitting=round(time.time() - started),
                   **outcome)
+    from nocollapse.utils.run_directory import write_json_atomically
+
     record_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, record_path)
+    write_json_atomically(record_path, record)
     return record
 
 

@@ -47,6 +47,7 @@ from torch.nn import functional as F
 from nocollapse import CollapseMonitor, DecoupledPrototypes
 from nocollapse.diagnostics import unique_fraction
 from nocollapse.evaluation import knn_accuracy
+from nocollapse.utils.run_directory import write_json_atomically
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)     # lightly's DINOTransform default
@@ -253,9 +254,7 @@ def main() -> None:
             print(json.dumps(record), flush=True)
             done.append(record)
             if args.out:
-                tmp = args.out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(done, indent=1) + "\n")
-                os.replace(tmp, args.out)
+                write_json_atomically(args.out, done)
     if not args.out:
         return
     summary = {}

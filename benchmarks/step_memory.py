@@ -198,13 +198,12 @@ def main(argv=None) -> dict:
               "steps": args.steps, "rounds": args.rounds,
               "threads": args.threads, "current_commit": commit_of(REPO),
               "reference_commit": commit_of(trees["reference"]) if "reference" in trees else None}
-    text = json.dumps(record, indent=1)
     if args.out is not None:
+        from nocollapse.utils.run_directory import write_json_atomically
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = args.out.with_name(args.out.name + ".tmp")
-        temporary.write_text(text)
-        os.replace(temporary, args.out)
-    print(text)
+        write_json_atomically(args.out, record)
+    print(json.dumps(record, indent=1))
     return record
 
 

@@ -385,7 +385,11 @@ def test_resume_keeps_every_logged_record_up_to_its_checkpoint_even_if_the_rewri
     assert [r["step"] for r in read_jsonl(log)] == [1, 2, 3]
 
     log.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)))
-    monkeypatch.setattr(rd.os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "I/O error")))
+
+    def io_error(*args, **kwargs):
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(rd.os, "replace", io_error)
     with pytest.raises(OSError):
         MetricsLogger(tmp_path, tensorboard=False, resume_step=3)
     assert [r["step"] for r in read_jsonl(log)] == [1, 2, 3, 4, 5]
