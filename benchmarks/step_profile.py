@@ -33,6 +33,12 @@ def profile(tree: Path, method_name: str, sets: list[str], warmup: int, steps: i
     from torch.profiler import profile as torch_profile
 
     import nocollapse
+
+    package = Path(nocollapse.__file__).resolve().parent
+    if not package.is_relative_to((tree / "src").resolve()):
+        raise SystemExit(f"step_profile: this process had already imported nocollapse from {package}, not from "
+                         f"{tree / 'src'}; run the profile in a fresh process (python benchmarks/step_profile.py "
+                         f"--tree {tree}) so that the code profiled is the tree's")
     import throughput  # the checkout's own build()
     from nocollapse.data.batch import Batch
     from nocollapse.engine.trainer import optimisation_step
@@ -60,7 +66,7 @@ def profile(tree: Path, method_name: str, sets: list[str], warmup: int, steps: i
     ops = [{"op": e.key, "self_seconds_per_step": round(e.self_cpu_time_total / 1e6 / steps, 4),
             "calls_per_step": round(e.count / steps, 2), "share": round(e.self_cpu_time_total / total, 4)}
            for e in events[:top]]
-    return {"package": str(Path(nocollapse.__file__).resolve().parent), "method": method_name, "sets": sets,
+    return {"package": str(package), "method": method_name, "sets": sets,
             "threads": torch.get_num_threads(), "steps": steps, "step_seconds_profiled": round(seconds, 4),
             "top_ops": ops}
 
@@ -83,8 +89,10 @@ def main(argv=None) -> dict:
     result = profile(args.tree.resolve(), args.method, args.set, args.warmup, args.steps, args.top)
     text = json.dumps(result, indent=1)
     if args.out is not None:
+        from nocollapse.utils.run_directory import write_text_atomically
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_text_atomically(args.out, text)
     print(text)
     return result
 

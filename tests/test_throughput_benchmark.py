@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,19 +179,30 @@ def test_throughput_goals_reads_the_records_and_judges_each_goal(import_benchmar
     assert summary["memory"] == []
 
 
-def test_step_profile_lists_the_operators_that_take_the_step(import_benchmark, tmp_path):
-    step_profile = import_benchmark("step_profile")
-    result = step_profile.main(["--method", "dino", "--set", "train.batch_size=8", "model.width_multiplier=0.125",
-                                "method.head.hidden_dim=64", "method.head.bottleneck_dim=16",
-                                "method.num_prototypes=64", "--warmup", "1", "--steps", "2", "--top", "8",
-                                "--out", str(tmp_path / "p.json")])
-    assert json.loads((tmp_path / "p.json").read_text()) == result
-    assert result["package"] == str(step_profile.REPO / "src" / "nocollapse")
+def test_step_profile_lists_the_operators_that_take_the_step(tmp_path):
+    """Run as its users run it, in a fresh process: the tree's own package is the one profiled,
+    whatever copy of nocollapse is installed, and a convolutional backbone's step spends time in
+    convolutions."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "step_profile.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, str(script), "--method", "dino", "--set", "train.batch_size=8",
+                    "model.width_multiplier=0.125", "method.head.hidden_dim=64", "method.head.bottleneck_dim=16",
+                    "method.num_prototypes=64", "--warmup", "1", "--steps", "2", "--top", "200",
+                    "--out", str(tmp_path / "p.json")], check=True, env=env, capture_output=True, timeout=600)
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["package"] == str(script.parent.parent / "src" / "nocollapse")
     ops = result["top_ops"]
-    assert len(ops) == 8 and 0 < sum(op["share"] for op in ops) <= 1.0001
+    assert 8 <= len(ops) <= 200 and 0 < sum(op["share"] for op in ops) <= 1.0001
     assert [op["self_seconds_per_step"] for op in ops] == sorted((op["self_seconds_per_step"] for op in ops), reverse=True)
-    # a step of a convolutional backbone spends time in convolutions
-    assert any("conv" in op["op"] for op in step_profile.main(
-        ["--method", "dino", "--set", "train.batch_size=8", "model.width_multiplier=0.125", "method.head.hidden_dim=64",
-         "method.head.bottleneck_dim=16", "method.num_prototypes=64", "--warmup", "1", "--steps", "1",
-         "--top", "200"])["top_ops"])
+    assert any("conv" in op["op"] for op in ops)
+
+
+def test_step_profile_refuses_to_profile_a_package_other_than_the_trees(import_benchmark, tmp_path):
+    """In a process that has already imported nocollapse, a --tree elsewhere cannot be loaded: the
+    profile says so instead of timing the wrong code under the tree's name."""
+    step_profile = import_benchmark("step_profile")
+    import nocollapse  # noqa: F401  (the process's copy, which is not under tmp_path)
+
+    with pytest.raises(SystemExit, match="already imported nocollapse"):
+        step_profile.main(["--tree", str(tmp_path), "--method", "dino", "--steps", "1"])
+    assert not list(tmp_path.iterdir())
