@@ -10,7 +10,9 @@ import torch
 
 from nocollapse.config import build_config
 from nocollapse.utils.optim import build_optimizer
-from nocollapse.losses.carp import block_probabilities, carp_consistency, marginal_kl_to_uniform
+from nocollapse.losses.carp import (block_probabilities, block_softmax, carp_consistency, marginal_kl_to_uniform,
+                                    to_prototype_order)
+from nocollapse.prototypes.base import PrototypeSet
 from nocollapse.methods import build_method
 from nocollapse.models.backbones import build_backbone
 from nocollapse.losses.koleo import koleo_loss
@@ -23,6 +25,17 @@ def test_block_probabilities_by_hand():
     assert p.shape == (2, 1, 2)
     assert torch.allclose(p[0, 0], torch.tensor([0.75, 0.25]))
     assert torch.allclose(p[1, 0], torch.tensor([0.5, 0.5]))
+
+
+def test_block_softmax_of_block_ordered_logits_is_the_block_probabilities_of_the_gathered_ones():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 12, generator=gen)
+    partition = torch.randperm(12, generator=gen).view(3, 4)
+    ordered = logits[:, partition.reshape(-1)]
+    assert torch.equal(block_softmax(ordered, 4), block_probabilities(logits, partition))
+    assert torch.equal(to_prototype_order(ordered, partition.reshape(-1)), logits)
+    with pytest.raises(ValueError, match="block size 5 does not divide the 12 columns"):
+        block_softmax(ordered, 5)
 
 
 def test_carp_consistency_by_hand():
@@ -231,7 +244,7 @@ def test_decoupled_targets_and_student_scores_use_the_same_means(name):
     before = method.gmm.means.clone()
     seen = []
     original = method.student_scores
-    method.student_scores = lambda z: (seen.append(method.gmm.step_means.clone()), original(z))[1]
+    method.student_scores = lambda z, *order: (seen.append(method.gmm.step_means.clone()), original(z, *order))[1]
     method(_crops(batch=16), step=1)
     assert seen and all(torch.equal(m, before) for m in seen)
     assert torch.equal(method.gmm.means, before)
@@ -293,3 +306,75 @@ def test_dino_student_probabilities_are_computed_when_read_and_are_the_second_vi
     expected = torch.softmax(logits[6:12] / cfg.dino.student_temp, dim=-1)
     torch.testing.assert_close(probs, expected)
     assert not probs.requires_grad
+
+
+def _gathering_scores(prototypes):
+    """Make ``prototypes`` score in prototype order and gather the columns afterwards, as CARP
+    did before it scored against the rows taken in block order (the base class's fallback)."""
+    prototypes.ordered_scores = PrototypeSet.ordered_scores.__get__(prototypes)
+    prototypes.ordered_target_scores = PrototypeSet.ordered_target_scores.__get__(prototypes)
+
+
+@pytest.mark.parametrize("prototypes", ["learned", "decoupled", "decoupled_posterior"])
+def test_carp_scores_against_rows_in_block_order_as_it_did_against_gathered_scores(prototypes):
+    """CARP takes the prototype rows in the partition's order before the product instead of
+    gathering the [N, K] scores into their blocks: the loss, every gradient and the monitor's
+    probabilities (back in prototype order) are those of the gathering form."""
+    extra = ["method.name=carp", "carp.block_size=8", "model.width_multiplier=0.25"]
+    if prototypes != "learned":
+        extra += ["method.prototypes=decoupled"]
+    if prototypes == "decoupled_posterior":
+        extra += ["gmm.targets=posterior"]
+    crops = _crops(batch=16)
+    runs = []
+    for gather in (False, True):
+        _, method = _method(*extra)
+        if gather:
+            _gathering_scores(method.prototype_set())
+        method(crops, step=0)                    # seeds the mixture; learned: a first step alike
+        method.on_after_optimizer_step(0)
+        method.zero_grad()
+        out = method(crops, step=3)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+        runs.append((out, grads))
+    (new, new_grads), (old, old_grads) = runs
+    torch.testing.assert_close(new.loss, old.loss)
+    assert new_grads.keys() == old_grads.keys() and new_grads
+    for name in new_grads:
+        torch.testing.assert_close(new_grads[name], old_grads[name], msg=name)
+    torch.testing.assert_close(new.teacher_probs, old.teacher_probs)
+    torch.testing.assert_close(new.student_probs(), old.student_probs())
+    with torch.no_grad():     # the monitor's probabilities are in prototype order
+        _, t_emb = method.teacher(crops[:2])
+        _, s_emb = method.student(crops)
+        torch.testing.assert_close(new.teacher_probs, torch.softmax(method.teacher_scores(t_emb[:16].float()), -1))
+        torch.testing.assert_close(new.student_probs(), torch.softmax(method.student_scores(s_emb[16:32]), -1))
+    assert new.logs.keys() == old.logs.keys()
+    for key in new.logs:
+        assert new.logs[key] == pytest.approx(old.logs[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("kind", ["learned", "decoupled"])
+def test_ordered_scores_are_the_scores_with_their_columns_in_that_order(kind):
+    extra = ["method.prototypes=decoupled"] if kind == "decoupled" else []
+    _, method = _method("method.name=carp", "carp.block_size=8", *extra)
+    prototypes = method.prototype_set()
+    if kind == "decoupled":
+        method(_crops(batch=16), step=0)
+        method.on_after_optimizer_step(0)
+    order = torch.randperm(prototypes.num_prototypes, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(4, method.embedding_dim, requires_grad=True)
+    ordered = prototypes.ordered_scores(z, order)
+    torch.testing.assert_close(ordered, prototypes(z)[:, order])
+    torch.testing.assert_close(prototypes.ordered_target_scores(z, order), prototypes.target_scores(z)[:, order])
+    weights = torch.randn_like(ordered)
+    (ordered * weights).sum().backward()
+    trained = [p for p in prototypes.parameters() if p.requires_grad]
+    by_order = [z.grad.clone()] + [p.grad.clone() for p in trained]
+    z.grad = None
+    for p in trained:
+        p.grad = None
+    (prototypes(z)[:, order] * weights).sum().backward()
+    for a, b in zip(by_order, [z.grad] + [p.grad for p in trained]):
+        torch.testing.assert_close(a, b)

@@ -35,10 +35,30 @@ def group_by_blocks(values: torch.Tensor, partition: torch.Tensor) -> torch.Tens
     return values.index_select(1, partition.reshape(-1)).reshape(values.shape[0], *partition.shape)
 
 
+def block_softmax(block_ordered_logits: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[B, K]`` logits whose columns already come block by block (columns ``b * N_B`` to
+    ``(b + 1) * N_B - 1`` are block ``b``, as scores against the prototypes taken in the
+    partition's order are) -> block-softmax probabilities ``[n_blocks, B, N_B]``. The blocks are a
+    view of the logits: nothing is gathered."""
+    rows, k = block_ordered_logits.shape
+    if k % block_size:
+        raise ValueError(f"block size {block_size} does not divide the {k} columns")
+    grouped = block_ordered_logits.view(rows, k // block_size, block_size)
+    return torch.softmax(grouped.float(), dim=-1).permute(1, 0, 2)
+
+
 def block_probabilities(logits: torch.Tensor, partition: torch.Tensor) -> torch.Tensor:
-    """``logits [B, K]`` and ``partition [n_blocks, N_B]`` (prototype indices) ->
-    block-softmax probabilities ``[n_blocks, B, N_B]``."""
+    """``logits [B, K]`` in prototype order and ``partition [n_blocks, N_B]`` (prototype
+    indices) -> block-softmax probabilities ``[n_blocks, B, N_B]``."""
     return torch.softmax(group_by_blocks(logits, partition).float(), dim=-1).permute(1, 0, 2)
+
+
+def to_prototype_order(block_ordered: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The inverse of taking columns in ``order``: ``[B, K]`` values whose column ``i`` belongs to
+    prototype ``order[i]`` -> the same values with column ``k`` belonging to prototype ``k``."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return block_ordered.index_select(1, inverse)
 
 
 def _eps(t: torch.Tensor) -> float:

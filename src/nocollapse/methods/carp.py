@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, setting
 from ..data.batch import Batch
-from ..losses.carp import block_kl_to_uniform, block_probabilities, carp_consistency, group_by_blocks
+from ..losses.carp import block_kl_to_uniform, block_softmax, carp_consistency, group_by_blocks, to_prototype_order
 from ..utils import distributed as dist_utils
 from ..utils.registry import METHODS
 from .base import StepOutput
@@ -64,14 +64,15 @@ class CARP(PrototypeMethod):
         dist_utils.broadcast(perm, src=0)
         return perm.view(self.num_blocks, self.block_size)
 
-    def teacher_block_probs(self, t_scores: torch.Tensor | None, gamma: torch.Tensor | None,
+    def teacher_block_probs(self, t_scores: torch.Tensor, gamma: torch.Tensor | None,
                             part: torch.Tensor) -> torch.Tensor:
-        """The teacher's block probabilities: from its prototype scores ``t_scores``, or from the
-        mixture's posteriors (``gmm.targets=posterior``), renormalised within each block."""
+        """The teacher's block probabilities: from its prototype scores ``t_scores`` (columns in
+        the partition's order), or from the mixture's posteriors (``gmm.targets=posterior``, in
+        prototype order), renormalised within each block."""
         if gamma is not None and self.cfg.gmm.targets == "posterior":
             grouped = group_by_blocks(gamma, part)
             return (grouped / grouped.sum(-1, keepdim=True).clamp_min(1e-30)).permute(1, 0, 2)
-        return block_probabilities(t_scores, part)
+        return block_softmax(t_scores, self.block_size)
 
     @staticmethod
     def block_marginal(s_probs: torch.Tensor, t_probs: torch.Tensor) -> torch.Tensor:
@@ -86,18 +87,21 @@ class CARP(PrototypeMethod):
         c = self.cfg.carp
         crops, n = batch.crops, batch.size
         part = self.partition(step, crops[0].device)
+        # every score matrix is made against the prototypes taken block by block, so that the
+        # blocks are views of it; only the monitor's full-K probabilities go back to prototype order
+        order = part.reshape(-1)
         with torch.no_grad():
             t_feat, t_emb = self.teacher(crops[:2])
             t_emb = t_emb.float()
             gamma = self.update_mixture(nn.functional.normalize(t_emb, dim=-1), step)
             posterior = gamma is not None and self.cfg.gmm.targets == "posterior"
             # the scores once: the block targets and the monitor's full-K targets both read them
-            t_scores = self.teacher_scores(t_emb[:n] if posterior else t_emb)
+            t_scores = self.teacher_scores(t_emb[:n] if posterior else t_emb, order)
             t_probs = self.teacher_block_probs(t_scores, gamma, part)
-            teacher_full = torch.softmax(t_scores[:n].float(), dim=-1)
+            teacher_full = to_prototype_order(torch.softmax(t_scores[:n].float(), dim=-1), order)
         _, s_emb = self.student(crops)
-        s_scores = self.student_scores(s_emb)
-        s_probs = block_probabilities(s_scores, part)
+        s_scores = self.student_scores(s_emb, order)
+        s_probs = block_softmax(s_scores, self.block_size)
         consistency = carp_consistency(list(s_probs.split(n, dim=1)), list(t_probs.split(n, dim=1)))
         kl = block_kl_to_uniform(self.block_marginal(s_probs, t_probs))
         logs = {"loss_consistency": float(consistency.detach()), "loss_marginal_kl": float(kl.detach())}
@@ -107,7 +111,7 @@ class CARP(PrototypeMethod):
 
         @torch.no_grad()
         def student_full() -> torch.Tensor:                  # read at log steps only
-            return torch.softmax(second_view.float(), dim=-1)
+            return to_prototype_order(torch.softmax(second_view.float(), dim=-1), order)
 
         return StepOutput(loss=loss, logs=logs, teacher_probs=teacher_full, student_probs=student_full,
                           embeddings=t_emb[:n].detach(), features=t_feat[:n].detach().float())

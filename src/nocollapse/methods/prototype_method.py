@@ -233,11 +233,16 @@ class PrototypeMethod(SSLMethod):
         """The EMA copy of learned prototypes."""
         return self.prototype_set().teacher
 
-    def student_scores(self, z: torch.Tensor) -> torch.Tensor:
-        return self.prototype_set()(z)
+    def student_scores(self, z: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, K]`` scores of the trained path; with ``order`` (``[K]`` prototype indices) their
+        columns come in that order (``PrototypeSet.ordered_scores``)."""
+        prototypes = self.prototype_set()
+        return prototypes(z) if order is None else prototypes.ordered_scores(z, order)
 
-    def teacher_scores(self, z: torch.Tensor) -> torch.Tensor:
-        return self.prototype_set().target_scores(z)
+    def teacher_scores(self, z: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, K]`` scores against the prototypes targets come from, columns in ``order`` if given."""
+        prototypes = self.prototype_set()
+        return prototypes.target_scores(z) if order is None else prototypes.ordered_target_scores(z, order)
 
     def update_mixture(self, teacher_embeddings: torch.Tensor, step: int, views: int = 2) -> torch.Tensor | None:
         """(i) of the decoupled scheme: the EM step on the detached teacher embeddings (``views``

@@ -76,6 +76,19 @@ class PrototypeSet(nn.Module):
         with torch.no_grad():
             return self(z)
 
+    def ordered_scores(self, z: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """``self(z)`` with its columns taken in the order ``order`` (``[K]`` prototype indices):
+        column ``i`` is the score against prototype ``order[i]``. Sets that score by a product
+        override it to take the K rows of the prototypes in that order before the product, so
+        that the ``[N, K]`` scores are made in that order instead of gathered afterwards."""
+        return self(z).index_select(1, order)
+
+    def ordered_target_scores(self, z: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """:meth:`target_scores` with its columns taken in the order ``order`` (as
+        :meth:`ordered_scores`)."""
+        with torch.no_grad():
+            return self.target_scores(z).index_select(1, order)
+
     def trainable_vectors(self) -> torch.Tensor | None:
         """The trained rows ``[K, D]`` with their gradient (learned prototypes; None otherwise)."""
         return None

@@ -135,6 +135,15 @@ class DecoupledPrototypes(OnlineGMM, PrototypeSet):
         z = self.embedding_space(z, self._pending_space)
         return z @ self.step_means.detach().t().to(z.dtype)
 
+    def ordered_scores(self, z: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` against the means taken in the order ``order`` (the K x D means are
+        gathered, not the N x K scores)."""
+        z = self.embedding_space(z, self._pending_space)
+        return z @ self.step_means.detach().index_select(0, order).t().to(z.dtype)
+
+    def ordered_target_scores(self, z: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        return self.ordered_scores(z, order)
+
     def normalized_scores(self, z: torch.Tensor) -> torch.Tensor:
         """Cosine scores: :meth:`forward` on L2-normalised ``z``."""
         return self(F.normalize(z, dim=-1))

@@ -106,6 +106,15 @@ class LearnedPrototypes(PrototypeSet):
     def vectors(self) -> torch.Tensor:
         return (self.teacher or self.student).vectors().detach()
 
+    def ordered_scores(self, z: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        # the prototype rows are gathered (K x D, with a K x D scatter in the backward pass)
+        # rather than the scores (N x K)
+        return F.linear(z, self.student.vectors().index_select(0, order))
+
+    def ordered_target_scores(self, z: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return F.linear(z, (self.teacher or self.student).vectors().index_select(0, order))
+
     def trainable_vectors(self) -> torch.Tensor:
         return self.student.vectors()
 
