@@ -243,8 +243,10 @@ def test_decoupled_targets_and_student_scores_use_the_same_means(name):
     method.on_after_optimizer_step(0)
     before = method.gmm.means.clone()
     seen = []
-    original = method.student_scores
+    original, original_factors = method.student_scores, method.gmm.product_factors
+    # CARP scores by student_scores; DINO hands the loss the set's product factors
     method.student_scores = lambda z, *order: (seen.append(method.gmm.step_means.clone()), original(z, *order))[1]
+    method.gmm.product_factors = lambda z: (seen.append(method.gmm.step_means.clone()), original_factors(z))[1]
     method(_crops(batch=16), step=1)
     assert seen and all(torch.equal(m, before) for m in seen)
     assert torch.equal(method.gmm.means, before)
@@ -378,3 +380,39 @@ def test_ordered_scores_are_the_scores_with_their_columns_in_that_order(kind):
     (prototypes(z)[:, order] * weights).sum().backward()
     for a, b in zip(by_order, [z.grad] + [p.grad for p in trained]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("prototypes", ["learned", "decoupled", "decoupled_sinkhorn", "decoupled_posterior"])
+def test_dino_makes_the_student_logits_inside_the_loss_as_the_layer_made_them(prototypes):
+    """DINO hands the loss the student's embeddings and the prototype rows, so that the logits'
+    gradient is never whole: loss, every gradient, the centre and the monitor's probabilities are
+    those of the layer-then-loss form (the set's ``product_factors`` turned off)."""
+    extra = ["model.width_multiplier=0.25"]
+    if prototypes != "learned":
+        extra += ["method.prototypes=decoupled"]
+    if prototypes == "decoupled_sinkhorn":
+        extra += ["dino.teacher_norm=sinkhorn"]
+    if prototypes == "decoupled_posterior":
+        extra += ["gmm.targets=posterior"]
+    crops = _crops(batch=16, local=2)
+    runs = []
+    for layer_then_loss in (False, True):
+        _, method = _method(*extra)
+        if layer_then_loss:
+            method.prototype_set().product_factors = lambda z: None
+        method(crops, step=0)
+        method.on_after_optimizer_step(0)
+        method.zero_grad()
+        out = method(crops, step=3)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+        runs.append((out, grads, method._pending_center))
+    (new, new_grads, new_center), (old, old_grads, old_center) = runs
+    torch.testing.assert_close(new.loss, old.loss)
+    assert new_grads.keys() == old_grads.keys() and any("prototypes" in n for n in new_grads) == (prototypes == "learned")
+    for name in new_grads:
+        torch.testing.assert_close(new_grads[name], old_grads[name], msg=name)
+    torch.testing.assert_close(new.teacher_probs, old.teacher_probs)
+    torch.testing.assert_close(new.student_probs(), old.student_probs())
+    if new_center is not None or old_center is not None:
+        torch.testing.assert_close(new_center, old_center)

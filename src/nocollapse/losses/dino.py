@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
-from ..utils.blocks import row_blocks
+from ..utils.blocks import column_blocks, row_blocks
 from .sinkhorn import sinkhorn_knopp  # noqa: F401  (its home is losses/sinkhorn.py; kept importable from here, as documented before)
 
 
@@ -64,13 +64,7 @@ class _SoftmaxCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
         dtype = torch.promote_types(logits.dtype, torch.float32)     # fp32, or fp64 for fp64 inputs
-        lse, mass, dot = (torch.empty(logits.shape[0], dtype=dtype, device=logits.device) for _ in range(3))
-        with torch.autocast(logits.device.type, enabled=False):      # the row dot products stay fp32
-            for block in row_blocks(*logits.shape):
-                scores, target = logits[block].to(dtype), targets[block].to(dtype)
-                dot[block] = torch.linalg.vecdot(target, scores) / temperature
-                mass[block] = target.sum(dim=-1)
-                lse[block] = torch.logsumexp(scores / temperature, dim=-1)
+        lse, mass, dot = _row_statistics(logits, targets, temperature, dtype)
         ctx.save_for_backward(logits, targets, lse, mass)
         ctx.temperature = temperature
         return (mass * lse - dot).sum()
@@ -98,12 +92,123 @@ class _SoftmaxCrossEntropySum(torch.autograd.Function):
         return grad_logits, grad_targets, None
 
 
+def _row_statistics(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, block by block: ``lse_b = logsumexp(s[b] / tau)``, ``m_b = sum_k Q[b, k]`` and
+    ``<Q[b], s[b]> / tau``, in ``dtype``."""
+    lse, mass, dot = (torch.empty(logits.shape[0], dtype=dtype, device=logits.device) for _ in range(3))
+    with torch.autocast(logits.device.type, enabled=False):      # the row dot products stay fp32
+        for block in row_blocks(*logits.shape):
+            scores, target = logits[block].to(dtype), targets[block].to(dtype)
+            dot[block] = torch.linalg.vecdot(target, scores) / temperature
+            mass[block] = target.sum(dim=-1)
+            lse[block] = torch.logsumexp(scores / temperature, dim=-1)
+    return lse, mass, dot
+
+
+# one block of prototype columns in the backward pass of the fused node: about this many elements
+# (fp32: 4 MiB), and at least this many columns, so that each block's products stay efficient
+PRODUCT_BLOCK_ELEMENTS = 1 << 20
+PRODUCT_BLOCK_MIN_COLUMNS = 256
+
+
+class _PrototypeSoftmaxCrossEntropySum(torch.autograd.Function):
+    """The scores ``s = z @ W^T`` of inputs ``z [B, D]`` against prototype rows ``W [K, D]`` and
+    :class:`_SoftmaxCrossEntropySum` of them, in one node, so that the scores' gradient is never
+    whole. The value is the same ``sum_b [ -sum_k Q[b, k] * log_softmax(s / tau)[b, k] ]``; with
+    ``G = (m * softmax(s / tau) - Q) / tau`` the gradients are
+
+        dL/dz = G @ W,      dL/dW = G^T @ z,      dL/dQ = -log_softmax(s / tau),
+
+    and the backward pass forms ``G`` one block of prototype columns ``c`` at a time, adding
+    ``G[:, c] @ W[c]`` to ``dL/dz`` (in fp32) and writing ``dL/dW[c] = G[:, c]^T @ z`` before the
+    next block. The products run in the dtype of the forward product (bf16 under autocast), as
+    the layer's own backward pass would. The scores are returned too, without a gradient, for the
+    monitor's student probabilities."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
+        logits = F.linear(inputs, weight)              # under the caller's autocast, as the layer
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        lse, mass, dot = _row_statistics(logits, targets, temperature, dtype)
+        ctx.save_for_backward(inputs, weight, logits, targets, lse, mass)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(logits)
+        return (mass * lse - dot).sum(), logits
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _unused: torch.Tensor):
+        inputs, weight, logits, targets, lse, mass = ctx.saved_tensors
+        temperature, scale = ctx.temperature, grad.to(lse.dtype)
+        need_inputs, need_weight, need_targets = ctx.needs_input_grad[:3]
+        grad_inputs = grad_weight = grad_targets = None
+        product = logits.dtype
+        a, w = inputs.detach().to(product), weight.detach().to(product)
+        if need_inputs:
+            grad_inputs = torch.zeros(inputs.shape, dtype=lse.dtype, device=inputs.device)
+        if need_weight:
+            grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        if need_inputs or need_weight:
+            with torch.autocast(logits.device.type, enabled=False):
+                for cols in column_blocks(*logits.shape, PRODUCT_BLOCK_ELEMENTS, PRODUCT_BLOCK_MIN_COLUMNS):
+                    g = logits[:, cols].to(lse.dtype, copy=True).div_(temperature).sub_(lse[:, None]).exp_()
+                    g = g.mul_(mass[:, None]).sub_(targets[:, cols]).mul_(scale / temperature).to(product)
+                    if need_inputs:
+                        grad_inputs += (g @ w[cols]).to(grad_inputs.dtype)
+                    if need_weight:
+                        grad_weight[cols] = (g.t() @ a).to(weight.dtype)
+            if need_inputs:
+                grad_inputs = grad_inputs.to(inputs.dtype)
+        if need_targets:
+            grad_targets = torch.empty(targets.shape, dtype=lse.dtype, device=targets.device)
+            for block in row_blocks(*logits.shape):
+                out = grad_targets[block]
+                torch.div(logits[block].to(out.dtype), temperature, out=out)
+                out.sub_(lse[block, None]).mul_(-scale)
+            grad_targets = grad_targets.to(targets.dtype)
+        return grad_inputs, grad_weight, grad_targets, None
+
+
+def prototype_softmax_cross_entropy_sum(inputs: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax_cross_entropy_sum(inputs @ weight^T, targets, temperature)`` and the scores
+    ``inputs @ weight^T`` (no gradient), with the scores' gradient formed a block of prototypes at
+    a time in the backward pass (never a whole ``[B, K]`` gradient)."""
+    if inputs.dim() != 2 or weight.dim() != 2 or inputs.shape[1] != weight.shape[1]:
+        raise ValueError(f"inputs {tuple(inputs.shape)} and prototype rows {tuple(weight.shape)} must be "
+                         "[B, D] and [K, D]")
+    if targets.shape != (inputs.shape[0], weight.shape[0]):
+        raise ValueError(f"targets {tuple(targets.shape)} must be [B, K] = "
+                         f"[{inputs.shape[0]}, {weight.shape[0]}]")
+    return _PrototypeSoftmaxCrossEntropySum.apply(inputs, weight, targets, float(temperature))
+
+
 def softmax_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """``sum_b [ -sum_k targets[b, k] * log_softmax(logits / temperature)[b, k] ]`` (fp32), for
     ``[B, K]`` logits and targets, without a B x K temporary in the forward pass."""
     if logits.dim() != 2 or logits.shape != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must be the same [B, K]")
     return _SoftmaxCrossEntropySum.apply(logits, targets, float(temperature))
+
+
+def _crop_targets(crops: int, teacher_probs: Sequence[torch.Tensor]):
+    """For each student crop ``i`` paired with at least one view ``j != i``: ``(i, Q_i, pairs)``,
+    ``Q_i = sum_{j != i} q_j`` (one shared sum for the local crops, which pair with every view)."""
+    views = len(teacher_probs)
+    all_targets = None
+    for i in range(crops):
+        partners = [q for j, q in enumerate(teacher_probs) if j != i]
+        if not partners:
+            continue
+        if len(partners) == 1:
+            targets = partners[0]
+        elif i >= views:
+            if all_targets is None:
+                all_targets = torch.stack(list(teacher_probs)).sum(0)
+            targets = all_targets
+        else:
+            targets = torch.stack(partners).sum(0)
+        yield i, targets, len(partners)
 
 
 def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor],
@@ -117,27 +222,36 @@ def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[to
     CE(Q_i, s_i) / B``, which is the pairwise form above."""
     if not teacher_probs or not student_logits:
         raise ValueError("dino_loss needs at least one teacher view and one student crop")
-    views = len(teacher_probs)
-    all_targets = None
     total = student_logits[0].new_zeros((), dtype=torch.float32)
     pairs = 0
-    for i, logits in enumerate(student_logits):
-        partners = [q for j, q in enumerate(teacher_probs) if j != i]
-        if not partners:
-            continue
-        if len(partners) == 1:
-            targets = partners[0]
-        elif i >= views:                      # a local crop: paired with every view, one shared sum
-            if all_targets is None:
-                all_targets = torch.stack(list(teacher_probs)).sum(0)
-            targets = all_targets
-        else:
-            targets = torch.stack(partners).sum(0)
+    for i, targets, paired in _crop_targets(len(student_logits), teacher_probs):
+        logits = student_logits[i]
         total = total + softmax_cross_entropy_sum(logits, targets, student_temperature) / logits.shape[0]
-        pairs += len(partners)
+        pairs += paired
     if pairs == 0:
         raise ValueError("dino_loss has no crop pair with i != j (one crop only)")
     return total / pairs
+
+
+def dino_prototype_loss(student_inputs: Sequence[torch.Tensor], prototypes: torch.Tensor,
+                        teacher_probs: Sequence[torch.Tensor],
+                        student_temperature: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`dino_loss` of the student logits ``s_i = student_inputs[i] @ prototypes^T``, made
+    inside the loss (``prototype_softmax_cross_entropy_sum``) so that their gradient is never
+    whole; returns the loss and each crop's logits (without a gradient)."""
+    if not teacher_probs or not student_inputs:
+        raise ValueError("dino_loss needs at least one teacher view and one student crop")
+    total = student_inputs[0].new_zeros((), dtype=torch.float32)
+    pairs = 0
+    logits: list[torch.Tensor | None] = [None] * len(student_inputs)
+    for i, targets, paired in _crop_targets(len(student_inputs), teacher_probs):
+        ce, logits[i] = prototype_softmax_cross_entropy_sum(student_inputs[i], prototypes, targets,
+                                                            student_temperature)
+        total = total + ce / student_inputs[i].shape[0]
+        pairs += paired
+    if pairs == 0:
+        raise ValueError("dino_loss has no crop pair with i != j (one crop only)")
+    return total / pairs, logits
 
 
 def updated_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> torch.Tensor:

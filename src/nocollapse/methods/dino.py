@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from ..config import Config, choice, setting
 from ..data.batch import Batch
-from ..losses.dino import dino_loss, teacher_probabilities, updated_center
+from ..losses.dino import dino_loss, dino_prototype_loss, teacher_probabilities, updated_center
 from ..losses.sinkhorn import sinkhorn_knopp
 from ..utils import distributed as dist_utils
 from ..utils.registry import METHODS
@@ -101,19 +101,29 @@ class DINO(PrototypeMethod):
             gamma = self.update_mixture(t_emb, step)
             t_logits = self.teacher_scores(t_emb).float()
             q = self.teacher_targets(t_logits, gamma, temp)
+            if self.centering:
+                self.propose_center(t_logits)
+            # neither the teacher's logits nor the mixture's responsibilities (unless they are the
+            # targets) are read again: their B x K go before the student's forward pass
+            del t_logits, gamma
         _, s_emb = self.student(crops)
-        s_logits = self.student_scores(s_emb).float()
-        ce = dino_loss(s_logits.split(n), q.split(n), self.cfg.dino.student_temp)
+        student_temp = self.cfg.dino.student_temp
+        factors = self.prototype_set().product_factors(s_emb)
+        if factors is None:
+            s_logits = self.student_scores(s_emb).float()
+            ce = dino_loss(s_logits.split(n), q.split(n), student_temp)
+            second_view = s_logits[n:2 * n].detach()
+        else:    # the loss makes the logits itself and never holds their whole gradient
+            inputs, prototypes = factors
+            ce, crop_logits = dino_prototype_loss(inputs.split(n), prototypes, q.split(n), student_temp)
+            second_view = crop_logits[1]
         logs: dict[str, float] = {"loss_ce": float(ce.detach()), "teacher_temp": temp}
         loss = self.koleo_term(ce, logs, s_emb, n)
-        if self.centering:
-            self.propose_center(t_logits)
         logs.update(self.mixture_logs())
-        second_view = s_logits[n:2 * n].detach()
 
         @torch.no_grad()
         def student_probs() -> torch.Tensor:                # read at log steps only
-            return F.softmax(second_view / self.cfg.dino.student_temp, dim=-1)
+            return F.softmax(second_view.float() / student_temp, dim=-1)
 
         return StepOutput(loss=loss, logs=logs, teacher_probs=q[:n].detach(),
                           student_probs=student_probs, embeddings=t_emb[:n].detach(),

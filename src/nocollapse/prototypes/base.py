@@ -76,6 +76,12 @@ class PrototypeSet(nn.Module):
         with torch.no_grad():
             return self(z)
 
+    def product_factors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(inputs [N, D], rows [K, D])`` with ``self(z) == inputs @ rows^T`` and the gradient of
+        ``self(z)`` flowing through both, for sets whose scores are one product: a loss can then
+        make the scores itself and never hold their whole gradient. None for other sets."""
+        return None
+
     def ordered_scores(self, z: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """``self(z)`` with its columns taken in the order ``order`` (``[K]`` prototype indices):
         column ``i`` is the score against prototype ``order[i]``. Sets that score by a product

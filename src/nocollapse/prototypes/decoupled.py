@@ -135,6 +135,10 @@ class DecoupledPrototypes(OnlineGMM, PrototypeSet):
         z = self.embedding_space(z, self._pending_space)
         return z @ self.step_means.detach().t().to(z.dtype)
 
+    def product_factors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(T(z), means)``: :meth:`forward` as one product; the means get no gradient."""
+        return self.embedding_space(z, self._pending_space), self.step_means.detach()
+
     def ordered_scores(self, z: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` against the means taken in the order ``order`` (the K x D means are
         gathered, not the N x K scores)."""

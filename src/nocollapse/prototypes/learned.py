@@ -106,6 +106,9 @@ class LearnedPrototypes(PrototypeSet):
     def vectors(self) -> torch.Tensor:
         return (self.teacher or self.student).vectors().detach()
 
+    def product_factors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return z, self.student.vectors()
+
     def ordered_scores(self, z: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         # the prototype rows are gathered (K x D, with a K x D scatter in the backward pass)
         # rather than the scores (N x K)

@@ -17,3 +17,11 @@ def row_blocks(rows: int, width: int, block_elements: int | None = None) -> list
     (default ``BLOCK_ELEMENTS``) elements and at least one row."""
     step = max(1, (block_elements or BLOCK_ELEMENTS) // max(width, 1))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def column_blocks(rows: int, width: int, block_elements: int | None = None, min_width: int = 256) -> list[slice]:
+    """Consecutive column ranges of a ``rows x width`` matrix, each of about ``block_elements``
+    elements and at least ``min_width`` columns (so that a product with one block still runs at
+    the matrix unit's speed)."""
+    step = max(min_width, (block_elements or BLOCK_ELEMENTS) // max(rows, 1), 1)
+    return [slice(start, min(start + step, width)) for start in range(0, width, step)]
