@@ -10,8 +10,8 @@ import torch
 
 from nocollapse.utils.schedules import cosine_schedule, warmup_constant_schedule
 from nocollapse.losses import dino as dino_module
-from nocollapse.losses.dino import (dino_loss, dino_prototype_loss, prototype_softmax_cross_entropy_sum, row_blocks,
-                                   softmax_cross_entropy_sum, teacher_probabilities, updated_center)
+from nocollapse.losses.dino import (dino_loss, dino_prototype_loss, row_blocks, softmax_cross_entropy_sum,
+                                   teacher_probabilities, updated_center)
 
 
 def test_dino_loss_two_crops_by_hand():
@@ -263,7 +263,7 @@ def product_blocks(request, monkeypatch):
 
 def _factors(n_crops, n_views, batch=6, k=37, dim=8, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    inputs = [torch.randn(batch, dim, generator=gen, dtype=dtype).requires_grad_() for _ in range(n_crops)]
+    inputs = torch.randn(n_crops * batch, dim, generator=gen, dtype=dtype).requires_grad_()
     weight = (torch.randn(k, dim, generator=gen, dtype=dtype) / 2).requires_grad_()
     teacher = [torch.softmax(torch.randn(batch, k, generator=gen, dtype=dtype) / 0.04, dim=1) for _ in range(n_views)]
     return inputs, weight, teacher
@@ -271,56 +271,54 @@ def _factors(n_crops, n_views, batch=6, k=37, dim=8, seed=0, dtype=torch.float32
 
 def _layer_then_loss(inputs, weight, teacher, temperature):
     """Today's path: the layer's logits, then the loss on them."""
-    return dino_loss([torch.nn.functional.linear(z, weight).float() for z in inputs], teacher, temperature)
+    logits = torch.nn.functional.linear(inputs, weight).float()
+    return dino_loss(list(logits.split(teacher[0].shape[0])), teacher, temperature)
 
 
 @pytest.mark.parametrize("n_crops,n_views", [(2, 2), (5, 2), (4, 3), (3, 1)])
 def test_prototype_loss_equals_the_loss_of_the_layers_logits(product_blocks, n_crops, n_views):
     inputs, weight, teacher = _factors(n_crops, n_views)
     fused, logits = dino_prototype_loss(inputs, weight, teacher, 0.1)
-    grads = torch.autograd.grad(fused, [*inputs, weight], allow_unused=True, materialize_grads=True)
+    grads = torch.autograd.grad(fused, [inputs, weight])
     reference = _layer_then_loss(inputs, weight, teacher, 0.1)
-    reference_grads = torch.autograd.grad(reference, [*inputs, weight], allow_unused=True, materialize_grads=True)
+    reference_grads = torch.autograd.grad(reference, [inputs, weight])
     torch.testing.assert_close(fused, reference)
     for got, want in zip(grads, reference_grads):
         torch.testing.assert_close(got, want)
-    for i, crop_logits in enumerate(logits):      # the crops' logits come back, without a gradient
+    assert len(logits) == n_crops
+    for crop_logits, z in zip(logits, inputs.detach().split(6)):   # each crop's logits, without a gradient
         if crop_logits is not None:
             assert not crop_logits.requires_grad
-            torch.testing.assert_close(crop_logits, inputs[i].detach() @ weight.detach().t())
+            torch.testing.assert_close(crop_logits, z @ weight.detach().t())
     assert (logits[0] is None) == (n_views == 1)   # one view: crop 0 is in no pair
 
 
-def test_prototype_cross_entropy_passes_gradcheck(product_blocks):
-    gen = torch.Generator().manual_seed(1)
-    inputs = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(11, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    targets = torch.rand(3, 11, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda z, w, q: prototype_softmax_cross_entropy_sum(z, w, q, 0.3)[0],
-                                    (inputs, weight, targets))
+def test_prototype_loss_passes_gradcheck(product_blocks):
+    inputs, weight, teacher = _factors(3, 2, batch=2, k=11, dim=4, seed=1, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z, w: dino_prototype_loss(z, w, teacher, 0.3)[0], (inputs, weight))
 
 
-def test_prototype_cross_entropy_leaves_inputs_without_a_gradient_alone():
+def test_prototype_loss_leaves_rows_without_a_gradient_alone():
     inputs, weight, teacher = _factors(2, 2)
     frozen = weight.detach()                  # decoupled prototypes: no gradient to the means
     loss, _ = dino_prototype_loss(inputs, frozen, teacher, 0.1)
     loss.backward()
-    assert all(z.grad is not None for z in inputs) and frozen.grad is None
+    assert inputs.grad is not None and frozen.grad is None
 
 
 def test_prototype_loss_under_bf16_autocast_errs_no_more_than_the_layer_then_loss(product_blocks):
     inputs, weight, teacher = _factors(4, 2, batch=16, k=300, dim=32)
-    exact_inputs = [z.detach().double().requires_grad_() for z in inputs]
+    exact_inputs = inputs.detach().double().requires_grad_()
     exact_weight = weight.detach().double().requires_grad_()
     exact = _layer_then_loss(exact_inputs, exact_weight, [q.double() for q in teacher], 0.1)
-    exact_grads = torch.autograd.grad(exact, [*exact_inputs, exact_weight])
+    exact_grads = torch.autograd.grad(exact, [exact_inputs, exact_weight])
     errors = {}
     for name, loss_fn in (("fused", lambda *a: dino_prototype_loss(*a)[0]), ("layer then loss", _layer_then_loss)):
-        z = [x.detach().clone().requires_grad_() for x in inputs]
+        z = inputs.detach().clone().requires_grad_()
         w = weight.detach().clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = loss_fn(z, w, teacher, 0.1)
-        grads = torch.autograd.grad(loss, [*z, w])
+        grads = torch.autograd.grad(loss, [z, w])
         assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
         errors[name] = (abs(float(loss.detach()) - float(exact.detach())),
                         max(float((g.double() - e).abs().max()) for g, e in zip(grads, exact_grads)))
@@ -328,8 +326,13 @@ def test_prototype_loss_under_bf16_autocast_errs_no_more_than_the_layer_then_los
     assert errors["fused"][1] <= errors["layer then loss"][1] + 1e-6
 
 
-def test_prototype_cross_entropy_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match=r"\[B, D\] and \[K, D\]"):
-        prototype_softmax_cross_entropy_sum(torch.zeros(2, 3), torch.zeros(5, 4), torch.zeros(2, 5), 0.1)
-    with pytest.raises(ValueError, match=r"must be \[B, K\] = \[2, 5\]"):
-        prototype_softmax_cross_entropy_sum(torch.zeros(2, 3), torch.zeros(5, 3), torch.zeros(2, 4), 0.1)
+def test_prototype_loss_rejects_what_it_cannot_pair():
+    inputs, weight, teacher = _factors(2, 2)
+    with pytest.raises(ValueError, match=r"\[crops \* B, D\] and \[K, D\]"):
+        dino_prototype_loss(inputs, weight[:, :3], teacher, 0.1)
+    with pytest.raises(ValueError, match="whole crops of the teacher views' 6 rows"):
+        dino_prototype_loss(inputs[:7], weight, teacher, 0.1)
+    with pytest.raises(ValueError, match="no gradient: pass them detached"):
+        dino_prototype_loss(inputs, weight, [q.clone().requires_grad_() for q in teacher], 0.1)
+    with pytest.raises(ValueError, match="no crop pair"):
+        dino_prototype_loss(inputs[:6], weight, teacher[:1], 0.1)

@@ -416,3 +416,127 @@ def test_dino_makes_the_student_logits_inside_the_loss_as_the_layer_made_them(pr
     torch.testing.assert_close(new.student_probs(), old.student_probs())
     if new_center is not None or old_center is not None:
         torch.testing.assert_close(new_center, old_center)
+
+
+@pytest.mark.parametrize("prototypes", ["learned", "decoupled", "decoupled_posterior"])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.5, 2.0)])
+def test_carp_makes_the_student_scores_inside_the_loss_as_the_unfused_loss_did(prototypes, weights):
+    """CARP hands its loss the student's rows and the prototype rows in block order: loss, both
+    terms, every gradient and the monitor's probabilities are those of the unfused form (the set's
+    ``product_factors`` turned off), with two local crops."""
+    extra = ["method.name=carp", "carp.block_size=8", "model.width_multiplier=0.25",
+             f"carp.consistency_weight={weights[0]}", f"carp.entropy_weight={weights[1]}"]
+    if prototypes != "learned":
+        extra += ["method.prototypes=decoupled"]
+    if prototypes == "decoupled_posterior":
+        extra += ["gmm.targets=posterior"]
+    crops = _crops(batch=16, local=2)
+    runs = []
+    for unfused in (False, True):
+        _, method = _method(*extra)
+        if unfused:
+            method.prototype_set().product_factors = lambda z: None
+        method(crops, step=0)
+        method.on_after_optimizer_step(0)
+        method.zero_grad()
+        out = method(crops, step=3)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+        runs.append((out, grads))
+    (new, new_grads), (old, old_grads) = runs
+    torch.testing.assert_close(new.loss, old.loss)
+    for key in ("loss_consistency", "loss_marginal_kl"):
+        assert new.logs[key] == pytest.approx(old.logs[key], rel=1e-5, abs=1e-7), key
+    assert new_grads.keys() == old_grads.keys() and new_grads
+    for name in new_grads:
+        torch.testing.assert_close(new_grads[name], old_grads[name], msg=name)
+    torch.testing.assert_close(new.teacher_probs, old.teacher_probs)
+    torch.testing.assert_close(new.student_probs(), old.student_probs())
+
+
+def _carp_unfused(inputs, rows, teacher, batch, block_size, weights=(1.0, 1.0)):
+    """The unfused form: the layer's scores, block softmaxes, pairwise consistency and the KL of
+    the marginal over student and teacher rows (one process)."""
+    from nocollapse.losses.carp import block_kl_to_uniform
+
+    s_probs = block_softmax(torch.nn.functional.linear(inputs, rows), block_size)
+    t_probs = block_softmax(teacher.log(), block_size)      # the teacher's block probabilities again
+    consistency = carp_consistency(list(s_probs.split(batch, dim=1)), list(t_probs.split(batch, dim=1)))
+    marginal = (s_probs.sum(1) + t_probs.sum(1)) / (s_probs.shape[1] + t_probs.shape[1])
+    return weights[0] * consistency + weights[1] * block_kl_to_uniform(marginal)
+
+
+def _carp_factors(crops=4, views=2, batch=5, k=48, dim=6, block_size=8, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(crops * batch, dim, generator=gen, dtype=dtype).requires_grad_()
+    rows = torch.randn(k, dim, generator=gen, dtype=dtype).requires_grad_()
+    logits = torch.randn(views * batch, k // block_size, block_size, generator=gen, dtype=dtype) / 0.3
+    teacher = torch.softmax(logits, dim=-1).reshape(views * batch, k)
+    return inputs, rows, teacher
+
+
+@pytest.fixture(params=[None, 60], ids=["one-chunk", "chunks-of-one-block"])
+def carp_chunks(request, monkeypatch):
+    from nocollapse.losses import carp as carp_module
+
+    if request.param is not None:
+        monkeypatch.setattr(carp_module, "CHUNK_ELEMENTS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("crops,views", [(2, 2), (4, 2), (3, 1)])
+def test_carp_prototype_loss_equals_the_unfused_loss(carp_chunks, crops, views):
+    from nocollapse.losses.carp import carp_prototype_loss
+
+    inputs, rows, teacher = _carp_factors(crops, views)
+    loss, consistency, kl, scores = carp_prototype_loss(inputs, rows, teacher, 5, 8, 0.7, 1.3)
+    grads = torch.autograd.grad(loss, [inputs, rows])
+    reference = _carp_unfused(inputs, rows, teacher, 5, 8, (0.7, 1.3))
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(0.7 * consistency + 1.3 * kl, reference)
+    for got, want in zip(grads, torch.autograd.grad(reference, [inputs, rows])):
+        torch.testing.assert_close(got, want)
+    assert not scores.requires_grad
+    torch.testing.assert_close(scores, inputs.detach() @ rows.detach().t())
+
+
+def test_carp_prototype_loss_passes_gradcheck(carp_chunks):
+    from nocollapse.losses.carp import carp_prototype_loss
+
+    inputs, rows, teacher = _carp_factors(crops=3, views=2, batch=2, k=16, dim=3, block_size=4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z, w: carp_prototype_loss(z, w, teacher, 2, 4, 0.7, 1.3)[0],
+                                    (inputs, rows))
+
+
+def test_carp_prototype_loss_under_bf16_autocast_errs_no_more_than_the_unfused_loss():
+    from nocollapse.losses.carp import carp_prototype_loss
+
+    inputs, rows, teacher = _carp_factors(crops=4, views=2, batch=16, k=256, dim=32, block_size=16)
+    exact_inputs, exact_rows = inputs.detach().double().requires_grad_(), rows.detach().double().requires_grad_()
+    exact = _carp_unfused(exact_inputs, exact_rows, teacher.double(), 16, 16)
+    exact_grads = torch.autograd.grad(exact, [exact_inputs, exact_rows])
+    errors = {}
+    for name, loss_fn in (("fused", lambda *a: carp_prototype_loss(*a)[0]), ("unfused", _carp_unfused)):
+        z, w = inputs.detach().clone().requires_grad_(), rows.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(z, w, teacher, 16, 16)
+        grads = torch.autograd.grad(loss, [z, w])
+        assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+        errors[name] = (abs(float(loss.detach()) - float(exact.detach())),
+                        max(float((g.double() - e).abs().max()) for g, e in zip(grads, exact_grads)))
+    assert errors["fused"][0] <= errors["unfused"][0] + 1e-6
+    assert errors["fused"][1] <= errors["unfused"][1] + 1e-6
+
+
+def test_carp_prototype_loss_rejects_what_it_cannot_pair():
+    from nocollapse.losses.carp import carp_prototype_loss
+
+    inputs, rows, teacher = _carp_factors()
+    with pytest.raises(ValueError, match="block size 7 does not divide the 48 prototypes"):
+        carp_prototype_loss(inputs, rows, teacher, 5, 7)
+    with pytest.raises(ValueError, match="whole crops of 6 rows"):
+        carp_prototype_loss(inputs, rows, teacher, 6, 8)
+    with pytest.raises(ValueError, match=r"\[rows, D\] and \[K, D\]"):
+        carp_prototype_loss(inputs, rows[:, :3], teacher, 5, 8)
+    with pytest.raises(ValueError, match="at least one student crop / teacher view pair"):
+        carp_prototype_loss(inputs[:5], rows, teacher[:5], 5, 8)

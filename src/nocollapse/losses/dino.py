@@ -112,75 +112,68 @@ PRODUCT_BLOCK_ELEMENTS = 1 << 20
 PRODUCT_BLOCK_MIN_COLUMNS = 256
 
 
-class _PrototypeSoftmaxCrossEntropySum(torch.autograd.Function):
-    """The scores ``s = z @ W^T`` of inputs ``z [B, D]`` against prototype rows ``W [K, D]`` and
+class _PrototypeSoftmaxCrossEntropy(torch.autograd.Function):
+    """The scores ``s = z @ W^T`` of every student row ``z [R, D]`` (crop by crop, ``B`` rows each)
+    against the prototype rows ``W [K, D]`` and the weighted sum over crops ``c`` of
     :class:`_SoftmaxCrossEntropySum` of them, in one node, so that the scores' gradient is never
-    whole. The value is the same ``sum_b [ -sum_k Q[b, k] * log_softmax(s / tau)[b, k] ]``; with
-    ``G = (m * softmax(s / tau) - Q) / tau`` the gradients are
+    whole. With ``Q`` the targets of each row's crop, ``w_c`` the crop's weight,
+    ``lse_r = logsumexp(s_r / tau)`` and ``m_r = sum_k Q[r, k]``, the value is
+    ``sum_c w_c sum_{r in c} (m_r lse_r - <Q_r, s_r> / tau)`` and, with
+    ``G = w (m * softmax(s / tau) - Q) / tau``, the gradients are
 
-        dL/dz = G @ W,      dL/dW = G^T @ z,      dL/dQ = -log_softmax(s / tau),
+        dL/dz = G @ W,      dL/dW = G^T @ z.
 
-    and the backward pass forms ``G`` one block of prototype columns ``c`` at a time, adding
+    The backward pass forms ``G`` one block of prototype columns ``c`` at a time, adding
     ``G[:, c] @ W[c]`` to ``dL/dz`` (in fp32) and writing ``dL/dW[c] = G[:, c]^T @ z`` before the
-    next block. The products run in the dtype of the forward product (bf16 under autocast), as
-    the layer's own backward pass would. The scores are returned too, without a gradient, for the
-    monitor's student probabilities."""
+    next block; the products run in the dtype of the forward product (bf16 under autocast), as
+    the layer's own backward pass would. The targets (the teacher's) get no gradient. The scores
+    are returned too, without a gradient, for the monitor's student probabilities."""
 
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
+    def forward(ctx, inputs: torch.Tensor, weight: torch.Tensor, temperature: float, batch: int,
+                crop_weights: tuple[float, ...], *targets: torch.Tensor):
         logits = F.linear(inputs, weight)              # under the caller's autocast, as the layer
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        lse, mass, dot = _row_statistics(logits, targets, temperature, dtype)
-        ctx.save_for_backward(inputs, weight, logits, targets, lse, mass)
-        ctx.temperature = temperature
+        lse, mass = (torch.empty(logits.shape[0], dtype=dtype, device=logits.device) for _ in range(2))
+        total = logits.new_zeros((), dtype=dtype)
+        for crop, (target, crop_weight) in enumerate(zip(targets, crop_weights)):
+            rows = slice(crop * batch, (crop + 1) * batch)
+            lse[rows], mass[rows], dot = _row_statistics(logits[rows], target, temperature, dtype)
+            total = total + crop_weight * (mass[rows] * lse[rows] - dot).sum()
+        ctx.save_for_backward(inputs, weight, logits, lse, mass, *targets)
+        ctx.settings = (temperature, batch, crop_weights)
         ctx.mark_non_differentiable(logits)
-        return (mass * lse - dot).sum(), logits
+        return total, logits
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _unused: torch.Tensor):
-        inputs, weight, logits, targets, lse, mass = ctx.saved_tensors
-        temperature, scale = ctx.temperature, grad.to(lse.dtype)
-        need_inputs, need_weight, need_targets = ctx.needs_input_grad[:3]
-        grad_inputs = grad_weight = grad_targets = None
-        product = logits.dtype
-        a, w = inputs.detach().to(product), weight.detach().to(product)
-        if need_inputs:
-            grad_inputs = torch.zeros(inputs.shape, dtype=lse.dtype, device=inputs.device)
-        if need_weight:
-            grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        inputs, weight, logits, lse, mass, *targets = ctx.saved_tensors
+        temperature, batch, crop_weights = ctx.settings
+        need_inputs, need_weight = ctx.needs_input_grad[:2]
+        grad_inputs = grad_weight = None
         if need_inputs or need_weight:
+            product, dtype = logits.dtype, lse.dtype
+            a, w = inputs.detach().to(product), weight.detach().to(product)
+            row_scale = torch.cat([torch.full((batch,), crop_weight, dtype=dtype, device=lse.device)
+                                   for crop_weight in crop_weights]) * (grad.to(dtype) / temperature)
+            if need_inputs:
+                grad_inputs = torch.zeros(inputs.shape, dtype=dtype, device=inputs.device)
+            if need_weight:
+                grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
             with torch.autocast(logits.device.type, enabled=False):
                 for cols in column_blocks(*logits.shape, PRODUCT_BLOCK_ELEMENTS, PRODUCT_BLOCK_MIN_COLUMNS):
-                    g = logits[:, cols].to(lse.dtype, copy=True).div_(temperature).sub_(lse[:, None]).exp_()
-                    g = g.mul_(mass[:, None]).sub_(targets[:, cols]).mul_(scale / temperature).to(product)
+                    g = logits[:, cols].to(dtype, copy=True).div_(temperature).sub_(lse[:, None]).exp_()
+                    g.mul_(mass[:, None])
+                    for crop, target in enumerate(targets):
+                        g[crop * batch:(crop + 1) * batch].sub_(target[:, cols])
+                    g = g.mul_(row_scale[:, None]).to(product)
                     if need_inputs:
-                        grad_inputs += (g @ w[cols]).to(grad_inputs.dtype)
+                        grad_inputs += (g @ w[cols]).to(dtype)
                     if need_weight:
                         grad_weight[cols] = (g.t() @ a).to(weight.dtype)
             if need_inputs:
                 grad_inputs = grad_inputs.to(inputs.dtype)
-        if need_targets:
-            grad_targets = torch.empty(targets.shape, dtype=lse.dtype, device=targets.device)
-            for block in row_blocks(*logits.shape):
-                out = grad_targets[block]
-                torch.div(logits[block].to(out.dtype), temperature, out=out)
-                out.sub_(lse[block, None]).mul_(-scale)
-            grad_targets = grad_targets.to(targets.dtype)
-        return grad_inputs, grad_weight, grad_targets, None
-
-
-def prototype_softmax_cross_entropy_sum(inputs: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``softmax_cross_entropy_sum(inputs @ weight^T, targets, temperature)`` and the scores
-    ``inputs @ weight^T`` (no gradient), with the scores' gradient formed a block of prototypes at
-    a time in the backward pass (never a whole ``[B, K]`` gradient)."""
-    if inputs.dim() != 2 or weight.dim() != 2 or inputs.shape[1] != weight.shape[1]:
-        raise ValueError(f"inputs {tuple(inputs.shape)} and prototype rows {tuple(weight.shape)} must be "
-                         "[B, D] and [K, D]")
-    if targets.shape != (inputs.shape[0], weight.shape[0]):
-        raise ValueError(f"targets {tuple(targets.shape)} must be [B, K] = "
-                         f"[{inputs.shape[0]}, {weight.shape[0]}]")
-    return _PrototypeSoftmaxCrossEntropySum.apply(inputs, weight, targets, float(temperature))
+        return (grad_inputs, grad_weight, None, None, None, *(None for _ in targets))
 
 
 def softmax_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -233,25 +226,34 @@ def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[to
     return total / pairs
 
 
-def dino_prototype_loss(student_inputs: Sequence[torch.Tensor], prototypes: torch.Tensor,
+def dino_prototype_loss(student_inputs: torch.Tensor, prototypes: torch.Tensor,
                         teacher_probs: Sequence[torch.Tensor],
-                        student_temperature: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """:func:`dino_loss` of the student logits ``s_i = student_inputs[i] @ prototypes^T``, made
-    inside the loss (``prototype_softmax_cross_entropy_sum``) so that their gradient is never
-    whole; returns the loss and each crop's logits (without a gradient)."""
-    if not teacher_probs or not student_inputs:
+                        student_temperature: float) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """:func:`dino_loss` of the student logits ``s_i = z_i @ prototypes^T`` of the student rows
+    ``student_inputs [crops * B, D]`` (crop by crop), made inside the loss in one node
+    (:class:`_PrototypeSoftmaxCrossEntropy`) so that their gradient is never whole. Returns the
+    loss and each crop's logits ``[B, K]`` without a gradient (None for a crop in no pair)."""
+    if not teacher_probs:
         raise ValueError("dino_loss needs at least one teacher view and one student crop")
-    total = student_inputs[0].new_zeros((), dtype=torch.float32)
-    pairs = 0
-    logits: list[torch.Tensor | None] = [None] * len(student_inputs)
-    for i, targets, paired in _crop_targets(len(student_inputs), teacher_probs):
-        ce, logits[i] = prototype_softmax_cross_entropy_sum(student_inputs[i], prototypes, targets,
-                                                            student_temperature)
-        total = total + ce / student_inputs[i].shape[0]
-        pairs += paired
-    if pairs == 0:
+    batch = teacher_probs[0].shape[0]
+    if student_inputs.dim() != 2 or prototypes.dim() != 2 or student_inputs.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"student rows {tuple(student_inputs.shape)} and prototype rows {tuple(prototypes.shape)} "
+                         "must be [crops * B, D] and [K, D]")
+    if student_inputs.shape[0] % batch or any(q.shape != (batch, prototypes.shape[0]) for q in teacher_probs):
+        raise ValueError(f"student rows {tuple(student_inputs.shape)} must be whole crops of the teacher views' "
+                         f"{batch} rows, and each view's targets [{batch}, {prototypes.shape[0]}]")
+    if torch.is_grad_enabled() and any(q.requires_grad for q in teacher_probs):
+        raise ValueError("dino_prototype_loss gives the teacher's targets no gradient: pass them detached")
+    crops = list(_crop_targets(student_inputs.shape[0] // batch, teacher_probs))
+    if not crops:
         raise ValueError("dino_loss has no crop pair with i != j (one crop only)")
-    return total / pairs, logits
+    pairs = sum(paired for _, _, paired in crops)
+    # the crops in a pair are consecutive: all of them, or all but a lone teacher view's own (crop 0)
+    first = crops[0][0]
+    loss, logits = _PrototypeSoftmaxCrossEntropy.apply(
+        student_inputs[first * batch:], prototypes, float(student_temperature), batch,
+        tuple(1.0 / (batch * pairs) for _ in crops), *(targets for _, targets, _ in crops))
+    return loss, [None] * first + list(logits.split(batch))
 
 
 def updated_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> torch.Tensor:

@@ -23,7 +23,8 @@ from torch import nn
 
 from ..config import Config, ConfigError, setting
 from ..data.batch import Batch
-from ..losses.carp import block_kl_to_uniform, block_softmax, carp_consistency, group_by_blocks, to_prototype_order
+from ..losses.carp import (block_kl_to_uniform, block_softmax, carp_consistency, carp_prototype_loss, group_by_blocks,
+                           to_prototype_order)
 from ..utils import distributed as dist_utils
 from ..utils.registry import METHODS
 from .base import StepOutput
@@ -66,13 +67,13 @@ class CARP(PrototypeMethod):
 
     def teacher_block_probs(self, t_scores: torch.Tensor, gamma: torch.Tensor | None,
                             part: torch.Tensor) -> torch.Tensor:
-        """The teacher's block probabilities: from its prototype scores ``t_scores`` (columns in
-        the partition's order), or from the mixture's posteriors (``gmm.targets=posterior``, in
-        prototype order), renormalised within each block."""
+        """The teacher's block probabilities ``[rows, K]``, columns in the partition's order: from
+        its prototype scores ``t_scores`` (columns in that order), or from the mixture's posteriors
+        (``gmm.targets=posterior``, in prototype order), renormalised within each block."""
         if gamma is not None and self.cfg.gmm.targets == "posterior":
             grouped = group_by_blocks(gamma, part)
-            return (grouped / grouped.sum(-1, keepdim=True).clamp_min(1e-30)).permute(1, 0, 2)
-        return block_softmax(t_scores, self.block_size)
+            return (grouped / grouped.sum(-1, keepdim=True).clamp_min(1e-30)).reshape(gamma.shape[0], -1)
+        return block_softmax(t_scores, self.block_size).permute(1, 0, 2).reshape(t_scores.shape[0], -1)
 
     @staticmethod
     def block_marginal(s_probs: torch.Tensor, t_probs: torch.Tensor) -> torch.Tensor:
@@ -99,15 +100,26 @@ class CARP(PrototypeMethod):
             t_scores = self.teacher_scores(t_emb[:n] if posterior else t_emb, order)
             t_probs = self.teacher_block_probs(t_scores, gamma, part)
             teacher_full = to_prototype_order(torch.softmax(t_scores[:n].float(), dim=-1), order)
+            del t_scores, gamma                 # their B x K go before the student's forward pass
         _, s_emb = self.student(crops)
-        s_scores = self.student_scores(s_emb, order)
-        s_probs = block_softmax(s_scores, self.block_size)
-        consistency = carp_consistency(list(s_probs.split(n, dim=1)), list(t_probs.split(n, dim=1)))
-        kl = block_kl_to_uniform(self.block_marginal(s_probs, t_probs))
+        factors = self.prototype_set().product_factors(s_emb)
+        if factors is None:
+            s_scores = self.student_scores(s_emb, order)
+            s_probs = block_softmax(s_scores, self.block_size)
+            t_blocks = t_probs.view(t_probs.shape[0], self.num_blocks, self.block_size).permute(1, 0, 2)
+            consistency = carp_consistency(list(s_probs.split(n, dim=1)), list(t_blocks.split(n, dim=1)))
+            kl = block_kl_to_uniform(self.block_marginal(s_probs, t_blocks))
+            combined = c.consistency_weight * consistency + c.entropy_weight * kl
+            second_view = s_scores[n:2 * n].detach()
+        else:    # the loss makes the scores itself and keeps no B x K temporary besides them
+            inputs, rows = factors
+            combined, consistency, kl, s_scores = carp_prototype_loss(
+                inputs, rows.index_select(0, order), t_probs, n, self.block_size, c.consistency_weight,
+                c.entropy_weight)
+            second_view = s_scores[n:2 * n]
         logs = {"loss_consistency": float(consistency.detach()), "loss_marginal_kl": float(kl.detach())}
-        loss = self.koleo_term(c.consistency_weight * consistency + c.entropy_weight * kl, logs, s_emb, n)
+        loss = self.koleo_term(combined, logs, s_emb, n)
         logs.update(self.mixture_logs())
-        second_view = s_scores[n:2 * n].detach()
 
         @torch.no_grad()
         def student_full() -> torch.Tensor:                  # read at log steps only

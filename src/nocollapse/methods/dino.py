@@ -115,7 +115,7 @@ class DINO(PrototypeMethod):
             second_view = s_logits[n:2 * n].detach()
         else:    # the loss makes the logits itself and never holds their whole gradient
             inputs, prototypes = factors
-            ce, crop_logits = dino_prototype_loss(inputs.split(n), prototypes, q.split(n), student_temp)
+            ce, crop_logits = dino_prototype_loss(inputs, prototypes, q.split(n), student_temp)
             second_view = crop_logits[1]
         logs: dict[str, float] = {"loss_ce": float(ce.detach()), "teacher_temp": temp}
         loss = self.koleo_term(ce, logs, s_emb, n)
