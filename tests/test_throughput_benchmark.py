@@ -206,3 +206,23 @@ def test_step_profile_refuses_to_profile_a_package_other_than_the_trees(import_b
     with pytest.raises(SystemExit, match="already imported nocollapse"):
         step_profile.main(["--tree", str(tmp_path), "--method", "dino", "--steps", "1"])
     assert not list(tmp_path.iterdir())
+
+
+def test_fused_losses_times_both_forms_of_each_method_interleaved(import_benchmark, tmp_path):
+    fused_losses = import_benchmark("fused_losses")
+    out = tmp_path / "ab.json"
+    results = fused_losses.main(["--dry-run", "--methods", "dino", "carp_decoupled", "--out", str(out)])
+    assert json.loads(out.read_text()) == results
+    assert [r["method"] for r in results] == ["dino", "carp_decoupled"]
+    for r in results:
+        assert len(r["step_seconds"]["fused"]) == len(r["step_seconds"]["unfused"]) == r["rounds"] == 2
+        per_round = [f / u for f, u in zip(r["step_seconds"]["fused"], r["step_seconds"]["unfused"])]
+        assert r["ratio_fused_to_unfused_rounds"] == pytest.approx(per_round, abs=1e-3)
+        assert r["ratio_fused_to_unfused"] == pytest.approx(sum(per_round) / 2, abs=1e-3)   # the median of two
+        assert r["num_prototypes"] == 64 and r["batch"] == 8
+
+
+def test_fused_losses_refuses_a_method_without_a_fused_form(import_benchmark):
+    fused_losses = import_benchmark("fused_losses")
+    with pytest.raises(SystemExit):
+        fused_losses.main(["--dry-run", "--methods", "swav"])

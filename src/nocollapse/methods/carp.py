@@ -96,10 +96,12 @@ class CARP(PrototypeMethod):
             t_emb = t_emb.float()
             gamma = self.update_mixture(nn.functional.normalize(t_emb, dim=-1), step)
             posterior = gamma is not None and self.cfg.gmm.targets == "posterior"
-            # the scores once: the block targets and the monitor's full-K targets both read them
+            if not posterior:
+                gamma = None      # the responsibilities are not the targets: their B x K goes now
+            # the scores once: the monitor's full-K targets and the block targets both read them
             t_scores = self.teacher_scores(t_emb[:n] if posterior else t_emb, order)
-            t_probs = self.teacher_block_probs(t_scores, gamma, part)
             teacher_full = to_prototype_order(torch.softmax(t_scores[:n].float(), dim=-1), order)
+            t_probs = self.teacher_block_probs(t_scores, gamma, part)
             del t_scores, gamma                 # their B x K go before the student's forward pass
         _, s_emb = self.student(crops)
         factors = self.prototype_set().product_factors(s_emb)

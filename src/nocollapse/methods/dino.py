@@ -99,12 +99,14 @@ class DINO(PrototypeMethod):
             t_feat, t_emb = self.teacher(crops[:2])
             t_emb = t_emb.float()
             gamma = self.update_mixture(t_emb, step)
+            if self.cfg.gmm.targets != "posterior":
+                gamma = None      # the responsibilities are not the targets: their B x K goes now
             t_logits = self.teacher_scores(t_emb).float()
             q = self.teacher_targets(t_logits, gamma, temp)
             if self.centering:
                 self.propose_center(t_logits)
-            # neither the teacher's logits nor the mixture's responsibilities (unless they are the
-            # targets) are read again: their B x K go before the student's forward pass
+            # the teacher's logits (and the responsibilities, when they are the targets, which q
+            # holds) are not read again: their B x K go before the student's forward pass
             del t_logits, gamma
         _, s_emb = self.student(crops)
         student_temp = self.cfg.dino.student_temp
