@@ -31,6 +31,7 @@ from nocollapse.data import load_dataset
 from nocollapse.data import registry
 from nocollapse.data.sources import BadImageError, decode_files, decode_image
 from nocollapse.diagnostics.alarms import AlarmMonitor
+from nocollapse.methods.carp import CARP
 from nocollapse.methods.dino import DINO
 from nocollapse.utils import checkpoint as ckpt_mod
 from nocollapse.utils.checkpoint import (FORMAT, atomic_save, describe_unreadable, load_checkpoint,
@@ -511,6 +512,9 @@ def test_the_memory_preflight_counts_the_mixtures_e_step_and_refuses_what_does_n
     learned, _ = build_config(overrides=["method.num_prototypes=1024", "method.head.bottleneck_dim=64",
                                          "train.batch_size=8", "method.prototypes=learned"])
     assert DINO.estimate_state_bytes(learned, rows) == 6 * k * d * 4 + 4 * rows * k * 4
+    # CARP also holds the monitor's full-K teacher probabilities of the first view and their copy
+    # back in prototype order, [8, K] each
+    assert CARP.estimate_state_bytes(cfg, rows) == expected + 2 * 8 * k * 4
     spec = build_view_spec(cfg.views, 16, (0.5,) * 3, (0.25,) * 3)
     with pytest.raises(ValueError, match="needs about .* GiB .* lower train.batch_size"):
         preflight(cfg, spec, 1, available=expected)          # more than 0.8 x what is available

@@ -22,3 +22,7 @@ cd /tmp/prev; export PYTHONPATH=/tmp/prev/src
 $PY benchmarks/throughput.py --methods dino carp carp_decoupled --set method.num_prototypes=65536 --tag k65536 \
     --rounds 5 --repeats 1 --threads 2 --lightly-reference --out $OUT/before > $OUT/before/log-k65536.txt
 date
+# then, when the above had finished, the same step memory at K = 4,096 (the issue's recipes' K),
+# for the K-wide part (K = 65,536 less K = 4,096):
+#   cd /tmp/cur; PYTHONPATH=/tmp/cur/src $PY benchmarks/step_memory.py --methods $M --rounds 1 --threads 2 \
+#       --reference /tmp/ref --out $OUT/step_memory-k4096.json

@@ -57,6 +57,13 @@ class CARP(PrototypeMethod):
         self.block_size = cfg.carp.block_size
         self.num_blocks = cfg.method.num_prototypes // self.block_size
 
+    @classmethod
+    def estimate_state_bytes(cls, cfg: Config, rows: int) -> int:
+        """The prototype methods' estimate, plus the monitor's full-K teacher probabilities of the
+        first view and their copy back in prototype order (``[B, K]`` each, fp32)."""
+        monitor = 2 * cfg.train.batch_size * cfg.method.num_prototypes * 4
+        return super().estimate_state_bytes(cfg, rows) + monitor
+
     def partition(self, step: int, device: torch.device) -> torch.Tensor:
         """The random partition of this step, ``[num_blocks, block_size]``, identical on all ranks."""
         k = self.cfg.method.num_prototypes
