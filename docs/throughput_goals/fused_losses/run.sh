@@ -9,10 +9,11 @@ export TQDM_DISABLE=1
 PY=/work/main/.venv/bin/python
 OUT=/work/main/docs/throughput_goals/fused_losses
 M="dino dino_decoupled dino_decoupled_paper carp carp_decoupled"
+mkdir -p $OUT/first_memory
 cd /tmp/cur; export PYTHONPATH=/tmp/cur/src
 date
 $PY benchmarks/step_memory.py --methods $M --set method.num_prototypes=65536 --rounds 1 --threads 2 \
-    --reference /tmp/ref --out $OUT/step_memory-k65536.json > $OUT/log-memory.txt
+    --reference /tmp/ref --out $OUT/first_memory/step_memory-k65536.json > $OUT/first_memory/log-memory.txt
 date
 $PY benchmarks/throughput.py --methods dino carp carp_decoupled --set method.num_prototypes=65536 --tag k65536 \
     --rounds 5 --repeats 1 --threads 2 --lightly-reference --out $OUT > $OUT/log-k65536.txt
@@ -25,4 +26,4 @@ date
 # then, when the above had finished, the same step memory at K = 4,096 (the issue's recipes' K),
 # for the K-wide part (K = 65,536 less K = 4,096):
 #   cd /tmp/cur; PYTHONPATH=/tmp/cur/src $PY benchmarks/step_memory.py --methods $M --rounds 1 --threads 2 \
-#       --reference /tmp/ref --out $OUT/step_memory-k4096.json
+#       --reference /tmp/ref --out $OUT/first_memory/step_memory-k4096.json

@@ -12,7 +12,7 @@ $PY benchmarks/fused_losses.py --methods dino dino_decoupled carp carp_decoupled
 date
 M="dino dino_decoupled dino_decoupled_paper carp carp_decoupled"
 $PY benchmarks/step_memory.py --methods $M --set method.num_prototypes=65536 --rounds 1 --threads 2 \
-    --reference /tmp/ref --out $OUT/step_memory-k65536-final.json > /dev/null
+    --reference /tmp/ref --out $OUT/step_memory-k65536.json > /dev/null
 $PY benchmarks/step_memory.py --methods $M --rounds 1 --threads 2 \
-    --reference /tmp/ref --out $OUT/step_memory-k4096-final.json > /dev/null
+    --reference /tmp/ref --out $OUT/step_memory-k4096.json > /dev/null
 date
