@@ -16,3 +16,8 @@ $PY benchmarks/step_memory.py --methods $M --set method.num_prototypes=65536 --r
 $PY benchmarks/step_memory.py --methods $M --rounds 1 --threads 2 \
     --reference /tmp/ref --out $OUT/step_memory-k4096.json > /dev/null
 date
+# then (December 8, 01:57), the same A/B at the CIFAR-10 recipes' K = 4,096:
+#   $PY benchmarks/fused_losses.py --methods dino dino_decoupled carp carp_decoupled --rounds 6 --threads 2 \
+#       --out $OUT/ab-k4096.json
+# and DINO alone again over 10 rounds (its 6-round ratio was 1.10, with rounds 0.95-1.14):
+#   $PY benchmarks/fused_losses.py --methods dino --rounds 10 --threads 2 --out $OUT/ab-k4096-dino-10rounds.json
