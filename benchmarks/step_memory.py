@@ -12,6 +12,9 @@ what one step needs beyond the state a run holds anyway. ``state_growth_bytes`` 
 warm-up steps added to the built model (the optimiser's moments, the EMA teacher's buffers), and
 the process's whole peak is recorded too, though a width-16 ResNet-18 and torch itself make most
 of it.
+One more step is then measured phase by phase (``phase_peak_bytes``: the forward pass, the
+backward pass and the optimiser, each over the resident memory before that step), to show where
+the step's peak lies.
 
 With ``--reference DIR`` (a checkout of an older commit, for instance ``git worktree add
 /tmp/ref e460262``), every measurement is also made on that checkout's package and its own
@@ -79,6 +82,36 @@ def _trim_heap() -> None:
         pass
 
 
+def phase_peaks(method, one_step) -> dict[str, int]:
+    """The peak of one more step phase by phase, each over the resident memory before the step:
+    the forward pass (up to the loss), the backward pass (up to the method's ``on_after_backward``)
+    and the optimiser (up to its ``on_after_optimizer_step``). The boundaries are the engine's own
+    calls, wrapped on this instance, so the step runs as the trainer runs it."""
+    _trim_heap()
+    base = _status_bytes("VmRSS")
+    peaks: dict[str, int] = {}
+
+    def boundary(name, call):
+        def wrapped(*args, **kwargs):
+            result = call(*args, **kwargs)
+            peaks[name] = _status_bytes("VmHWM") - base
+            _trim_heap()
+            _reset_high_water_mark()
+            return result
+        return wrapped
+
+    method.forward = boundary("forward", method.forward)
+    method.on_after_backward = boundary("backward", method.on_after_backward)
+    method.on_after_optimizer_step = boundary("optimizer", method.on_after_optimizer_step)
+    _reset_high_water_mark()
+    try:
+        one_step()
+    finally:
+        for name in ("forward", "on_after_backward", "on_after_optimizer_step"):
+            delattr(method, name)
+    return peaks
+
+
 def child(tree: Path, method_name: str, sets: list[str], warmup_steps: int, steps: int, threads: int,
           preflight: bool) -> dict:
     """One measurement, in this process, of the package and throughput.py of checkout ``tree``."""
@@ -116,12 +149,13 @@ def child(tree: Path, method_name: str, sets: list[str], warmup_steps: int, step
         raise SystemExit("step_memory.py needs Linux's /proc/self/status and /proc/self/clear_refs")
     run_steps(warmup_steps, steps)
     peak = _status_bytes("VmHWM")
+    phases = phase_peaks(method, lambda: run_steps(warmup_steps + steps, 1))
     import resource
     import nocollapse
     return {"package": str(Path(nocollapse.__file__).resolve().parent), "rss_built_bytes": built, "rss_trained_bytes": trained,
             "state_growth_bytes": trained - built, "peak_rss_bytes": peak, "step_peak_bytes": peak - trained,
             "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "preflight_bytes": estimate, "num_prototypes": int(getattr(cfg.method, "num_prototypes", 0) or 0),
+            "phase_peak_bytes": phases, "preflight_bytes": estimate, "num_prototypes": int(getattr(cfg.method, "num_prototypes", 0) or 0),
             "batch": batch, "threads": torch.get_num_threads()}
 
 

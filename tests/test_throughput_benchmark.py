@@ -127,6 +127,9 @@ def test_step_memory_measures_the_step_in_fresh_processes_of_each_checkout(impor
         assert run["package"] == str(step_memory.REPO / "src" / "nocollapse")
         assert run["step_peak_bytes"] > 0 and run["peak_rss_bytes"] == run["rss_trained_bytes"] + run["step_peak_bytes"]
         assert run["num_prototypes"] == 128 and run["batch"] == 8
+        phases = run["phase_peak_bytes"]      # one more step, phase by phase, as the engine runs it
+        assert list(phases) == ["forward", "backward", "optimizer"]
+        assert phases["forward"] > 0 and min(phases.values()) >= 0
     assert runs[0]["preflight_bytes"] > 0 and runs[1]["preflight_bytes"] is None   # estimated for the current code
     (row,) = record["methods"]
     assert 0.5 < row["ratio_to_reference"] < 2.0 and row["goal"] == 0.6
