@@ -21,3 +21,6 @@ date
 #       --out $OUT/ab-k4096.json
 # and DINO alone again over 10 rounds (its 6-round ratio was 1.10, with rounds 0.95-1.14):
 #   $PY benchmarks/fused_losses.py --methods dino --rounds 10 --threads 2 --out $OUT/ab-k4096-dino-10rounds.json
+# and the step's peak phase by phase (step_memory.py's phase_peak_bytes), DINO and CARP at both K:
+#   for K in 65536 4096; do $PY benchmarks/step_memory.py --methods dino carp --set method.num_prototypes=$K \
+#       --rounds 1 --threads 2 --reference /tmp/ref --out $OUT/phases/step_memory-k$K.json; done
