@@ -195,7 +195,8 @@ def test_step_profile_lists_the_operators_that_take_the_step(tmp_path):
     result = json.loads((tmp_path / "p.json").read_text())
     assert result["package"] == str(script.parent.parent / "src" / "nocollapse")
     ops = result["top_ops"]
-    assert 8 <= len(ops) <= 200 and 0 < sum(op["share"] for op in ops) <= 1.0001
+    # the shares are rounded to 4 decimals, so their sum may exceed 1 by half a unit per operator
+    assert 8 <= len(ops) <= 200 and 0 < sum(op["share"] for op in ops) <= 1 + 0.5e-4 * len(ops)
     assert [op["self_seconds_per_step"] for op in ops] == sorted((op["self_seconds_per_step"] for op in ops), reverse=True)
     assert any("conv" in op["op"] for op in ops)
 
