@@ -310,6 +310,47 @@ def test_dino_student_probabilities_are_computed_when_read_and_are_the_second_vi
     assert not probs.requires_grad
 
 
+def _prototype_overrides(prototypes):
+    """The overrides of a parametrised prototype variant: learned, or decoupled with its targets
+    (``decoupled``, ``decoupled_sinkhorn``, ``decoupled_posterior``)."""
+    extra = [] if prototypes == "learned" else ["method.prototypes=decoupled"]
+    if prototypes == "decoupled_sinkhorn":
+        extra += ["dino.teacher_norm=sinkhorn"]
+    if prototypes == "decoupled_posterior":
+        extra += ["gmm.targets=posterior"]
+    return extra
+
+
+def _second_step(extra, crops, change=None):
+    """The method of ``extra`` (``change(method)`` applied first) after a first step on ``crops``
+    and its commit (which seeds a mixture), then step 3 with its loss's gradients:
+    ``(method, output, gradients by parameter name)``."""
+    _, method = _method(*extra)
+    if change is not None:
+        change(method)
+    method(crops, step=0)
+    method.on_after_optimizer_step(0)
+    method.zero_grad()
+    out = method(crops, step=3)
+    out.loss.backward()
+    return method, out, {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+
+
+def _assert_same_step(new, new_grads, old, old_grads):
+    """Two forms of one step agree: the loss, every gradient and the monitor's probabilities."""
+    torch.testing.assert_close(new.loss, old.loss)
+    assert new_grads.keys() == old_grads.keys() and new_grads
+    for name in new_grads:
+        torch.testing.assert_close(new_grads[name], old_grads[name], msg=name)
+    torch.testing.assert_close(new.teacher_probs, old.teacher_probs)
+    torch.testing.assert_close(new.student_probs(), old.student_probs())
+
+
+def _without_product_factors(method):
+    """The layer-then-loss form: the set offers the loss no product factors."""
+    method.prototype_set().product_factors = lambda z: None
+
+
 def _gathering_scores(prototypes):
     """Make ``prototypes`` score in prototype order and gather the columns afterwards, as CARP
     did before it scored against the rows taken in block order (the base class's fallback)."""
@@ -322,31 +363,11 @@ def test_carp_scores_against_rows_in_block_order_as_it_did_against_gathered_scor
     """CARP takes the prototype rows in the partition's order before the product instead of
     gathering the [N, K] scores into their blocks: the loss, every gradient and the monitor's
     probabilities (back in prototype order) are those of the gathering form."""
-    extra = ["method.name=carp", "carp.block_size=8", "model.width_multiplier=0.25"]
-    if prototypes != "learned":
-        extra += ["method.prototypes=decoupled"]
-    if prototypes == "decoupled_posterior":
-        extra += ["gmm.targets=posterior"]
+    extra = ["method.name=carp", "carp.block_size=8", "model.width_multiplier=0.25", *_prototype_overrides(prototypes)]
     crops = _crops(batch=16)
-    runs = []
-    for gather in (False, True):
-        _, method = _method(*extra)
-        if gather:
-            _gathering_scores(method.prototype_set())
-        method(crops, step=0)                    # seeds the mixture; learned: a first step alike
-        method.on_after_optimizer_step(0)
-        method.zero_grad()
-        out = method(crops, step=3)
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
-        runs.append((out, grads))
-    (new, new_grads), (old, old_grads) = runs
-    torch.testing.assert_close(new.loss, old.loss)
-    assert new_grads.keys() == old_grads.keys() and new_grads
-    for name in new_grads:
-        torch.testing.assert_close(new_grads[name], old_grads[name], msg=name)
-    torch.testing.assert_close(new.teacher_probs, old.teacher_probs)
-    torch.testing.assert_close(new.student_probs(), old.student_probs())
+    _, new, new_grads = _second_step(extra, crops)
+    method, old, old_grads = _second_step(extra, crops, lambda m: _gathering_scores(m.prototype_set()))
+    _assert_same_step(new, new_grads, old, old_grads)
     with torch.no_grad():     # the monitor's probabilities are in prototype order
         _, t_emb = method.teacher(crops[:2])
         _, s_emb = method.student(crops)
@@ -387,33 +408,13 @@ def test_dino_makes_the_student_logits_inside_the_loss_as_the_layer_made_them(pr
     """DINO hands the loss the student's embeddings and the prototype rows, so that the logits'
     gradient is never whole: loss, every gradient, the centre and the monitor's probabilities are
     those of the layer-then-loss form (the set's ``product_factors`` turned off)."""
-    extra = ["model.width_multiplier=0.25"]
-    if prototypes != "learned":
-        extra += ["method.prototypes=decoupled"]
-    if prototypes == "decoupled_sinkhorn":
-        extra += ["dino.teacher_norm=sinkhorn"]
-    if prototypes == "decoupled_posterior":
-        extra += ["gmm.targets=posterior"]
+    extra = ["model.width_multiplier=0.25", *_prototype_overrides(prototypes)]
     crops = _crops(batch=16, local=2)
-    runs = []
-    for layer_then_loss in (False, True):
-        _, method = _method(*extra)
-        if layer_then_loss:
-            method.prototype_set().product_factors = lambda z: None
-        method(crops, step=0)
-        method.on_after_optimizer_step(0)
-        method.zero_grad()
-        out = method(crops, step=3)
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
-        runs.append((out, grads, method._pending_center))
-    (new, new_grads, new_center), (old, old_grads, old_center) = runs
-    torch.testing.assert_close(new.loss, old.loss)
-    assert new_grads.keys() == old_grads.keys() and any("prototypes" in n for n in new_grads) == (prototypes == "learned")
-    for name in new_grads:
-        torch.testing.assert_close(new_grads[name], old_grads[name], msg=name)
-    torch.testing.assert_close(new.teacher_probs, old.teacher_probs)
-    torch.testing.assert_close(new.student_probs(), old.student_probs())
+    fused, new, new_grads = _second_step(extra, crops)
+    unfused, old, old_grads = _second_step(extra, crops, _without_product_factors)
+    _assert_same_step(new, new_grads, old, old_grads)
+    assert any("prototypes" in n for n in new_grads) == (prototypes == "learned")
+    new_center, old_center = fused._pending_center, unfused._pending_center
     if new_center is not None or old_center is not None:
         torch.testing.assert_close(new_center, old_center)
 
@@ -425,33 +426,14 @@ def test_carp_makes_the_student_scores_inside_the_loss_as_the_unfused_loss_did(p
     terms, every gradient and the monitor's probabilities are those of the unfused form (the set's
     ``product_factors`` turned off), with two local crops."""
     extra = ["method.name=carp", "carp.block_size=8", "model.width_multiplier=0.25",
-             f"carp.consistency_weight={weights[0]}", f"carp.entropy_weight={weights[1]}"]
-    if prototypes != "learned":
-        extra += ["method.prototypes=decoupled"]
-    if prototypes == "decoupled_posterior":
-        extra += ["gmm.targets=posterior"]
+             f"carp.consistency_weight={weights[0]}", f"carp.entropy_weight={weights[1]}",
+             *_prototype_overrides(prototypes)]
     crops = _crops(batch=16, local=2)
-    runs = []
-    for unfused in (False, True):
-        _, method = _method(*extra)
-        if unfused:
-            method.prototype_set().product_factors = lambda z: None
-        method(crops, step=0)
-        method.on_after_optimizer_step(0)
-        method.zero_grad()
-        out = method(crops, step=3)
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
-        runs.append((out, grads))
-    (new, new_grads), (old, old_grads) = runs
-    torch.testing.assert_close(new.loss, old.loss)
+    _, new, new_grads = _second_step(extra, crops)
+    _, old, old_grads = _second_step(extra, crops, _without_product_factors)
+    _assert_same_step(new, new_grads, old, old_grads)
     for key in ("loss_consistency", "loss_marginal_kl"):
         assert new.logs[key] == pytest.approx(old.logs[key], rel=1e-5, abs=1e-7), key
-    assert new_grads.keys() == old_grads.keys() and new_grads
-    for name in new_grads:
-        torch.testing.assert_close(new_grads[name], old_grads[name], msg=name)
-    torch.testing.assert_close(new.teacher_probs, old.teacher_probs)
-    torch.testing.assert_close(new.student_probs(), old.student_probs())
 
 
 def _carp_unfused(inputs, rows, teacher, batch, block_size, weights=(1.0, 1.0)):
