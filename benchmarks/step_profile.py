@@ -89,10 +89,10 @@ def main(argv=None) -> dict:
     result = profile(args.tree.resolve(), args.method, args.set, args.warmup, args.steps, args.top)
     text = json.dumps(result, indent=1)
     if args.out is not None:
-        from nocollapse.utils.run_directory import write_text_atomically
-
+        # a plain write: this process holds --tree's package, which may predate the package's
+        # atomic writer (e460262 has none)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(args.out, text)
+        args.out.write_text(text)
     print(text)
     return result
 
