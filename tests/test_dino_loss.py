@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from precision_helpers import bf16_errors
+
 from nocollapse.utils.schedules import cosine_schedule, warmup_constant_schedule
 from nocollapse.losses import dino as dino_module
 from nocollapse.losses.dino import (dino_loss, dino_prototype_loss, row_blocks, softmax_cross_entropy_sum,
@@ -308,20 +310,8 @@ def test_prototype_loss_leaves_rows_without_a_gradient_alone():
 
 def test_prototype_loss_under_bf16_autocast_errs_no_more_than_the_layer_then_loss(product_blocks):
     inputs, weight, teacher = _factors(4, 2, batch=16, k=300, dim=32)
-    exact_inputs = inputs.detach().double().requires_grad_()
-    exact_weight = weight.detach().double().requires_grad_()
-    exact = _layer_then_loss(exact_inputs, exact_weight, [q.double() for q in teacher], 0.1)
-    exact_grads = torch.autograd.grad(exact, [exact_inputs, exact_weight])
-    errors = {}
-    for name, loss_fn in (("fused", lambda *a: dino_prototype_loss(*a)[0]), ("layer then loss", _layer_then_loss)):
-        z = inputs.detach().clone().requires_grad_()
-        w = weight.detach().clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = loss_fn(z, w, teacher, 0.1)
-        grads = torch.autograd.grad(loss, [z, w])
-        assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
-        errors[name] = (abs(float(loss.detach()) - float(exact.detach())),
-                        max(float((g.double() - e).abs().max()) for g, e in zip(grads, exact_grads)))
+    errors = bf16_errors({"fused": lambda *a: dino_prototype_loss(*a)[0], "layer then loss": _layer_then_loss},
+                         inputs, weight, (teacher, 0.1), ([q.double() for q in teacher], 0.1))
     assert errors["fused"][0] <= errors["layer then loss"][0] + 1e-6
     assert errors["fused"][1] <= errors["layer then loss"][1] + 1e-6
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from precision_helpers import bf16_errors
 
 from nocollapse.config import build_config
 from nocollapse.utils.optim import build_optimizer
@@ -494,18 +495,8 @@ def test_carp_prototype_loss_under_bf16_autocast_errs_no_more_than_the_unfused_l
     from nocollapse.losses.carp import carp_prototype_loss
 
     inputs, rows, teacher = _carp_factors(crops=4, views=2, batch=16, k=256, dim=32, block_size=16)
-    exact_inputs, exact_rows = inputs.detach().double().requires_grad_(), rows.detach().double().requires_grad_()
-    exact = _carp_unfused(exact_inputs, exact_rows, teacher.double(), 16, 16)
-    exact_grads = torch.autograd.grad(exact, [exact_inputs, exact_rows])
-    errors = {}
-    for name, loss_fn in (("fused", lambda *a: carp_prototype_loss(*a)[0]), ("unfused", _carp_unfused)):
-        z, w = inputs.detach().clone().requires_grad_(), rows.detach().clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = loss_fn(z, w, teacher, 16, 16)
-        grads = torch.autograd.grad(loss, [z, w])
-        assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
-        errors[name] = (abs(float(loss.detach()) - float(exact.detach())),
-                        max(float((g.double() - e).abs().max()) for g, e in zip(grads, exact_grads)))
+    errors = bf16_errors({"fused": lambda *a: carp_prototype_loss(*a)[0], "unfused": _carp_unfused},
+                         inputs, rows, (teacher, 16, 16), (teacher.double(), 16, 16))
     assert errors["fused"][0] <= errors["unfused"][0] + 1e-6
     assert errors["fused"][1] <= errors["unfused"][1] + 1e-6
 
