@@ -33,6 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from ..utils import distributed as dist_utils
+from ..utils.blocks import ProductGradients
 
 
 def group_by_blocks(values: torch.Tensor, partition: torch.Tensor) -> torch.Tensor:
@@ -170,7 +171,7 @@ class _CarpPrototypeLoss(torch.autograd.Function):
         if not (need_inputs or need_weight):
             return (None,) * 7
         rows, k = logits.shape
-        num_blocks, dtype, product = k // block_size, lse.dtype, logits.dtype
+        num_blocks, dtype = k // block_size, lse.dtype
         scale = grad.to(dtype)
         eps = torch.finfo(dtype).eps
         # d L / d a: the consistency's -log of the clamped agreement, averaged over pairs, rows, blocks
@@ -181,9 +182,7 @@ class _CarpPrototypeLoss(torch.autograd.Function):
         kept = (marginal >= eps) & (marginal <= 1.0 - eps)
         d_sums = entropy_weight * scale * (torch.log(marginal.clamp(eps, 1.0 - eps)) + kept) / (num_blocks * total_rows)
         d_sums = dist_utils.all_reduce_sum(d_sums.contiguous())
-        a, w = inputs.detach().to(product), weight.detach().to(product)
-        grad_inputs = torch.zeros(inputs.shape, dtype=dtype, device=inputs.device) if need_inputs else None
-        grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
+        gradients = ProductGradients(inputs, weight, logits.dtype, dtype, need_inputs, need_weight)
         with torch.autocast(logits.device.type, enabled=False):
             for blocks in _block_chunks(rows, num_blocks, block_size):
                 cols = slice(blocks.start * block_size, blocks.stop * block_size)
@@ -196,14 +195,8 @@ class _CarpPrototypeLoss(torch.autograd.Function):
                                                                 d_agreement[index, :, blocks, None])
                 # the block softmax's backward pass, in place
                 inner = torch.linalg.vecdot(d_probs, probs)
-                d_scores = d_probs.sub_(inner[..., None]).mul_(probs).view(rows, -1).to(product)
-                if need_inputs:
-                    grad_inputs += (d_scores @ w[cols]).to(dtype)
-                if need_weight:
-                    grad_weight[cols] = (d_scores.t() @ a).to(weight.dtype)
-        if need_inputs:
-            grad_inputs = grad_inputs.to(inputs.dtype)
-        return grad_inputs, grad_weight, None, None, None, None, None
+                gradients.add(d_probs.sub_(inner[..., None]).mul_(probs).view(rows, -1), cols)
+        return (*gradients.result(), None, None, None, None, None)
 
 
 def carp_prototype_loss(inputs: torch.Tensor, rows_in_block_order: torch.Tensor, teacher_probs: torch.Tensor,

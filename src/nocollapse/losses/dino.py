@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
-from ..utils.blocks import column_blocks, row_blocks
+from ..utils.blocks import ProductGradients, column_blocks, row_blocks
 from .sinkhorn import sinkhorn_knopp  # noqa: F401  (its home is losses/sinkhorn.py; kept importable from here, as documented before)
 
 
@@ -152,27 +152,18 @@ class _PrototypeSoftmaxCrossEntropy(torch.autograd.Function):
         need_inputs, need_weight = ctx.needs_input_grad[:2]
         grad_inputs = grad_weight = None
         if need_inputs or need_weight:
-            product, dtype = logits.dtype, lse.dtype
-            a, w = inputs.detach().to(product), weight.detach().to(product)
+            dtype = lse.dtype
             row_scale = torch.cat([torch.full((batch,), crop_weight, dtype=dtype, device=lse.device)
                                    for crop_weight in crop_weights]) * (grad.to(dtype) / temperature)
-            if need_inputs:
-                grad_inputs = torch.zeros(inputs.shape, dtype=dtype, device=inputs.device)
-            if need_weight:
-                grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            gradients = ProductGradients(inputs, weight, logits.dtype, dtype, need_inputs, need_weight)
             with torch.autocast(logits.device.type, enabled=False):
                 for cols in column_blocks(*logits.shape, PRODUCT_BLOCK_ELEMENTS, PRODUCT_BLOCK_MIN_COLUMNS):
                     g = logits[:, cols].to(dtype, copy=True).div_(temperature).sub_(lse[:, None]).exp_()
                     g.mul_(mass[:, None])
                     for crop, target in enumerate(targets):
                         g[crop * batch:(crop + 1) * batch].sub_(target[:, cols])
-                    g = g.mul_(row_scale[:, None]).to(product)
-                    if need_inputs:
-                        grad_inputs += (g @ w[cols]).to(dtype)
-                    if need_weight:
-                        grad_weight[cols] = (g.t() @ a).to(weight.dtype)
-            if need_inputs:
-                grad_inputs = grad_inputs.to(inputs.dtype)
+                    gradients.add(g.mul_(row_scale[:, None]), cols)
+            grad_inputs, grad_weight = gradients.result()
         return (grad_inputs, grad_weight, None, None, None, *(None for _ in targets))
 
 
